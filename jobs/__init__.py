@@ -1,0 +1,1 @@
+"""Job kinds for runner: built-ins, backfill, consensus. Registered through entry points."""

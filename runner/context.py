@@ -1,0 +1,93 @@
+"""The typed context handed to every job handler."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+
+from runner.errors import JobCancelled, LeaseLost
+from runner.queue import ClaimedJob
+
+if TYPE_CHECKING:
+    from runner.app import App
+    from runner.db import Database
+
+
+@dataclass
+class JobContext:
+    """What a handler sees: its job, the shared app (pool, settings, chain), and fenced writes.
+
+    Handlers borrow connections with ``async with ctx.db.connection()`` only around database work, so a
+    connection is never held while the handler computes, sleeps or waits on the chain.
+    """
+
+    job: ClaimedJob
+    app: App
+    log: structlog.stdlib.BoundLogger
+    _cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def job_id(self) -> int:
+        return self.job.id
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self.job.payload
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempts + 1
+
+    @property
+    def db(self) -> Database:
+        return self.app.db
+
+    @property
+    def saved_checkpoint(self) -> dict[str, Any] | None:
+        return self.job.checkpoint
+
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise JobCancelled(f"job {self.job.id} was cancelled")
+
+    def request_cancel(self) -> None:
+        self._cancel.set()
+
+    async def progress(self, done: int, total: int | None = None) -> None:
+        await self.save(done=done, total=total)
+
+    async def checkpoint(
+        self,
+        state: dict[str, Any],
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> None:
+        """Persist the checkpoint (and progress) fenced by the lease epoch.
+
+        Pass the ``connection`` of the transaction that wrote the batch to commit both atomically.
+        """
+        await self.save(done=done, total=total, checkpoint=state, connection=connection)
+
+    async def save(
+        self,
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        checkpoint: dict[str, Any] | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> None:
+        saved = await self.app.queue.job_save_progress(
+            self.job.id, self.job.lease_epoch, done=done, total=total, checkpoint=checkpoint,
+            connection=connection,
+        )
+        if not saved:
+            raise LeaseLost(f"job {self.job.id}: lease epoch {self.job.lease_epoch} is no longer current")

@@ -1,0 +1,287 @@
+"""The database boundary: one bounded asyncpg pool per database, and the one retrying acquire.
+
+Every connection runner uses comes from :meth:`Database.connection`, which retries a pool-acquire
+timeout (the pool is exhausted) and transient connection errors with tenacity, then raises
+:class:`PoolExhausted`. The only other connection is the LISTEN connection (:meth:`Database.listen_connection`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from config import Settings
+from runner import metrics
+from runner.errors import DatabaseUnavailable, PoolExhausted
+from runner.logs import get_logger, redact_dsn
+
+log = get_logger("runner.db")
+
+# Errors after which a fresh attempt can succeed: the pool was full, or the server went away briefly.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int
+    initial_backoff: float
+    max_backoff: float
+    max_wait: float
+    acquire_timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            attempts=settings.pool_retry_attempts,
+            initial_backoff=settings.pool_retry_initial_backoff,
+            max_backoff=settings.pool_retry_max_backoff,
+            max_wait=settings.pool_retry_max_wait,
+            acquire_timeout=settings.pool_acquire_timeout,
+        )
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    min_size: int
+    max_size: int
+    size: int
+    idle: int
+    in_use: int
+    waiters: int
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    # jsonb arrives as Python objects; we send pre-serialised text where it matters for speed
+    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await connection.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def application_name(worker_id: str) -> str:
+    return f"runner:{worker_id}"[:63]  # PostgreSQL truncates at NAMEDATALEN - 1
+
+
+class Database:
+    """A bounded asyncpg pool plus the retrying acquire. One per database the process talks to."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        name: str,
+        min_size: int,
+        max_size: int,
+        retry: RetryPolicy,
+        server_settings: dict[str, str],
+        statement_cache_size: int = 256,
+    ) -> None:
+        self.dsn = dsn
+        self.name = name
+        self.min_size = min_size
+        self.max_size = max_size
+        self.retry = retry
+        self.server_settings = server_settings
+        self.statement_cache_size = statement_cache_size
+        self._pool: asyncpg.Pool | None = None
+        self._waiters = 0
+        self.exhaustion_retries = 0
+        self.give_ups = 0
+        self.peak_in_use = 0
+        metrics.POOL_MAX.labels(name).set(max_size)
+
+    @classmethod
+    def for_runner(cls, settings: Settings, dsn: str) -> Database:
+        budget = settings.pool_budget()
+        return cls(
+            dsn,
+            name="runner",
+            min_size=budget.min_size,
+            max_size=budget.max_size,
+            retry=RetryPolicy.from_settings(settings),
+            server_settings={
+                "application_name": application_name(settings.worker_id),
+                "statement_timeout": str(int(settings.statement_timeout * 1000)),
+            },
+            statement_cache_size=settings.statement_cache_size,
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def open(self, connect_timeout: float) -> Database:
+        """Create the pool, waiting for the server with backoff (containers start in any order)."""
+        deadline = time.monotonic() + connect_timeout
+        delay = 0.1
+        last_error: BaseException | None = None
+        while time.monotonic() < deadline:
+            try:
+                self._pool = await asyncio.wait_for(self._create_pool(), max(0.1, deadline - time.monotonic()))
+                return self
+            except (*TRANSIENT_ERRORS, asyncpg.exceptions.InvalidCatalogNameError) as error:
+                last_error = error
+                log.info("database not ready, retrying", pool=self.name, error=str(error), backoff_s=delay)
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 2.0)
+        reason = str(last_error) if last_error else "timed out"
+        raise DatabaseUnavailable(
+            f"database {redact_dsn(self.dsn)} did not answer within {connect_timeout:g}s: {reason}"
+        )
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            self.dsn,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            init=_init_connection,
+            server_settings=self.server_settings,
+            statement_cache_size=self.statement_cache_size,
+            max_inactive_connection_lifetime=60.0,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    # --- the one acquire ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """Borrow a connection for database work only; it goes back when the block ends."""
+        connection = await self._acquire()
+        try:
+            yield connection
+        finally:
+            await self._release(connection)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.connection() as connection, connection.transaction():
+            yield connection
+
+    async def _acquire(self) -> asyncpg.Connection:
+        pool = self._require_pool()
+        started = time.monotonic()
+        self._waiters += 1
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    connection = await pool.acquire(timeout=self.retry.acquire_timeout)
+        except RetryError as error:
+            self.give_ups += 1
+            metrics.POOL_GIVE_UPS.labels(self.name).inc()
+            cause = error.last_attempt.exception()
+            log.error("pool exhausted, giving up", pool=self.name, error=repr(cause), max_size=self.max_size)
+            raise PoolExhausted(
+                f"no connection from pool '{self.name}' (max {self.max_size}) after "
+                f"{self.retry.attempts} attempts: {cause!r}"
+            ) from cause
+        finally:
+            self._waiters -= 1
+        metrics.POOL_ACQUIRE_WAIT.labels(self.name).observe(time.monotonic() - started)
+        self._sample()
+        return connection
+
+    async def _release(self, connection: asyncpg.Connection) -> None:
+        pool = self._pool
+        if pool is None:
+            connection.terminate()
+            return
+        await pool.release(connection)
+        self._sample()
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT_ERRORS),
+            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_wait),
+            wait=wait_exponential_jitter(initial=self.retry.initial_backoff, max=self.retry.max_backoff),
+            before_sleep=self._count_retry,
+        )
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self.exhaustion_retries += 1
+        metrics.POOL_EXHAUSTION_RETRIES.labels(self.name).inc()
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "pool acquire retry",
+            pool=self.name,
+            attempt=state.attempt_number,
+            max_attempts=self.retry.attempts,
+            error=repr(error),
+            backoff_s=round(state.upcoming_sleep, 3),
+        )
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise DatabaseUnavailable(f"pool '{self.name}' is not open")
+        return self._pool
+
+    # --- observability --------------------------------------------------------------------------
+    def stats(self) -> PoolStats:
+        pool = self._pool
+        size = pool.get_size() if pool else 0
+        idle = pool.get_idle_size() if pool else 0
+        return PoolStats(self.min_size, self.max_size, size, idle, size - idle, self._waiters)
+
+    def _sample(self) -> None:
+        stats = self.stats()
+        self.peak_in_use = max(self.peak_in_use, stats.in_use)
+        metrics.POOL_SIZE.labels(self.name).set(stats.size)
+        metrics.POOL_IDLE.labels(self.name).set(stats.idle)
+        metrics.POOL_IN_USE.labels(self.name).set(stats.in_use)
+        metrics.POOL_WAITERS.labels(self.name).set(stats.waiters)
+
+    # --- conveniences: each borrows a connection for exactly one statement ------------------------
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.connection() as connection:
+            return await connection.execute(query, *args)  # type: ignore[no-any-return]
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection() as connection:
+            return await connection.fetch(query, *args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection() as connection:
+            return await connection.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.connection() as connection:
+            return await connection.fetchval(query, *args)
+
+    # --- the single LISTEN connection -----------------------------------------------------------
+    async def listen_connection(self, dsn: str | None = None) -> asyncpg.Connection:
+        """A dedicated connection for LISTEN (session state cannot live behind a pooled connection)."""
+        return await asyncpg.connect(
+            dsn or self.dsn,
+            server_settings={**self.server_settings, "application_name": self.server_settings.get(
+                "application_name", "runner") [:55] + ":listen"},
+            statement_cache_size=0,
+            timeout=self.retry.acquire_timeout,
+        )

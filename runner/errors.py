@@ -1,0 +1,47 @@
+"""One exception root for runner. Driver errors are translated at the database boundary (runner.db)."""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """Root of every error runner raises on purpose. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(RunnerError):
+    """Bad input from the user: a bad flag, payload, id or file. Nothing has been written."""
+
+    exit_code = 2
+
+
+class JobNotFound(UsageError):
+    pass
+
+
+class UnknownKind(UsageError):
+    pass
+
+
+class PayloadError(UsageError):
+    """A payload a handler cannot run; the job fails at once without burning its retries."""
+
+
+class DatabaseUnavailable(RunnerError):
+    """The database did not answer within RUNNER_DB_CONNECT_TIMEOUT."""
+
+
+class PoolExhausted(RunnerError):
+    """No pooled connection came free within the retry budget (attempts and total wait)."""
+
+
+class LeaseLost(RunnerError):
+    """A fenced write changed nothing: another worker now owns the job, so this one must drop it."""
+
+
+class JobCancelled(RunnerError):
+    """The job was cancelled by a user while it ran."""
+
+
+class EmbeddedPostgresError(RunnerError):
+    pass

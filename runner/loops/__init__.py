@@ -1,0 +1,1 @@
+"""One small unit per worker loop (River-style services): each has one job."""

@@ -1,0 +1,76 @@
+"""Status updates: completions and failures written in batches, one statement per flush."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from config import Settings
+from runner import metrics
+from runner.logs import get_logger
+from runner.queue import JobOutcome, JobQueue
+from runner.service import Service
+
+log = get_logger("runner.completer")
+MAX_BATCH = 1000
+STOP_FLUSH_ATTEMPTS = 20
+
+
+class Completer(Service):
+    name = "completer"
+
+    def __init__(self, queue: JobQueue, settings: Settings) -> None:
+        super().__init__(interval_s=0.5, timeout_s=60.0, jitter=0.0)
+        self.queue = queue
+        self.settings = settings
+        self._buffer: deque[JobOutcome] = deque()
+        self.flushed = asyncio.Event()
+
+    def submit(self, outcome: JobOutcome) -> None:
+        self._buffer.append(outcome)
+        self.wake.set()
+
+    def pending_leases(self) -> list[tuple[int, int]]:
+        # Outcomes not yet written still hold their lease: the heartbeat keeps renewing them.
+        return [(o.job_id, o.lease_epoch) for o in self._buffer]
+
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def run_once(self) -> None:
+        if self.settings.completion_flush_interval and self._buffer:
+            await asyncio.sleep(self.settings.completion_flush_interval)  # let a batch gather
+        while self._buffer:
+            await self._flush_batch()
+
+    async def _flush_batch(self) -> None:
+        batch = [self._buffer.popleft() for _ in range(min(MAX_BATCH, len(self._buffer)))]
+        try:
+            written = await self.queue.job_complete_many(
+                batch, self.settings.retry_backoff_base, self.settings.retry_backoff_max)
+        except BaseException:
+            self._buffer.extendleft(reversed(batch))  # keep them; the next run retries the write
+            raise
+        for row in written:
+            metrics.JOBS_FINISHED.labels(row.kind, row.outcome).inc()
+        if len(written) < len(batch):
+            kept = {row.job_id for row in written}
+            for outcome in batch:
+                if outcome.job_id not in kept:
+                    metrics.JOBS_LEASE_LOST.labels(outcome.kind).inc()
+                    log.warning("completion refused: lease no longer held", job_id=outcome.job_id,
+                                lease_epoch=outcome.lease_epoch, outcome=outcome.outcome)
+
+    async def on_stop(self) -> None:
+        for attempt in range(STOP_FLUSH_ATTEMPTS):
+            if not self._buffer:
+                break
+            try:
+                await asyncio.shield(self.run_once())
+            except Exception as error:
+                log.warning("final completion flush failed", attempt=attempt + 1, error=repr(error))
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        if self._buffer:
+            log.error("completions left unwritten; their leases will expire and be rescued",
+                      count=len(self._buffer))
+        self.flushed.set()

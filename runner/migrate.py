@@ -1,0 +1,49 @@
+"""``runner migrate``: Alembic upgrade to head, idempotent and safe to run from many containers at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from runner.plugins import Plugin
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def async_url(dsn: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if dsn.startswith(prefix):
+            return "postgresql+asyncpg://" + dsn[len(prefix) :]
+    return dsn
+
+
+def alembic_config(dsn: str, plugins: Sequence[Plugin]) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "newline")
+    locations = [MIGRATIONS_DIR / "versions"] + [p.migrations for p in plugins if p.migrations]
+    config.set_main_option("version_locations", "\n".join(str(p) for p in locations))
+    config.attributes["async_url"] = async_url(dsn)
+    return config
+
+
+def _upgrade(dsn: str, plugins: Sequence[Plugin]) -> None:
+    command.upgrade(alembic_config(dsn, plugins), "head")
+
+
+async def migrate(dsn: str, plugins: Sequence[Plugin]) -> None:
+    # Alembic's env runs its own event loop, so it gets a thread of its own.
+    await asyncio.to_thread(_upgrade, dsn, plugins)
+
+
+def head_revision(plugins: Sequence[Plugin]) -> str | None:
+    return ScriptDirectory.from_config(alembic_config("postgresql://", plugins)).get_current_head()
+
+
+__all__ = ["MigrationContext", "alembic_config", "head_revision", "migrate"]

@@ -1,0 +1,83 @@
+"""Job kinds and the plugins that bring them, found through the ``runner.plugins`` entry point group.
+
+The engine never imports ``jobs``: a plugin package declares itself in pyproject.toml, so imports flow
+one way (jobs -> runner -> config) while ``runner worker`` still knows every kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runner.errors import UnknownKind
+
+if TYPE_CHECKING:
+    import typer
+
+    from runner.app import App
+    from runner.context import JobContext
+    from runner.service import Service
+
+Handler = Callable[["JobContext"], Awaitable[None]]
+PayloadValidator = Callable[[dict[str, Any], "App"], Awaitable[None]]
+ENTRY_POINT_GROUP = "runner.plugins"
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    handler: Handler
+    # Checked at enqueue (and by the handler again at run time); raises UsageError on a bad payload.
+    validate: PayloadValidator | None = None
+
+
+@dataclass(frozen=True)
+class Plugin:
+    name: str
+    kinds: Sequence[JobKind] = ()
+    migrations: Path | None = None
+    # Extra worker loops that share the worker's pool and lifecycle (consensus, for example).
+    services: Callable[[App], Sequence[Service]] | None = None
+    # Extra CLI commands.
+    commands: Callable[[typer.Typer], None] | None = None
+    # True while the plugin still has work a draining worker should wait for.
+    has_pending_work: Callable[[App], Awaitable[bool]] | None = None
+    # Process-wide resources (opened once per process, closed at stop).
+    open_resources: Callable[[App], Awaitable[None]] | None = None
+    close_resources: Callable[[App], Awaitable[None]] | None = None
+
+
+@dataclass
+class Registry:
+    kinds: dict[str, JobKind] = field(default_factory=dict)
+
+    def add(self, kind: JobKind) -> None:
+        if kind.name in self.kinds:
+            raise ValueError(f"job kind {kind.name!r} registered twice")
+        self.kinds[kind.name] = kind
+
+    def get(self, name: str) -> JobKind:
+        try:
+            return self.kinds[name]
+        except KeyError:
+            known = ", ".join(sorted(self.kinds)) or "none"
+            raise UnknownKind(f"unknown job kind {name!r} (known: {known})") from None
+
+
+def load_plugins() -> list[Plugin]:
+    plugins: list[Plugin] = []
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        loaded = entry.load()
+        plugins.append(loaded() if callable(loaded) and not isinstance(loaded, Plugin) else loaded)
+    return plugins
+
+
+def build_registry(plugins: Sequence[Plugin]) -> Registry:
+    registry = Registry()
+    for plugin in plugins:
+        for kind in plugin.kinds:
+            registry.add(kind)
+    return registry

@@ -1,0 +1,232 @@
+"""The queue's narrow interface: Entity-verb methods with typed parameters over ``queue_sql``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import asyncpg
+
+from runner import queue_sql as sql
+from runner.db import Database
+from runner.errors import JobNotFound, UsageError
+
+Outcome = Literal["succeeded", "cancelled", "released", "error", "fatal"]
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    kind: str
+    payload: dict[str, Any]
+    queue: str = "default"
+    priority: int = 0
+    delay_s: float = 0.0
+    max_attempts: int = 5
+    dedupe_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    queue: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    recoveries: int
+    lease_epoch: int
+    progress_done: int
+    progress_total: int | None
+    checkpoint: dict[str, Any] | None
+
+    @classmethod
+    def from_record(cls, row: asyncpg.Record) -> ClaimedJob:
+        return cls(**dict(row))
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    job_id: int
+    lease_epoch: int
+    kind: str
+    outcome: Outcome
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenOutcome:
+    job_id: int
+    kind: str
+    status: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class RescuedJob:
+    job_id: int
+    kind: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    id: str
+    queues: tuple[str, ...]
+    concurrency: int
+    host: str = socket.gethostname()
+    pid: int = os.getpid()
+
+
+class JobQueue:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # --- producers ------------------------------------------------------------------------------
+    async def job_enqueue_many(
+        self, jobs: Sequence[NewJob], connection: asyncpg.Connection | None = None
+    ) -> list[int]:
+        """Insert jobs in one statement (one transaction) and NOTIFY their queues. Deduped jobs are skipped."""
+        args = (
+            [j.kind for j in jobs],
+            [j.queue for j in jobs],
+            [json.dumps(j.payload) for j in jobs],
+            [j.priority for j in jobs],
+            [j.delay_s for j in jobs],
+            [j.max_attempts for j in jobs],
+            [j.dedupe_key for j in jobs],
+        )
+        if connection is not None:
+            rows = await connection.fetch(sql.ENQUEUE, *args)
+        else:
+            rows = await self.db.fetch(sql.ENQUEUE, *args)
+        return [row["id"] for row in rows]
+
+    async def job_enqueue(self, job: NewJob) -> tuple[int, bool]:
+        """Enqueue one job; return (id, created). With a dedupe key already unfinished, the existing id."""
+        async with self.db.transaction() as connection:
+            ids = await self.job_enqueue_many([job], connection)
+            if ids:
+                return ids[0], True
+            existing = await connection.fetchval(sql.FIND_UNFINISHED_BY_DEDUPE_KEY, job.dedupe_key)
+        if existing is None:  # the other job finished between the two statements: try once more
+            return await self.job_enqueue(job)
+        return int(existing), False
+
+    # --- the worker's hot path ------------------------------------------------------------------
+    async def job_claim(
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+    ) -> list[ClaimedJob]:
+        rows = await self.db.fetch(sql.CLAIM, list(queues), limit, worker_id, lease_s)
+        return [ClaimedJob.from_record(row) for row in rows]
+
+    async def job_heartbeat(
+        self, leases: Sequence[tuple[int, int]], worker: WorkerIdentity, lease_s: float
+    ) -> set[int]:
+        """Renew the given (id, epoch) leases and the worker row; return the ids still held."""
+        row = await self.db.fetchrow(
+            sql.HEARTBEAT,
+            [job_id for job_id, _ in leases],
+            [epoch for _, epoch in leases],
+            lease_s,
+            worker.id,
+            worker.host,
+            worker.pid,
+            ",".join(worker.queues),
+            worker.concurrency,
+        )
+        assert row is not None
+        return set(row["renewed"])
+
+    async def job_complete_many(
+        self, outcomes: Sequence[JobOutcome], backoff_base_s: float, backoff_max_s: float
+    ) -> list[WrittenOutcome]:
+        rows = await self.db.fetch(
+            sql.COMPLETE,
+            [o.job_id for o in outcomes],
+            [o.lease_epoch for o in outcomes],
+            [o.outcome for o in outcomes],
+            [o.error for o in outcomes],
+            backoff_base_s,
+            backoff_max_s,
+        )
+        return [WrittenOutcome(r["id"], r["kind"], r["status"], r["outcome"]) for r in rows]
+
+    async def job_save_progress(
+        self,
+        job_id: int,
+        lease_epoch: int,
+        *,
+        done: int | None,
+        total: int | None,
+        checkpoint: dict[str, Any] | None,
+        connection: asyncpg.Connection | None = None,
+    ) -> bool:
+        """Fenced progress/checkpoint write; False when the lease is no longer ours."""
+        args = (job_id, lease_epoch, done, total, None if checkpoint is None else json.dumps(checkpoint))
+        if connection is not None:
+            status = await connection.execute(sql.SAVE_PROGRESS, *args)
+        else:
+            status = await self.db.execute(sql.SAVE_PROGRESS, *args)
+        return status.endswith(" 1")
+
+    async def job_cancel_requested_among(self, job_ids: Sequence[int]) -> list[int]:
+        rows = await self.db.fetch(sql.CANCEL_REQUESTED_AMONG, list(job_ids))
+        return [row["id"] for row in rows]
+
+    async def job_rescue_stale(self, max_recoveries: int, limit: int = 1000) -> list[RescuedJob]:
+        rows = await self.db.fetch(sql.RESCUE_STALE, max_recoveries, limit)
+        return [RescuedJob(r["id"], r["kind"], r["status"]) for r in rows]
+
+    async def worker_unregister(self, worker_id: str) -> None:
+        await self.db.execute(sql.UNREGISTER_WORKER, worker_id)
+
+    async def worker_delete_dead(self, older_than_s: float) -> None:
+        await self.db.execute(sql.DELETE_DEAD_WORKERS, older_than_s)
+
+    async def job_has_runnable_or_running(self, queues: Sequence[str]) -> bool:
+        return bool(await self.db.fetchval(sql.HAS_RUNNABLE_OR_RUNNING, list(queues)))
+
+    # --- operators ------------------------------------------------------------------------------
+    async def job_get(self, job_id: int) -> dict[str, Any]:
+        row = await self.db.fetchrow(sql.GET_JOB, job_id)
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id}")
+        return dict(row)
+
+    async def job_request_cancel(self, job_id: int) -> str:
+        """Cancel a pending job at once, or ask the worker running it to stop. Returns the new status."""
+        async with self.db.transaction() as connection:
+            row = await connection.fetchrow(sql.LOCK_JOB, job_id)
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id}")
+            if row["status"] in FINISHED:
+                raise UsageError(f"job {job_id} has already finished ({row['status']})")
+            status = await connection.fetchval(sql.REQUEST_CANCEL, job_id)
+            await connection.execute(sql.NOTIFY_CANCEL, str(job_id))
+        return str(status)
+
+    async def job_retry(self, job_id: int) -> None:
+        async with self.db.transaction() as connection:
+            row = await connection.fetchrow(sql.LOCK_JOB, job_id)
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id}")
+            queue = await connection.fetchval(sql.RETRY, job_id)
+            if queue is None:
+                raise UsageError(f"job {job_id} is {row['status']}; only failed or cancelled jobs can be retried")
+            await connection.execute(sql.NOTIFY_JOBS, queue)
+
+    async def job_counts(self) -> list[tuple[str, str, int]]:
+        rows = await self.db.fetch(sql.COUNT_BY_KIND_AND_STATUS)
+        return [(r["kind"], r["status"], r["n"]) for r in rows]
+
+    async def job_counts_by_status(self) -> dict[str, int]:
+        rows = await self.db.fetch(sql.COUNT_BY_STATUS)
+        return {r["status"]: r["n"] for r in rows}
+
+    async def job_list_running(self, limit: int = 50) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.db.fetch(sql.RUNNING_JOBS, limit)]

@@ -1,0 +1,190 @@
+"""Every SQL statement of the job queue, in one place. Values are always bind parameters.
+
+Fencing: every write for a claimed job matches ``lease_epoch`` (bumped on every claim) and
+``status = 'running'``; after a rescue the old owner's writes match no row and change nothing.
+"""
+
+from __future__ import annotations
+
+JOBS_CHANNEL = "runner_jobs"
+CANCEL_CHANNEL = "runner_cancel"
+
+ENQUEUE = """
+WITH inserted AS (
+    INSERT INTO runner_jobs (kind, queue, payload, priority, run_at, max_attempts, dedupe_key)
+    SELECT t.kind, t.queue, t.payload::jsonb, t.priority,
+           now() + t.delay * interval '1 second', t.max_attempts, t.dedupe_key
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::int[], $7::text[])
+         WITH ORDINALITY AS t(kind, queue, payload, priority, delay, max_attempts, dedupe_key, ord)
+    ORDER BY t.ord
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running') DO NOTHING
+    RETURNING id, queue
+)
+SELECT i.id
+FROM inserted i,
+     (SELECT count(pg_notify('runner_jobs', d.queue)) FROM (SELECT DISTINCT queue FROM inserted) d) n
+ORDER BY i.id
+"""
+
+FIND_UNFINISHED_BY_DEDUPE_KEY = """
+SELECT id FROM runner_jobs WHERE dedupe_key = $1 AND status IN ('pending', 'running')
+"""
+
+# The claim: one statement, walking runner_jobs_claim_idx in claim order, skipping rows others hold.
+CLAIM = """
+WITH candidates AS (
+    SELECT id FROM runner_jobs
+    WHERE status = 'pending' AND run_at <= now() AND queue = ANY($1::text[])
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE runner_jobs j
+SET status = 'running', lease_owner = $3, lease_expires_at = now() + $4 * interval '1 second',
+    lease_epoch = j.lease_epoch + 1, started_at = now(), cancel_requested = false
+FROM candidates c
+WHERE j.id = c.id
+RETURNING j.id, j.kind, j.queue, j.payload, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
+          j.progress_done, j.progress_total, j.checkpoint
+"""
+
+# Renews the leases of every job this worker runs and its worker row, in one round trip. Jobs missing
+# from the result have been rescued by someone else: the caller drops them.
+HEARTBEAT = """
+WITH renewed AS (
+    UPDATE runner_jobs j SET lease_expires_at = now() + $3 * interval '1 second'
+    FROM unnest($1::bigint[], $2::bigint[]) AS t(id, epoch)
+    WHERE j.id = t.id AND j.lease_epoch = t.epoch AND j.status = 'running'
+    RETURNING j.id
+), worker AS (
+    INSERT INTO runner_workers (id, host, pid, queues, concurrency) VALUES ($4, $5, $6, $7, $8)
+    ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
+    RETURNING id
+)
+SELECT coalesce((SELECT array_agg(id) FROM renewed), '{}'::bigint[]) AS renewed,
+       (SELECT count(*) FROM worker) AS worker_rows
+"""
+
+UNREGISTER_WORKER = "DELETE FROM runner_workers WHERE id = $1"
+
+# Stale-job recovery. SKIP LOCKED plus the re-checked WHERE make it safe when every worker runs it.
+RESCUE_STALE = """
+WITH stale AS (
+    SELECT id FROM runner_jobs
+    WHERE status = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), decided AS (
+    SELECT j.id, j.lease_epoch,
+           (j.recoveries >= $1 OR j.attempts + 1 >= j.max_attempts) AS give_up
+    FROM runner_jobs j JOIN stale s ON s.id = j.id
+)
+UPDATE runner_jobs j
+SET status = CASE WHEN d.give_up THEN 'failed' ELSE 'pending' END,
+    recoveries = j.recoveries + 1,
+    attempts = j.attempts + 1,
+    last_error = 'lease of ' || coalesce(j.lease_owner, '?') || ' expired at '
+                 || to_char(j.lease_expires_at, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF')
+                 || CASE WHEN d.give_up AND j.recoveries >= $1
+                         THEN '; recovery limit ' || $1 || ' reached'
+                         WHEN d.give_up THEN '; max_attempts ' || j.max_attempts || ' reached'
+                         ELSE '' END,
+    lease_owner = NULL, lease_expires_at = NULL, run_at = now(),
+    finished_at = CASE WHEN d.give_up THEN now() END
+FROM decided d
+WHERE j.id = d.id AND j.lease_epoch = d.lease_epoch AND j.status = 'running'
+RETURNING j.id, j.kind, j.status
+"""
+
+DELETE_DEAD_WORKERS = """
+DELETE FROM runner_workers WHERE last_heartbeat_at < now() - $1 * interval '1 second'
+"""
+
+# All outcomes of a batch in one statement. outcome: succeeded | cancelled | released | error | fatal.
+COMPLETE = """
+WITH outcome AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[]) AS t(id, epoch, outcome, error)
+), decided AS (
+    SELECT j.id, o.epoch, o.outcome, o.error,
+           CASE o.outcome
+               WHEN 'succeeded' THEN 'succeeded'
+               WHEN 'cancelled' THEN 'cancelled'
+               WHEN 'released' THEN 'pending'
+               WHEN 'error' THEN CASE WHEN j.attempts + 1 < j.max_attempts THEN 'pending' ELSE 'failed' END
+               ELSE 'failed'
+           END AS new_status
+    FROM runner_jobs j JOIN outcome o ON o.id = j.id
+)
+UPDATE runner_jobs j
+SET status = d.new_status,
+    attempts = CASE WHEN d.outcome IN ('error', 'fatal') THEN j.attempts + 1 ELSE j.attempts END,
+    run_at = CASE WHEN d.outcome = 'error' AND d.new_status = 'pending'
+                  THEN now() + least($6::float8, $5::float8 * power(2, j.attempts))
+                               * (0.75 + random() * 0.5) * interval '1 second'
+                  ELSE j.run_at END,
+    last_error = CASE WHEN d.outcome IN ('error', 'fatal', 'cancelled') THEN d.error ELSE j.last_error END,
+    lease_owner = NULL, lease_expires_at = NULL,
+    finished_at = CASE WHEN d.new_status = 'pending' THEN NULL ELSE now() END
+FROM decided d
+WHERE j.id = d.id AND j.lease_epoch = d.epoch AND j.status = 'running'
+RETURNING j.id, j.kind, j.status, d.outcome
+"""
+
+SAVE_PROGRESS = """
+UPDATE runner_jobs
+SET progress_done = coalesce($3, progress_done), progress_total = coalesce($4, progress_total),
+    checkpoint = coalesce($5::jsonb, checkpoint)
+WHERE id = $1 AND lease_epoch = $2 AND status = 'running'
+"""
+
+CANCEL_REQUESTED_AMONG = """
+SELECT id FROM runner_jobs WHERE id = ANY($1::bigint[]) AND cancel_requested AND status = 'running'
+"""
+
+LOCK_JOB = "SELECT id, status FROM runner_jobs WHERE id = $1 FOR UPDATE"
+
+REQUEST_CANCEL = """
+UPDATE runner_jobs
+SET cancel_requested = true,
+    status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+    finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
+    last_error = CASE WHEN status = 'pending' THEN 'cancelled before it ran' ELSE last_error END
+WHERE id = $1
+RETURNING status
+"""
+
+NOTIFY_CANCEL = "SELECT pg_notify('runner_cancel', $1::text)"
+
+RETRY = """
+UPDATE runner_jobs
+SET status = 'pending', attempts = 0, recoveries = 0, run_at = now(), cancel_requested = false,
+    finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+WHERE id = $1 AND status IN ('failed', 'cancelled')
+RETURNING queue
+"""
+
+NOTIFY_JOBS = "SELECT pg_notify('runner_jobs', $1::text)"
+
+GET_JOB = """
+SELECT id, kind, queue, payload, status, priority, run_at, attempts, max_attempts, recoveries,
+       lease_owner, lease_expires_at, lease_epoch, progress_done, progress_total, checkpoint,
+       cancel_requested, last_error, dedupe_key, created_at, started_at, finished_at
+FROM runner_jobs WHERE id = $1
+"""
+
+COUNT_BY_KIND_AND_STATUS = "SELECT kind, status, count(*) AS n FROM runner_jobs GROUP BY kind, status"
+
+COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM runner_jobs GROUP BY status"
+
+RUNNING_JOBS = """
+SELECT id, kind, lease_owner, progress_done, progress_total, started_at, attempts
+FROM runner_jobs WHERE status = 'running' ORDER BY id LIMIT $1
+"""
+
+HAS_RUNNABLE_OR_RUNNING = """
+SELECT EXISTS (
+    SELECT 1 FROM runner_jobs
+    WHERE queue = ANY($1::text[]) AND ((status = 'pending' AND run_at <= now()) OR status = 'running')
+)
+"""

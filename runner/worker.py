@@ -1,0 +1,125 @@
+"""The worker: the loops under one TaskGroup, and the two-stage shutdown.
+
+SIGTERM/SIGINT: stop claiming; let running jobs finish for up to RUNNER_SHUTDOWN_GRACE seconds; cancel
+the rest (their leases go back to pending without using an attempt); write the last completions
+shielded; then stop the heartbeat and the other loops. A second signal skips the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+from runner.app import App
+from runner.executor import Executor
+from runner.logs import get_logger
+from runner.loops.canceller import CancelWatcher
+from runner.loops.completer import Completer
+from runner.loops.depth import DepthSampler
+from runner.loops.drain import DrainWatcher
+from runner.loops.fetcher import Fetcher
+from runner.loops.heartbeat import Heartbeat
+from runner.loops.listener import Listener
+from runner.loops.rescuer import Rescuer
+from runner.queue import WorkerIdentity
+from runner.service import Service
+
+log = get_logger("runner.worker")
+CANCEL_WAIT_S = 10.0
+
+
+class Worker:
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int | None = None,
+        queues: Sequence[str] | None = None,
+        drain: bool = False,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        settings = app.settings
+        self.app = app
+        self.queues = list(queues or settings.queues)
+        self.concurrency = concurrency or settings.concurrency
+        self.identity = WorkerIdentity(settings.worker_id, tuple(self.queues), self.concurrency)
+        self.install_signal_handlers = install_signal_handlers
+        self.stop_requested = asyncio.Event()
+        self._signals = 0
+
+        self.completer = Completer(app.queue, settings)
+        self.executor = Executor(app, self.concurrency, self.completer, settings.worker_id)
+        self.fetcher = Fetcher(app.queue, self.executor, settings, self.queues)
+        self.heartbeat = Heartbeat(app.queue, self.executor, settings, self.identity)
+        self.rescuer = Rescuer(app.queue, settings, on_rescued=self.fetcher.wake.set)
+        self.canceller = CancelWatcher(app.queue, self.executor, settings)
+        listen_dsn = settings.listen_database_url.get_secret_value() if settings.listen_database_url else None
+        self.listener = Listener(app.db, self.queues, self.fetcher.wake.set, self.canceller.notified, listen_dsn)
+        self.depth = DepthSampler(app.queue, settings.depth_sample_interval)
+        self.plugin_services: list[Service] = [
+            service for plugin in app.plugins if plugin.services for service in plugin.services(app)
+        ]
+        self.drain: DrainWatcher | None = (
+            DrainWatcher(app, self.executor, self.completer, self.fetcher, self.queues, self.request_stop)
+            if drain else None
+        )
+
+    @property
+    def services(self) -> list[Service]:
+        core: list[Service] = [self.listener, self.fetcher, self.completer, self.heartbeat, self.rescuer,
+                               self.canceller, self.depth]
+        return core + self.plugin_services + ([self.drain] if self.drain else [])
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        log.info("signal received; shutting down", signal=signal.Signals(signum).name, count=self._signals)
+        if self._signals > 1:
+            self.executor.stop_all("shutdown")
+        self.request_stop()
+
+    async def run(self) -> None:
+        budget = self.app.settings.pool_budget()
+        log.info("worker starting", worker_id=self.identity.id, queues=self.queues, concurrency=self.concurrency,
+                 lease_s=self.app.settings.lease_timeout, pool_min=budget.min_size, pool_max=budget.max_size,
+                 pool_derived=budget.derived, pool_formula=budget.formula(),
+                 db_max_connections=budget.db_max_connections, worker_replicas=budget.worker_replicas)
+        await self.heartbeat.run_once()  # registers the worker row; fails fast on a broken database
+        loop = asyncio.get_running_loop()
+        if self.install_signal_handlers:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for service in self.services:
+                    group.create_task(service.run(), name=service.name)
+                group.create_task(self._supervise(), name="supervisor")
+        finally:
+            self.executor.stop_all("shutdown")
+            if self.install_signal_handlers:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
+            try:
+                await asyncio.wait_for(self.app.queue.worker_unregister(self.identity.id), 5)
+            except Exception as error:
+                log.warning("could not remove worker row", error=repr(error))
+        log.info("worker stopped", worker_id=self.identity.id)
+
+    async def _supervise(self) -> None:
+        await self.stop_requested.wait()
+        grace = self.app.settings.shutdown_grace
+        log.info("stopping: no new claims", running=len(self.executor.active), grace_s=grace)
+        self.fetcher.stop()
+        for service in self.plugin_services:
+            service.stop()
+        if not await self.executor.wait_idle(grace):
+            log.warning("grace over; cancelling running jobs", running=len(self.executor.active))
+            self.executor.stop_all("shutdown")
+            await self.executor.wait_idle(CANCEL_WAIT_S)
+        self.completer.stop()
+        await self.completer.flushed.wait()
+        for service in self.services:
+            service.stop()
