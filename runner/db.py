@@ -221,7 +221,9 @@ class Database:
         return AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT_ERRORS),
             stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_wait),
-            wait=wait_exponential_jitter(initial=self.retry.initial_backoff, max=self.retry.max_backoff),
+            wait=wait_exponential_jitter(
+                multiplier=self.retry.initial_backoff, max=self.retry.max_backoff, jitter=self.retry.initial_backoff
+            ),
             before_sleep=self._count_retry,
         )
 

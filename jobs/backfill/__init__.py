@@ -1,0 +1,5 @@
+"""The backfill job kind (placeholder until it lands)."""
+
+from runner.plugins import Plugin
+
+plugin = Plugin(name="backfill")

@@ -1,0 +1,5 @@
+"""`runner demo` (placeholder until it lands)."""
+
+from runner.plugins import Plugin
+
+plugin = Plugin(name="operate")

@@ -1,0 +1,97 @@
+"""Fixtures: one real PostgreSQL per session, a fresh migrated database per test (cloned from a template)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from config import Settings, load_settings
+from runner.app import App
+from tests.pg import TestServer, start_test_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Test-speed lease timing; every value is still validated like production settings.
+FAST_ENV = {
+    "RUNNER_HEARTBEAT_INTERVAL": "0.5",
+    "RUNNER_LEASE_TIMEOUT": "2",
+    "RUNNER_RESCUE_INTERVAL": "0.5",
+    "RUNNER_POLL_INTERVAL": "0.2",
+    "RUNNER_SHUTDOWN_GRACE": "5",
+    "RUNNER_RETRY_BACKOFF_BASE": "0.05",
+    "RUNNER_RETRY_BACKOFF_MAX": "0.2",
+    "RUNNER_LOG_FORMAT": "json",
+    "RUNNER_HTTP_ENABLED": "false",
+}
+
+
+@pytest.fixture(scope="session")
+async def pg_server() -> TestServer:
+    server = start_test_server()
+    await server.prepare_template()
+    return server
+
+
+@pytest.fixture
+async def database_url(pg_server: TestServer) -> AsyncIterator[str]:
+    name = await pg_server.create_database()
+    yield pg_server.url(name)
+    await pg_server.drop(name)
+
+
+@pytest.fixture
+def runner_env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Environment for the worker under test (in-process via monkeypatch, and for subprocesses)."""
+    for key in list(os.environ):
+        if key.startswith("RUNNER_") and not key.startswith(("RUNNER_TEST_", "RUNNER_BENCH_")):
+            monkeypatch.delenv(key)
+    env = {"RUNNER_DATABASE_URL": database_url, "RUNNER_HOME": str(tmp_path / "home"), **FAST_ENV}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield env
+
+
+@pytest.fixture
+def settings(runner_env: dict[str, str]) -> Settings:
+    return load_settings()
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[App]:
+    app = await App.open(settings)
+    yield app
+    await app.close()
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+def cli_env(runner_env: dict[str, str], **extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_") or k.startswith("RUNNER_TEST_")}
+    return {**base, **runner_env, **extra}
+
+
+def run_cli(runner_env: dict[str, str], *args: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args], env=cli_env(runner_env, **extra), cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def start_worker(runner_env: dict[str, str], *args: str, log_path: Path | None = None, **extra: str) -> subprocess.Popen[str]:
+    sink = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "worker", *args], env=cli_env(runner_env, **extra), cwd=ROOT,
+        stdout=sink, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        text=True,
+    )

@@ -1,0 +1,85 @@
+"""The real PostgreSQL the tests use: RUNNER_TEST_DATABASE_URL, or an embedded server of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from runner.embedded import EmbeddedPostgres
+from runner.migrate import migrate
+from runner.plugins import load_plugins
+
+TEMPLATE = "runner_test_template"
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@dataclass
+class TestServer:
+    admin_url: str
+    embedded: EmbeddedPostgres | None
+
+    def url(self, database: str) -> str:
+        return with_database(self.admin_url, database)
+
+    async def prepare_template(self) -> None:
+        await self.drop(TEMPLATE)
+        await self.execute(f'CREATE DATABASE "{TEMPLATE}"')
+        await migrate(self.url(TEMPLATE), load_plugins())
+
+    async def create_database(self, prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        await self.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+        return name
+
+    async def create_empty_database(self, prefix: str = "e") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        await self.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    async def drop(self, name: str) -> None:
+        await self.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    async def execute(self, statement: str) -> None:
+        connection = await asyncpg.connect(self.admin_url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    def restart(self) -> None:
+        if self.embedded is None:
+            raise RuntimeError("restart needs the embedded test server (RUNNER_TEST_DATABASE_URL is set)")
+        self.embedded.restart()
+
+
+def start_test_server() -> TestServer:
+    url = os.environ.get("RUNNER_TEST_DATABASE_URL")
+    if url:
+        return TestServer(url, None)
+    home = Path(os.environ.get("RUNNER_TEST_HOME") or Path(tempfile.gettempdir()) / "runner-test-pg")
+    server = EmbeddedPostgres(home)
+    server.ensure_started()
+    return TestServer(server.url("postgres"), server)
+
+
+async def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll an async predicate until it returns a truthy value; return it, or fail on timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
