@@ -1,15 +1,32 @@
-"""Built-in kinds for tests and benchmarks: ``noop`` and ``sleep``."""
+"""Built-in kinds for tests, benchmarks and smoke checks.
+
+- ``noop``: does nothing.
+- ``sleep``: ``{"seconds": float}``.
+- ``record``: sleeps like ``sleep`` then logs its execution in ``runner_executions`` (fenced: the row is
+  written in the same transaction as a lease-checked progress write, so a job that lost its lease records
+  nothing). Proves exactly-once execution in tests and in bench/scale.py.
+- ``fail``: raises ``{"message": str}``; with ``"fatal": true`` it fails at once without retries.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 from typing import Any
 
 from runner.app import App
 from runner.context import JobContext
 from runner.errors import PayloadError
 from runner.plugins import JobKind, Plugin
+
+INSERT_EXECUTION = """
+INSERT INTO runner_executions (job_id, lease_epoch, attempt, worker_id) VALUES ($1, $2, $3, $4)
+"""
+
+
+class JobFailed(Exception):
+    """The error the ``fail`` kind raises on purpose."""
 
 
 async def noop(ctx: JobContext) -> None:
@@ -20,11 +37,11 @@ def _seconds(payload: dict[str, Any]) -> float:
     seconds = payload.get("seconds", 0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds) \
             or seconds < 0:
-        raise PayloadError(f"sleep: 'seconds' must be a non-negative number, got {seconds!r}")
+        raise PayloadError(f"'seconds' must be a non-negative number, got {seconds!r}")
     return float(seconds)
 
 
-async def validate_sleep(payload: dict[str, Any], _app: App) -> None:
+async def validate_seconds(payload: dict[str, Any], _app: App) -> None:
     _seconds(payload)
 
 
@@ -32,7 +49,28 @@ async def sleep(ctx: JobContext) -> None:
     await asyncio.sleep(_seconds(ctx.payload))
 
 
+async def record(ctx: JobContext) -> None:
+    await asyncio.sleep(_seconds(ctx.payload))
+    async with ctx.db.transaction() as connection:
+        await ctx.progress_in(connection, done=1, total=1)
+        await connection.execute(
+            INSERT_EXECUTION, ctx.job_id, ctx.job.lease_epoch, ctx.attempt, ctx.app.settings.worker_id)
+
+
+async def fail(ctx: JobContext) -> None:
+    message = str(ctx.payload.get("message", "failed on purpose"))
+    if ctx.payload.get("fatal"):
+        raise PayloadError(message)
+    raise JobFailed(message)
+
+
 plugin = Plugin(
     name="builtins",
-    kinds=(JobKind("noop", noop), JobKind("sleep", sleep, validate_sleep)),
+    kinds=(
+        JobKind("noop", noop),
+        JobKind("sleep", sleep, validate_seconds),
+        JobKind("record", record, validate_seconds),
+        JobKind("fail", fail),
+    ),
+    migrations=Path(__file__).parent / "migrations",
 )

@@ -63,6 +63,10 @@ class JobContext:
     async def progress(self, done: int, total: int | None = None) -> None:
         await self.save(done=done, total=total)
 
+    async def progress_in(self, connection: asyncpg.Connection, *, done: int, total: int | None = None) -> None:
+        """Progress written inside the caller's transaction, so it commits (or not) with the work."""
+        await self.save(done=done, total=total, connection=connection)
+
     async def checkpoint(
         self,
         state: dict[str, Any],
