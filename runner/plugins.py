@@ -48,6 +48,8 @@ class Plugin:
     # Process-wide resources (opened once per process, closed at stop).
     open_resources: Callable[[App], Awaitable[None]] | None = None
     close_resources: Callable[[App], Awaitable[None]] | None = None
+    # Raises when a dependency the plugin opened (the chain, say) does not answer; served on /readyz.
+    readiness: Callable[[App], Awaitable[None]] | None = None
 
 
 @dataclass
