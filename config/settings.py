@@ -12,10 +12,10 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "RUNNER_"
 # Families of variables that are read elsewhere by name, not as fields of Settings.
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # --- worker ---------------------------------------------------------------------------------
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
     concurrency: int = Field(20, gt=0, le=10_000)
-    queues: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+    queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"], min_length=1)
     claim_batch_size: int = Field(200, gt=0)
     poll_interval: float = Field(1.0, gt=0)
     heartbeat_interval: float = Field(5.0, gt=0)
@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     @field_validator("queues", mode="before")
     @classmethod
     def _split_queues(cls, value: object) -> object:
-        if isinstance(value, str) and not value.startswith("["):
+        if isinstance(value, str):
             return [q.strip() for q in value.split(",") if q.strip()]
         return value
 

@@ -167,7 +167,7 @@ class JobQueue:
         connection: asyncpg.Connection | None = None,
     ) -> bool:
         """Fenced progress/checkpoint write; False when the lease is no longer ours."""
-        args = (job_id, lease_epoch, done, total, None if checkpoint is None else json.dumps(checkpoint))
+        args = (job_id, lease_epoch, done, total, checkpoint)  # the jsonb codec encodes the dict
         if connection is not None:
             status = await connection.execute(sql.SAVE_PROGRESS, *args)
         else:

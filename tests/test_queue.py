@@ -1,0 +1,226 @@
+"""The queue against a real PostgreSQL: ordering, dedupe, fencing, retries, recovery, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from config import Settings
+from runner.app import App
+from runner.queue import JobOutcome, NewJob, WorkerIdentity
+from runner.worker import Worker
+from tests.pg import wait_until
+
+LEASE_S = 2.0
+
+
+async def run_worker(app: App, **kwargs: object) -> None:
+    await Worker(app, drain=True, install_signal_handlers=False, **kwargs).run()  # type: ignore[arg-type]
+
+
+async def test_claim_order_is_priority_then_run_at_then_id(app: App) -> None:
+    low = await app.queue.job_enqueue_many([NewJob("noop", {}, priority=0) for _ in range(3)])
+    high = await app.queue.job_enqueue_many([NewJob("noop", {}, priority=5)])
+    delayed = await app.queue.job_enqueue_many([NewJob("noop", {}, priority=9, delay_s=3600)])
+    claimed = await app.queue.job_claim(["default"], 10, "w1", LEASE_S)
+    assert [j.id for j in sorted(claimed, key=lambda j: (-j.lease_epoch, 0))]  # claimed something
+    ids = {j.id for j in claimed}
+    assert ids == set(low + high) and delayed[0] not in ids
+    ordered = await app.db.fetch(
+        "SELECT id FROM runner_jobs WHERE id = ANY($1) ORDER BY priority DESC, run_at, id", list(ids))
+    assert ordered[0]["id"] == high[0]
+
+
+async def test_claim_respects_limit_and_queue(app: App) -> None:
+    await app.queue.job_enqueue_many([NewJob("noop", {}, queue="other") for _ in range(5)])
+    await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(5)])
+    claimed = await app.queue.job_claim(["default"], 3, "w1", LEASE_S)
+    assert len(claimed) == 3 and all(j.queue == "default" for j in claimed)
+    assert all(j.lease_epoch == 1 for j in claimed)
+
+
+async def test_dedupe_key_unique_among_unfinished_jobs(app: App) -> None:
+    first, created = await app.queue.job_enqueue(NewJob("noop", {}, dedupe_key="k"))
+    again, created_again = await app.queue.job_enqueue(NewJob("noop", {}, dedupe_key="k"))
+    assert created and not created_again and again == first
+    await run_worker(app)
+    after, created_after = await app.queue.job_enqueue(NewJob("noop", {}, dedupe_key="k"))
+    assert created_after and after != first  # finished jobs no longer hold the key
+
+
+async def test_delayed_job_runs_only_when_due(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {}, delay_s=1.0)])
+    assert await app.queue.job_claim(["default"], 10, "w1", LEASE_S) == []
+    await asyncio.sleep(1.1)
+    assert [j.id for j in await app.queue.job_claim(["default"], 10, "w1", LEASE_S)] == [job_id]
+
+
+async def test_old_owner_writes_are_refused_after_a_rescue(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {})])
+    [old] = await app.queue.job_claim(["default"], 1, "old-worker", LEASE_S)
+    await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id)
+    [rescued] = await app.queue.job_rescue_stale(max_recoveries=3)
+    assert (rescued.job_id, rescued.status) == (job_id, "pending")
+    [new] = await app.queue.job_claim(["default"], 1, "new-worker", LEASE_S)
+    assert new.lease_epoch == old.lease_epoch + 1
+
+    # The old owner, still alive, tries to write progress, a checkpoint and a completion: nothing changes.
+    assert not await app.queue.job_save_progress(job_id, old.lease_epoch, done=99, total=100, checkpoint={"k": 1})
+    identity = WorkerIdentity("old-worker", ("default",), 1)
+    assert await app.queue.job_heartbeat([(job_id, old.lease_epoch)], identity, LEASE_S) == set()
+    written = await app.queue.job_complete_many([JobOutcome(job_id, old.lease_epoch, "noop", "succeeded")], 1, 1)
+    assert written == []
+    row = await app.queue.job_get(job_id)
+    assert (row["status"], row["lease_owner"], row["progress_done"], row["checkpoint"]) == (
+        "running", "new-worker", 0, None)
+
+    # The new owner's writes land.
+    assert await app.queue.job_save_progress(job_id, new.lease_epoch, done=5, total=10, checkpoint={"k": 2})
+    [done] = await app.queue.job_complete_many([JobOutcome(job_id, new.lease_epoch, "noop", "succeeded")], 1, 1)
+    assert done.status == "succeeded"
+    row = await app.queue.job_get(job_id)
+    assert (row["status"], row["checkpoint"], row["progress_done"], row["attempts"], row["recoveries"]) == (
+        "succeeded", {"k": 2}, 5, 1, 1)
+
+
+async def test_live_worker_that_lost_its_lease_drops_the_job(app: App, settings: Settings) -> None:
+    """Worker A stalls past its lease (its heartbeat is slow); B rescues and finishes; A writes nothing."""
+    slow = settings.model_copy(update={"worker_id": "stalled-a", "heartbeat_interval": 30.0, "lease_timeout": 90.0})
+    app_a = await App.open(slow)
+    try:
+        [job_id] = await app.queue.job_enqueue_many([NewJob("record", {"seconds": 1.5})])
+        worker_a = Worker(app_a, install_signal_handlers=False)
+        task_a = asyncio.create_task(worker_a.run())
+        await wait_until(lambda: app.db.fetchval("SELECT status = 'running' FROM runner_jobs WHERE id = $1", job_id))
+        await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id=$1", job_id)
+        await run_worker(app)  # worker B: rescues, claims and finishes the job
+        await asyncio.sleep(2.0)  # A's handler wakes up and tries to record + complete
+        worker_a.request_stop()
+        await asyncio.wait_for(task_a, 30)
+    finally:
+        await app_a.close()
+    row = await app.queue.job_get(job_id)
+    executions = await app.db.fetch("SELECT worker_id, lease_epoch FROM runner_executions WHERE job_id = $1", job_id)
+    assert row["status"] == "succeeded" and row["lease_epoch"] == 2
+    assert [(e["worker_id"], e["lease_epoch"]) for e in executions] == [(settings.worker_id, 2)]
+
+
+async def test_failure_retries_with_backoff_then_fails_with_the_error(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("fail", {"message": "boom"}, max_attempts=3)])
+    worker = Worker(app, install_signal_handlers=False)
+    task = asyncio.create_task(worker.run())
+    row = await wait_until(lambda: _finished(app, job_id), timeout_s=30)
+    worker.request_stop()
+    await task
+    assert row["status"] == "failed" and row["attempts"] == 3
+    assert "JobFailed: boom" in row["last_error"]
+
+
+async def test_fatal_failure_does_not_retry(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("fail", {"message": "bad", "fatal": True})])
+    await run_worker(app)
+    row = await app.queue.job_get(job_id)
+    assert (row["status"], row["attempts"]) == ("failed", 1)
+
+
+async def test_failed_job_backoff_moves_run_at_into_the_future(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {}, max_attempts=5)])
+    [job] = await app.queue.job_claim(["default"], 1, "w", LEASE_S)
+    await app.queue.job_complete_many([JobOutcome(job_id, job.lease_epoch, "noop", "error", "e")], 10.0, 60.0)
+    row = await app.db.fetchrow("SELECT status, attempts, run_at - now() AS wait FROM runner_jobs WHERE id=$1", job_id)
+    assert row["status"] == "pending" and row["attempts"] == 1
+    assert 5 <= row["wait"].total_seconds() <= 15  # base 10 s x 2^0 with +/-25% jitter
+
+
+async def test_recovery_cap_ends_in_failed(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {}, max_attempts=10)])
+    for _ in range(3):  # max_recoveries = 2: two recoveries, the third lost lease fails it
+        await app.queue.job_claim(["default"], 1, "w", LEASE_S)
+        await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second'")
+        await app.queue.job_rescue_stale(max_recoveries=2)
+    row = await app.queue.job_get(job_id)
+    assert row["status"] == "failed" and row["recoveries"] == 3
+    assert "recovery limit 2 reached" in row["last_error"]
+
+
+async def test_rescue_is_safe_when_every_worker_runs_it_at_once(app: App) -> None:
+    await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(300)])
+    await app.queue.job_claim(["default"], 300, "dead", LEASE_S)
+    await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second'")
+    results = await asyncio.gather(*[app.queue.job_rescue_stale(max_recoveries=3, limit=100) for _ in range(6)])
+    rescued = [job.job_id for batch in results for job in batch]
+    assert len(rescued) == len(set(rescued)) == 300
+    assert await app.db.fetchval("SELECT count(*) FROM runner_jobs WHERE recoveries = 1 AND status='pending'") == 300
+
+
+async def test_cancel_pending_job_at_once(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {})])
+    assert await app.queue.job_request_cancel(job_id) == "cancelled"
+    assert await app.queue.job_claim(["default"], 1, "w", LEASE_S) == []
+
+
+async def test_cancel_running_job_reaches_the_handler(app: App) -> None:
+    [job_id] = await app.queue.job_enqueue_many([NewJob("sleep", {"seconds": 60})])
+    worker = Worker(app, install_signal_handlers=False)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: app.db.fetchval("SELECT status = 'running' FROM runner_jobs WHERE id = $1", job_id))
+    await app.queue.job_request_cancel(job_id)
+    row = await wait_until(lambda: _finished(app, job_id), timeout_s=5)
+    worker.request_stop()
+    await task
+    assert row["status"] == "cancelled" and row["last_error"] == "cancelled by request"
+
+
+async def test_cancel_check_catches_a_missed_notify(app: App) -> None:
+    """With no NOTIFY (flag set directly), the batched periodic check still cancels the job."""
+    [job_id] = await app.queue.job_enqueue_many([NewJob("sleep", {"seconds": 60})])
+    worker = Worker(app, install_signal_handlers=False)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: app.db.fetchval("SELECT status = 'running' FROM runner_jobs WHERE id = $1", job_id))
+    await app.db.execute("UPDATE runner_jobs SET cancel_requested = true WHERE id = $1", job_id)
+    row = await wait_until(lambda: _finished(app, job_id), timeout_s=5)
+    worker.request_stop()
+    await task
+    assert row["status"] == "cancelled"
+
+
+async def test_heartbeat_renews_leases_and_worker_row_in_one_statement(app: App) -> None:
+    await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(3)])
+    claimed = await app.queue.job_claim(["default"], 3, "w", LEASE_S)
+    before = await app.db.fetchval("SELECT max(lease_expires_at) FROM runner_jobs")
+    await asyncio.sleep(0.05)
+    identity = WorkerIdentity("w", ("default",), 3)
+    renewed = await app.queue.job_heartbeat([(j.id, j.lease_epoch) for j in claimed], identity, 60)
+    assert renewed == {j.id for j in claimed}
+    assert await app.db.fetchval("SELECT min(lease_expires_at) FROM runner_jobs") > before
+    assert await app.db.fetchval("SELECT count(*) FROM runner_workers WHERE id = 'w'") == 1
+
+
+async def test_claim_is_an_index_scan_at_a_million_rows(app: App) -> None:
+    await app.db.execute("""
+        INSERT INTO runner_jobs (kind, payload, status, priority, run_at)
+        SELECT 'noop', '{}', CASE WHEN g % 10 = 0 THEN 'pending' ELSE 'succeeded' END, g % 3,
+               now() - (g % 1000) * interval '1 second'
+        FROM generate_series(1, 1000000) g""")
+    await app.db.execute("ANALYZE runner_jobs")
+    async with app.db.connection() as connection:
+        plan = "\n".join(r[0] for r in await connection.fetch(
+            "EXPLAIN SELECT id FROM runner_jobs WHERE status = 'pending' AND run_at <= now() "
+            "AND queue = ANY($1::text[]) ORDER BY priority DESC, run_at, id LIMIT 200 FOR UPDATE SKIP LOCKED",
+            ["default"]))
+    assert "Index Scan using runner_jobs_claim_idx" in plan, plan
+    assert "Sort" not in plan, plan
+
+
+async def _finished(app: App, job_id: int) -> dict[str, object] | None:
+    row = await app.queue.job_get(job_id)
+    return row if row["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+@pytest.fixture
+async def raw(database_url: str) -> asyncpg.Connection:
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
