@@ -209,6 +209,8 @@ class EmbeddedPostgres:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as probe:
+        # PostgreSQL binds with SO_REUSEADDR, so a port in TIME_WAIT after a stop is still ours to reuse.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -26,6 +26,8 @@ def with_database(url: str, database: str) -> str:
 
 @dataclass
 class TestServer:
+    __test__ = False  # not a test class, despite the name
+
     admin_url: str
     embedded: EmbeddedPostgres | None
 
