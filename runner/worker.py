@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Sequence
 
 from runner.app import App
 from runner.executor import Executor
+from runner.http import HttpServer, Liveness, LoopStatus, WorkerState
 from runner.logs import get_logger
 from runner.loops.canceller import CancelWatcher
 from runner.loops.completer import Completer
@@ -47,6 +49,9 @@ class Worker:
         self.install_signal_handlers = install_signal_handlers
         self.stop_requested = asyncio.Event()
         self._signals = 0
+        self.state: WorkerState = "starting"
+        self.http: HttpServer | None = None  # /healthz /readyz /metrics /pool when RUNNER_HTTP_ENABLED
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # id(service) -> its task, for liveness
 
         self.completer = Completer(app.queue, settings)
         self.executor = Executor(app, self.concurrency, self.completer, settings.worker_id)
@@ -72,7 +77,23 @@ class Worker:
         return core + self.plugin_services + ([self.drain] if self.drain else [])
 
     def request_stop(self) -> None:
+        if self.state in ("starting", "running"):
+            self.state = "stopping"
         self.stop_requested.set()
+
+    def liveness(self) -> Liveness:
+        """Each loop is alive while its task runs (a cancelled or ended loop is dead); served on /healthz."""
+        now = time.monotonic()
+        loops = []
+        for service in self.services:
+            task = self._tasks.get(id(service))
+            loops.append(LoopStatus(
+                name=service.name,
+                alive=task is not None and not task.done(),
+                last_success_age_s=round(now - service.last_success, 3) if service.last_success else None,
+                failures_in_a_row=service.failures_in_a_row,
+            ))
+        return Liveness(self.state, loops, self.heartbeat.lag_s())
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -82,6 +103,16 @@ class Worker:
         self.request_stop()
 
     async def run(self) -> None:
+        if self.app.settings.http_enabled:
+            self.http = await HttpServer(self.app, self).start()
+        try:
+            await self._run()
+        finally:
+            self.state = "stopped"
+            if self.http is not None:
+                await self.http.stop()
+
+    async def _run(self) -> None:
         budget = self.app.settings.pool_budget()
         log.info("worker starting", worker_id=self.identity.id, queues=self.queues, concurrency=self.concurrency,
                  lease_s=self.app.settings.lease_timeout, pool_min=budget.min_size, pool_max=budget.max_size,
@@ -95,8 +126,10 @@ class Worker:
         try:
             async with asyncio.TaskGroup() as group:
                 for service in self.services:
-                    group.create_task(service.run(), name=service.name)
+                    self._tasks[id(service)] = group.create_task(service.run(), name=service.name)
                 group.create_task(self._supervise(), name="supervisor")
+                if self.state == "starting":
+                    self.state = "running"
         finally:
             self.executor.stop_all("shutdown")
             if self.install_signal_handlers:
