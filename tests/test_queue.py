@@ -224,3 +224,23 @@ async def raw(database_url: str) -> asyncpg.Connection:
     connection = await asyncpg.connect(database_url)
     yield connection
     await connection.close()
+
+
+async def test_pool_exhaustion_gives_up_with_a_typed_error(settings: Settings) -> None:
+    from runner.db import Database
+    from runner.errors import PoolExhausted
+
+    tight = settings.model_copy(update={
+        "pool_max_size": 1, "pool_min_size": 1, "pool_acquire_timeout": 0.05, "pool_retry_attempts": 3})
+    app = await App.open(tight)
+    try:
+        db: Database = app.db
+        async with db.connection():
+            with pytest.raises(PoolExhausted, match="after 3 attempts"):
+                async with db.connection():
+                    pass
+        assert (db.exhaustion_retries, db.give_ups) == (2, 1)
+        async with db.connection() as connection:  # the pool recovers once the holder lets go
+            assert await connection.fetchval("SELECT 1") == 1
+    finally:
+        await app.close()
