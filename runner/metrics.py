@@ -35,6 +35,12 @@ QUEUE_DEPTH = Gauge("runner_queue_depth", "Jobs by status, sampled on an interva
 HEARTBEAT_LAG = Gauge("runner_heartbeat_lag_seconds", "Seconds since the last successful heartbeat")
 LOOP_ERRORS = Counter("runner_loop_errors_total", "Errors raised by a worker loop's run_once", ["loop"])
 EVENT_LOOP_LAG = Gauge("runner_event_loop_lag_seconds", "Measured event loop scheduling lag")
+# Set by the consensus plugin when it samples transactions; the alert "non-final for longer than N x its
+# finality window" (deploy/prometheus/alerts.yml) fires on it.
+CONSENSUS_NONFINAL_AGE_RATIO = Gauge(
+    "runner_consensus_nonfinal_age_window_ratio",
+    "Largest age / finality window among consensus transactions that are not final yet (0 when none)",
+)
 
 CHAIN_RPC_LATENCY = Histogram(
     "runner_chain_rpc_seconds", "Chain RPC latency", ["method"],
