@@ -21,7 +21,6 @@ from runner.app import App
 from runner.embedded import EmbeddedPostgres
 from runner.errors import RunnerError, UsageError
 from runner.logs import configure_logging, redact, redact_dsn
-from runner.migrate import migrate
 from runner.plugins import load_plugins
 from runner.queue import NewJob
 from runner.worker import Worker
@@ -96,6 +95,8 @@ def json_default(value: Any) -> Any:
 def migrate_command() -> None:
     """Create or upgrade the schema (idempotent; safe from many containers at once)."""
     settings = settings_or_exit()
+
+    from runner.migrate import migrate  # alembic is heavy: imported only by the command that needs it
 
     async def body(app: App) -> None:
         await migrate(app.dsn, app.plugins)

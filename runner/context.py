@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
 
 from runner.errors import JobCancelled, LeaseLost
+from runner.logs import get_logger
 from runner.queue import ClaimedJob
 
 if TYPE_CHECKING:
@@ -27,8 +29,14 @@ class JobContext:
 
     job: ClaimedJob
     app: App
-    log: structlog.stdlib.BoundLogger
+    worker_id: str
     _cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @cached_property
+    def log(self) -> structlog.stdlib.BoundLogger:
+        # Made on first use: most jobs never log, and binding costs more than a no-op job.
+        return get_logger("runner.job").bind(
+            job_id=self.job.id, kind=self.job.kind, attempt=self.attempt, worker_id=self.worker_id)
 
     @property
     def job_id(self) -> int:

@@ -111,6 +111,12 @@ class Database:
         self.give_ups = 0
         self.peak_in_use = 0
         metrics.POOL_MAX.labels(name).set(max_size)
+        # labelled children resolved once: acquire and release are on every job's path
+        self._m_acquire_wait = metrics.POOL_ACQUIRE_WAIT.labels(name)
+        self._m_size = metrics.POOL_SIZE.labels(name)
+        self._m_idle = metrics.POOL_IDLE.labels(name)
+        self._m_in_use = metrics.POOL_IN_USE.labels(name)
+        self._m_waiters = metrics.POOL_WAITERS.labels(name)
 
     @classmethod
     def for_runner(cls, settings: Settings, dsn: str) -> Database:
@@ -191,23 +197,30 @@ class Database:
         started = time.monotonic()
         self._waiters += 1
         try:
-            async for attempt in self._retrying():
-                with attempt:
-                    connection = await pool.acquire(timeout=self.retry.acquire_timeout)
+            try:  # the common case costs one acquire; tenacity steps in only after a failure
+                connection = await pool.acquire(timeout=self.retry.acquire_timeout)
+            except TRANSIENT_ERRORS as first_error:
+                if self.retry.attempts <= 1:
+                    raise self._give_up(first_error) from first_error
+                self._count_first_failure(first_error)
+                connection = await self._acquire_retrying(pool)
         except RetryError as error:
-            self.give_ups += 1
-            metrics.POOL_GIVE_UPS.labels(self.name).inc()
             cause = error.last_attempt.exception()
-            log.error("pool exhausted, giving up", pool=self.name, error=repr(cause), max_size=self.max_size)
-            raise PoolExhausted(
-                f"no connection from pool '{self.name}' (max {self.max_size}) after "
-                f"{self.retry.attempts} attempts: {cause!r}"
-            ) from cause
+            raise self._give_up(cause) from cause
         finally:
             self._waiters -= 1
-        metrics.POOL_ACQUIRE_WAIT.labels(self.name).observe(time.monotonic() - started)
+        self._m_acquire_wait.observe(time.monotonic() - started)
         self._sample()
         return connection
+
+    def _give_up(self, cause: BaseException | None) -> PoolExhausted:
+        self.give_ups += 1
+        metrics.POOL_GIVE_UPS.labels(self.name).inc()
+        log.error("pool exhausted, giving up", pool=self.name, error=repr(cause), max_size=self.max_size)
+        return PoolExhausted(
+            f"no connection from pool '{self.name}' (max {self.max_size}) after "
+            f"{self.retry.attempts} attempts: {cause!r}"
+        )
 
     async def _release(self, connection: asyncpg.Connection) -> None:
         pool = self._pool
@@ -217,10 +230,22 @@ class Database:
         await pool.release(connection)
         self._sample()
 
+    async def _acquire_retrying(self, pool: asyncpg.Pool) -> asyncpg.Connection:
+        async for attempt in self._retrying():
+            with attempt:
+                return await pool.acquire(timeout=self.retry.acquire_timeout)
+        raise AssertionError("unreachable: tenacity either returns or raises RetryError")
+
+    def _count_first_failure(self, error: BaseException) -> None:
+        self.exhaustion_retries += 1
+        metrics.POOL_EXHAUSTION_RETRIES.labels(self.name).inc()
+        log.warning("pool acquire retry", pool=self.name, attempt=1, max_attempts=self.retry.attempts,
+                    error=repr(error))
+
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT_ERRORS),
-            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_wait),
+            stop=stop_after_attempt(self.retry.attempts - 1) | stop_after_delay(self.retry.max_wait),
             wait=wait_exponential_jitter(
                 multiplier=self.retry.initial_backoff, max=self.retry.max_backoff, jitter=self.retry.initial_backoff
             ),
@@ -234,7 +259,7 @@ class Database:
         log.warning(
             "pool acquire retry",
             pool=self.name,
-            attempt=state.attempt_number,
+            attempt=state.attempt_number + 1,
             max_attempts=self.retry.attempts,
             error=repr(error),
             backoff_s=round(state.upcoming_sleep, 3),
@@ -255,10 +280,10 @@ class Database:
     def _sample(self) -> None:
         stats = self.stats()
         self.peak_in_use = max(self.peak_in_use, stats.in_use)
-        metrics.POOL_SIZE.labels(self.name).set(stats.size)
-        metrics.POOL_IDLE.labels(self.name).set(stats.idle)
-        metrics.POOL_IN_USE.labels(self.name).set(stats.in_use)
-        metrics.POOL_WAITERS.labels(self.name).set(stats.waiters)
+        self._m_size.set(stats.size)
+        self._m_idle.set(stats.idle)
+        self._m_in_use.set(stats.in_use)
+        self._m_waiters.set(stats.waiters)
 
     # --- conveniences: each borrows a connection for exactly one statement ------------------------
     async def execute(self, query: str, *args: Any) -> str:

@@ -10,7 +10,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -33,6 +33,15 @@ _OUTCOME_OF_STOP: dict[StopReason, Outcome | None] = {
     "lease_lost": None,  # someone else owns it now: write nothing
 }
 MAX_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class KindMetrics:
+    """Labelled metric children per kind, resolved once (labels() is a dict lookup behind a lock)."""
+
+    claimed: Any
+    duration: Any
+    lease_lost: Any
 
 
 @dataclass
@@ -58,6 +67,15 @@ class Executor:
         self.on_slot_freed: Callable[[], None] = lambda: None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._kind_metrics: dict[str, KindMetrics] = {}
+
+    def _metrics(self, kind: str) -> KindMetrics:
+        found = self._kind_metrics.get(kind)
+        if found is None:
+            found = self._kind_metrics[kind] = KindMetrics(
+                metrics.JOBS_CLAIMED.labels(kind), metrics.JOB_DURATION.labels(kind),
+                metrics.JOBS_LEASE_LOST.labels(kind))
+        return found
 
     def free_slots(self) -> int:
         return self.concurrency - len(self.active)
@@ -67,12 +85,10 @@ class Executor:
         return held + self.completer.pending_leases()
 
     def start(self, job: ClaimedJob) -> None:
-        context = JobContext(job=job, app=self.app, log=log.bind(
-            job_id=job.id, kind=job.kind, attempt=job.attempts + 1, worker_id=self.worker_id))
-        running = RunningJob(job, context)
+        running = RunningJob(job, JobContext(job=job, app=self.app, worker_id=self.worker_id))
         self.active[job.id] = running
         self._idle.clear()
-        metrics.JOBS_CLAIMED.labels(job.kind).inc()
+        self._metrics(job.kind).claimed.inc()
         metrics.JOBS_RUNNING.set(len(self.active))
         running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
 
@@ -134,9 +150,10 @@ class Executor:
 
     def _report(self, running: RunningJob, outcome: Outcome | None, error: str | None, elapsed: float) -> None:
         job = running.job
-        metrics.JOB_DURATION.labels(job.kind).observe(elapsed)
+        kind_metrics = self._metrics(job.kind)
+        kind_metrics.duration.observe(elapsed)
         if outcome is None:
-            metrics.JOBS_LEASE_LOST.labels(job.kind).inc()
+            kind_metrics.lease_lost.inc()
             running.context.log.warning("lease lost; job dropped without writing", lease_epoch=job.lease_epoch)
             return
         if outcome in ("error", "fatal"):

@@ -46,7 +46,7 @@ class ClaimedJob:
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> ClaimedJob:
-        return cls(**dict(row))
+        return cls(*row)  # CLAIM returns the columns in field order
 
 
 @dataclass(frozen=True, slots=True)

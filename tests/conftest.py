@@ -81,14 +81,18 @@ def cli_env(runner_env: dict[str, str], **extra: str) -> dict[str, str]:
     return {**base, **runner_env, **extra}
 
 
-def run_cli(runner_env: dict[str, str], *args: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    runner_env: dict[str, str], *args: str, timeout: float = 120, **extra: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "runner", *args], env=cli_env(runner_env, **extra), cwd=ROOT,
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
 
 
-def start_worker(runner_env: dict[str, str], *args: str, log_path: Path | None = None, **extra: str) -> subprocess.Popen[str]:
+def start_worker(
+    runner_env: dict[str, str], *args: str, log_path: Path | None = None, **extra: str
+) -> subprocess.Popen[str]:
     sink = open(log_path, "w") if log_path else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "runner", "worker", *args], env=cli_env(runner_env, **extra), cwd=ROOT,

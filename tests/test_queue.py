@@ -90,13 +90,15 @@ async def test_live_worker_that_lost_its_lease_drops_the_job(app: App, settings:
     slow = settings.model_copy(update={"worker_id": "stalled-a", "heartbeat_interval": 30.0, "lease_timeout": 90.0})
     app_a = await App.open(slow)
     try:
-        [job_id] = await app.queue.job_enqueue_many([NewJob("record", {"seconds": 1.5})])
+        [job_id] = await app.queue.job_enqueue_many([NewJob("record", {"seconds": 2.5})])
         worker_a = Worker(app_a, install_signal_handlers=False)
         task_a = asyncio.create_task(worker_a.run())
         await wait_until(lambda: app.db.fetchval("SELECT status = 'running' FROM runner_jobs WHERE id = $1", job_id))
-        await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id=$1", job_id)
-        await run_worker(app)  # worker B: rescues, claims and finishes the job
-        await asyncio.sleep(2.0)  # A's handler wakes up and tries to record + complete
+        await app.db.execute(
+            "UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id)
+        assert [j.job_id for j in await app.queue.job_rescue_stale(max_recoveries=3)] == [job_id]
+        await run_worker(app)  # worker B claims and finishes the job
+        await asyncio.sleep(3.0)  # A's handler wakes up and tries to record + complete
         worker_a.request_stop()
         await asyncio.wait_for(task_a, 30)
     finally:

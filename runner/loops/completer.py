@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 
 from config import Settings
 from runner import metrics
 from runner.logs import get_logger
-from runner.queue import JobOutcome, JobQueue
+from runner.queue import JobOutcome, JobQueue, WrittenOutcome
 from runner.service import Service
 
 log = get_logger("runner.completer")
 MAX_BATCH = 1000
 STOP_FLUSH_ATTEMPTS = 20
+
+
+def _finish_label(row: WrittenOutcome) -> str:
+    """succeeded | failed | cancelled, or retried / released for jobs that went back to pending."""
+    if row.status != "pending":
+        return row.status
+    return "released" if row.outcome == "released" else "retried"
 
 
 class Completer(Service):
@@ -51,8 +58,8 @@ class Completer(Service):
         except BaseException:
             self._buffer.extendleft(reversed(batch))  # keep them; the next run retries the write
             raise
-        for row in written:
-            metrics.JOBS_FINISHED.labels(row.kind, row.outcome).inc()
+        for (kind, outcome), count in Counter((row.kind, _finish_label(row)) for row in written).items():
+            metrics.JOBS_FINISHED.labels(kind, outcome).inc(count)
         if len(written) < len(batch):
             kept = {row.job_id for row in written}
             for outcome in batch:
