@@ -153,6 +153,13 @@ def cpu_busy_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+async def background_busy_cores(seconds: float = 0.5) -> float:
+    """Cores busy while this harness runs nothing: other users of the machine, which skew any figure."""
+    before = cpu_busy_s()
+    await asyncio.sleep(seconds)
+    return (cpu_busy_s() - before) / seconds
+
+
 class Proc:
     """A subprocess timed from just before fork to the moment it is reaped (whole process), with its
     exact peak RSS and CPU time from wait4's rusage."""

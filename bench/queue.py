@@ -53,6 +53,7 @@ from bench._common import (  # noqa: E402
     Proc,
     ProcResult,
     Server,
+    background_busy_cores,
     base_env,
     cpu_busy_s,
     ensure_competitor_venv,
@@ -451,9 +452,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"PostgreSQL {pg['server_version']} ({'embedded, ' if pg['embedded'] else ''}same host, "
         f"max_connections {pg['max_connections']}, shared_buffers {pg['shared_buffers']}, "
         f"synchronous_commit {pg['synchronous_commit']}). Whole run: {report['elapsed_s'] / 60:.1f} min.",
-        "",
-        "Command: `python bench/queue.py`",
     ]
+    busy = report.get("background_busy_cores_max", 0.0)
+    if busy > 0.3:
+        lines += ["", f"Warning: other processes kept up to {busy:.1f} of {m['nproc']} cores busy just before some "
+                      "measurements (sampled for 0.5 s before each); figures from a quiet machine may differ."]
+    lines += ["", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -480,8 +484,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             order = systems if round_ % 2 == 0 else list(reversed(systems))
             for phase in phases:
                 for system in order:
-                    log(f"round {round_ + 1}/{config.rounds} {phase} {system.name}")
+                    background = await background_busy_cores()
+                    log(f"round {round_ + 1}/{config.rounds} {phase} {system.name} "
+                        f"(background load {background:.2f} cores)")
                     result = await getattr(bench, phase)(system, round_)
+                    result["background_busy_cores"] = background
                     rounds[system.name][phase].append(result)
                     log(f"  {json.dumps(result, default=str)}")
         for system in systems:
@@ -500,6 +507,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "runner_commit": git_commit(),
             "summary": summary,
             "targets": targets(summary, config),
+            "background_busy_cores_max": max(r["background_busy_cores"] for phases_ in rounds.values()
+                                             for results in phases_.values() for r in results),
             "rounds": rounds,
         }
     finally:

@@ -1,0 +1,248 @@
+"""Scale-out: 1, 2 and 4 ``runner worker --drain`` processes on one database: ``python bench/scale.py``.
+
+Each run gets a fresh database with N ``record`` jobs (the built-in kind that writes one row per execution
+into runner_executions, in the same transaction as a lease-fenced progress write). All workers start
+together with RUNNER_WORKER_REPLICAS=<workers> and RUNNER_DB_MAX_CONNECTIONS=<the server's
+max_connections>, so each pool is sized by the budget formula. Reported per run: jobs/s (jobs over the
+time from the first start to the last exit), peak server connections on the database (total and the
+largest per worker, from pg_stat_activity by application_name), the pool size the formula gave, how the
+executions split between workers, and duplicate executions (job ids with more than one row), which must
+be 0.
+
+Options: ``--workers 1,2,4``, ``--jobs`` (default 20,000), ``--rounds`` (default 1; median reported).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.insert(0, str(_BENCH.parent))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import asyncpg  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    RESULTS,
+    RUNNER_CLI,
+    SCRATCH,
+    Proc,
+    Server,
+    base_env,
+    cpu_busy_s,
+    fetchval,
+    fresh_name,
+    git_commit,
+    log,
+    machine,
+    median,
+    run,
+    start_server,
+)
+from config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CAP  # noqa: E402
+
+TEMPLATE = "bench_tpl_scale"
+SAMPLER_APP = "bench-scale-sampler"
+
+
+def budget_pool_max(db_max_connections: int, replicas: int) -> int:
+    """The formula of config.settings.Settings.pool_budget (derived case), for the report."""
+    return min(POOL_MAX_CAP, int(db_max_connections * POOL_BUDGET_SHARE / replicas) - LISTENER_CONNECTIONS)
+
+
+@dataclass
+class PerWorkerSampler:
+    """Connections on one database every interval, by worker (application_name without ':listen')."""
+
+    server: Server
+    database: str
+    interval_s: float = 0.05
+    peak_total: int = 0
+    peak_by_worker: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+
+    async def __aenter__(self) -> PerWorkerSampler:
+        self._connection = await asyncpg.connect(self.server.admin_url,
+                                                 server_settings={"application_name": SAMPLER_APP})
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._connection.close()
+
+    async def _loop(self) -> None:
+        while True:
+            rows = await self._connection.fetch(
+                """SELECT application_name, count(*) AS n FROM pg_stat_activity
+                   WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> $2
+                   GROUP BY application_name""", self.database, SAMPLER_APP)
+            by_worker: dict[str, int] = {}
+            for row in rows:
+                worker = row["application_name"].removesuffix(":listen")
+                by_worker[worker] = by_worker.get(worker, 0) + row["n"]
+            self.peak_total = max(self.peak_total, sum(by_worker.values()))
+            for worker, n in by_worker.items():
+                self.peak_by_worker[worker] = max(self.peak_by_worker.get(worker, 0), n)
+            self.samples += 1
+            await asyncio.sleep(self.interval_s)
+
+
+def env(url: str, **extra: str) -> dict[str, str]:
+    return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0", **extra)
+
+
+async def one_run(server: Server, workers: int, jobs: int, max_connections: int, round_: int) -> dict[str, Any]:
+    name = fresh_name(f"scale{workers}")
+    url = await server.create(name, TEMPLATE)
+    logs = SCRATCH / "logs"
+    try:
+        jsonl = SCRATCH / "work" / f"record-{jobs}.jsonl"
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        jsonl.write_text('{"seconds": 0}\n' * jobs)
+        await run([RUNNER_CLI, "enqueue", "record", "--jsonl", jsonl], env(url), logs / f"scale{workers}-enqueue.log")
+        ids = [f"scale{workers}-r{round_}-w{i}" for i in range(workers)]
+        busy0 = cpu_busy_s()
+        async with PerWorkerSampler(server, name) as sampler:
+            started = time.perf_counter()
+            procs = [
+                Proc([RUNNER_CLI, "worker", "--drain"],
+                     env(url, RUNNER_WORKER_ID=worker_id, RUNNER_WORKER_REPLICAS=str(workers),
+                         RUNNER_DB_MAX_CONNECTIONS=str(max_connections)),
+                     logs / f"scale{workers}-r{round_}-{worker_id}.log").start()
+                for worker_id in ids
+            ]
+            results = [(await p.wait(timeout_s=1800)).check() for p in procs]
+            elapsed = time.perf_counter() - started
+        busy = cpu_busy_s() - busy0
+        connection = await asyncpg.connect(url)
+        try:
+            executions = await connection.fetchval("SELECT count(*) FROM runner_executions")
+            duplicates = await connection.fetchval(
+                "SELECT count(*) FROM (SELECT job_id FROM runner_executions GROUP BY job_id HAVING count(*) > 1) d")
+            by_worker = {r["worker_id"]: r["n"] for r in await connection.fetch(
+                "SELECT worker_id, count(*) AS n FROM runner_executions GROUP BY worker_id ORDER BY worker_id")}
+            succeeded = await connection.fetchval("SELECT count(*) FROM runner_jobs WHERE status = 'succeeded'")
+        finally:
+            await connection.close()
+    finally:
+        await server.drop(name)
+    pool_max = budget_pool_max(max_connections, workers)
+    return {
+        "workers": workers,
+        "jobs": jobs,
+        "elapsed_s": elapsed,
+        "jobs_per_s": jobs / elapsed,
+        "pool_max_per_worker": pool_max,
+        "connection_budget": workers * (pool_max + LISTENER_CONNECTIONS),
+        "peak_connections_total": sampler.peak_total,
+        "peak_connections_per_worker": max(sampler.peak_by_worker.values(), default=0),
+        "succeeded": succeeded,
+        "executions": executions,
+        "duplicate_executions": duplicates,
+        "executions_by_worker": {k.removeprefix("scale"): v for k, v in by_worker.items()},
+        "worker_cpu_s": sum(r.user_s + r.sys_s for r in results),
+        "machine_busy_cpu_s": busy,
+        "worker_wall_s": [round(r.wall_s, 2) for r in results],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['started_at']}; runner {report['runner_commit']}; {report['jobs']:,} `record` jobs; "
+        f"median of {report['rounds']} round(s); server max_connections {report['max_connections']}.",
+        "",
+        "| workers | jobs/s | pool max per worker (formula) | connection budget N x (pool + 1) "
+        "| peak server connections | peak per worker | executions | duplicate executions |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["summary"]:
+        lines.append(
+            f"| {row['workers']} | {row['jobs_per_s']:,.0f} | {row['pool_max_per_worker']} "
+            f"| {row['connection_budget']} | {row['peak_connections_total']} | {row['peak_connections_per_worker']} "
+            f"| {row['executions']:,} | {row['duplicate_executions']} |")
+    m = report["machine"]
+    lines += ["", f"Machine: {m['nproc']} cores, {m['ram_gib']} GiB RAM, PostgreSQL {report['server_version']} "
+                  "on the same host.", "", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    counts = [int(x) for x in args.workers.split(",") if x]
+    started = time.time()
+    server = start_server()
+    try:
+        url = await server.create(TEMPLATE)
+        await run([RUNNER_CLI, "migrate"], env(url), SCRATCH / "logs" / "scale-migrate.log")
+        max_connections = int(await fetchval(server.admin_url, "SHOW max_connections"))
+        version = await fetchval(server.admin_url, "SHOW server_version")
+        runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+        for round_ in range(args.rounds):
+            for n in counts if round_ % 2 == 0 else list(reversed(counts)):
+                log(f"round {round_ + 1}/{args.rounds}: {n} worker(s)")
+                result = await one_run(server, n, args.jobs, max_connections, round_)
+                log(f"  {json.dumps(result)}")
+                runs[n].append(result)
+        await server.drop(TEMPLATE)
+    finally:
+        server.stop_if_started_here()
+    summary = []
+    for n in counts:
+        rows = runs[n]
+        summary.append({
+            "workers": n,
+            "jobs_per_s": median([r["jobs_per_s"] for r in rows]),
+            "pool_max_per_worker": rows[0]["pool_max_per_worker"],
+            "connection_budget": rows[0]["connection_budget"],
+            "peak_connections_total": max(r["peak_connections_total"] for r in rows),
+            "peak_connections_per_worker": max(r["peak_connections_per_worker"] for r in rows),
+            "executions": min(r["executions"] for r in rows),
+            "duplicate_executions": max(r["duplicate_executions"] for r in rows),
+        })
+    return {
+        "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "elapsed_s": time.time() - started,
+        "command": "python bench/scale.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+        "jobs": args.jobs,
+        "rounds": args.rounds,
+        "max_connections": max_connections,
+        "server_version": version,
+        "machine": machine(),
+        "runner_commit": git_commit(),
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    args = parser.parse_args()
+    report = asyncio.run(main_async(args))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "scale.md").write_text(markdown(report))
+    print(markdown(report))
+    failed = [row for row in report["summary"] if row["duplicate_executions"] or row["executions"] != args.jobs]
+    if failed:
+        print(f"error: duplicate or missing executions: {failed}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
