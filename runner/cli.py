@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from config import Settings, SettingsError, load_settings
@@ -239,10 +240,12 @@ def running_table(running: list[dict[str, Any]]) -> Table:
     table = Table(title="running")
     for column in ("id", "kind", "owner", "progress"):
         table.add_column(column)
+    table.add_column("done", justify="right")
     for job in running:
         done, total = job["progress_done"], job["progress_total"]
-        bar = f"{done}/{total} ({100 * done / total:.1f}%)" if total else str(done)
-        table.add_row(str(job["id"]), job["kind"], job["lease_owner"] or "", bar)
+        bar = ProgressBar(total=float(total), completed=float(done), width=30) if total else ""
+        label = f"{done:,}/{total:,}" if total else f"{done:,}"
+        table.add_row(str(job["id"]), job["kind"], job["lease_owner"] or "", bar, label)
     return table
 
 
