@@ -50,3 +50,21 @@ CHAIN_RPC_ERRORS = Counter("runner_chain_rpc_errors_total", "Chain RPC errors", 
 CHAIN_RPC_RETRIES = Counter("runner_chain_rpc_retries_total", "Chain RPC retries", ["method"])
 CHAIN_OPEN_CONNECTIONS = Gauge("runner_chain_open_connections", "Open TCP connections to the chain node")
 CONSENSUS_TRANSACTIONS = Gauge("runner_consensus_transactions", "Consensus transactions by status", ["status"])
+CHAIN_NONCE_RESYNCS = Counter(
+    "runner_chain_nonce_resyncs_total", "Times a sender's next nonce was re-read from the node after a nonce error"
+)
+CHAIN_SENDS = Counter("runner_chain_sends_total", "Signed transactions accepted by the node")
+CONSENSUS_TRANSITIONS = Counter(
+    "runner_consensus_transitions_total", "Consensus state transitions written by this worker", ["status"]
+)
+CONSENSUS_RECOVERED = Counter(
+    "runner_consensus_recovered_total", "Consensus transactions recovered, by where they went", ["to", "why"]
+)
+CONSENSUS_EVENTS = Counter("runner_consensus_events_total", "ConsensusMain events emitted by this worker", ["kind"])
+CONSENSUS_EVENTS_SKIPPED = Counter(
+    "runner_consensus_events_skipped_total", "Events not re-emitted because the chain already has them", ["kind"]
+)
+CONSENSUS_EVENT_BATCH = Histogram(
+    "runner_consensus_event_batch_size", "Events per ConsensusMain chain transaction",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)

@@ -1,0 +1,75 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+/// @title ConsensusMain
+/// @notice The on-chain record of runner's consensus loops. Every state transition of a consensus
+/// transaction emits one event here, indexed by the transaction id (its runner hash) and by the
+/// address of the (off-chain) contract the transaction targets.
+/// @dev Events are emitted in batches: one chain transaction carries the events of many transitions,
+/// in the order given, so one process can keep up with the node. Only the deployer may emit.
+contract ConsensusMain {
+    // Kinds accepted by emitBatch, one per event.
+    uint8 internal constant ACTIVATED = 0;
+    uint8 internal constant PROPOSED = 1;
+    uint8 internal constant COMMITTED = 2;
+    uint8 internal constant REVEALED = 3;
+    uint8 internal constant ACCEPTED = 4;
+    uint8 internal constant UNDETERMINED = 5;
+    uint8 internal constant FINALIZED = 6;
+
+    event TransactionActivated(bytes32 indexed txId, address indexed contractAddress, address leader);
+    event ReceiptProposed(bytes32 indexed txId, address indexed contractAddress, address leader, bytes32 receiptHash);
+    event VoteCommitted(bytes32 indexed txId, address indexed contractAddress, address validator, bytes32 commitHash);
+    event VoteRevealed(bytes32 indexed txId, address indexed contractAddress, address validator, bytes32 vote);
+    event TransactionAccepted(bytes32 indexed txId, address indexed contractAddress, bytes32 receiptHash);
+    /// @notice The transaction ended without an accepted receipt; `outcome` names why
+    /// (1 UNDETERMINED, 2 LEADER_TIMEOUT, 3 VALIDATORS_TIMEOUT).
+    event TransactionUndetermined(bytes32 indexed txId, address indexed contractAddress, uint8 outcome);
+    event TransactionFinalized(bytes32 indexed txId, address indexed contractAddress, bytes32 receiptHash);
+
+    error NotOwner();
+    error LengthMismatch();
+    error UnknownKind(uint8 kind);
+
+    address public immutable owner;
+
+    constructor() {
+        owner = msg.sender;
+    }
+
+    /// @notice Emit one event per index: kinds[i] picks the event; actors[i] is the leader or validator
+    /// (unused for the other kinds); data[i] is the receipt hash, commit hash, vote or outcome code.
+    function emitBatch(
+        uint8[] calldata kinds,
+        bytes32[] calldata txIds,
+        address[] calldata contracts,
+        address[] calldata actors,
+        bytes32[] calldata data
+    ) external {
+        if (msg.sender != owner) revert NotOwner();
+        uint256 n = kinds.length;
+        if (txIds.length != n || contracts.length != n || actors.length != n || data.length != n) {
+            revert LengthMismatch();
+        }
+        for (uint256 i = 0; i < n; ++i) {
+            uint8 kind = kinds[i];
+            if (kind == ACTIVATED) {
+                emit TransactionActivated(txIds[i], contracts[i], actors[i]);
+            } else if (kind == PROPOSED) {
+                emit ReceiptProposed(txIds[i], contracts[i], actors[i], data[i]);
+            } else if (kind == COMMITTED) {
+                emit VoteCommitted(txIds[i], contracts[i], actors[i], data[i]);
+            } else if (kind == REVEALED) {
+                emit VoteRevealed(txIds[i], contracts[i], actors[i], data[i]);
+            } else if (kind == ACCEPTED) {
+                emit TransactionAccepted(txIds[i], contracts[i], data[i]);
+            } else if (kind == UNDETERMINED) {
+                emit TransactionUndetermined(txIds[i], contracts[i], uint8(uint256(data[i])));
+            } else if (kind == FINALIZED) {
+                emit TransactionFinalized(txIds[i], contracts[i], data[i]);
+            } else {
+                revert UnknownKind(kind);
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+"""``runner submit`` and ``runner tx``: database only (the chain is the worker's business)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from jobs.consensus.executor import KeyValueExecutor
+from jobs.consensus.model import default_sender, new_submission, parse_address, parse_input, parse_tx_hash
+from jobs.consensus.store import ConsensusStore
+from runner.cli import fail, json_default, settings_or_exit, with_app
+from runner.errors import UsageError
+
+if TYPE_CHECKING:
+    from runner.app import App
+
+EVENT_COLUMNS = ("activated", "proposed", "committed", "revealed", "decided", "finalized")
+
+
+def submit_command(
+    to: Annotated[str, typer.Option("--to", help="Address of the contract the transaction targets")],
+    input_: Annotated[str, typer.Option("--input", help='JSON object, e.g. {"op":"set","key":"a","value":1}')],
+    from_: Annotated[str | None, typer.Option("--from", help="Sender address (default: the chain signer)")] = None,
+) -> None:
+    """Submit a consensus transaction (prints its hash); a worker takes it through consensus."""
+    settings = settings_or_exit()
+    try:
+        to_address = parse_address(to, "--to")
+        from_address = parse_address(from_, "--from") if from_ is not None else default_sender(settings)
+        data = parse_input(input_)
+        KeyValueExecutor().validate(data)
+    except UsageError as error:
+        raise fail(str(error), 2) from None
+    submission = new_submission(from_address, to_address, data)
+
+    async def body(app: App) -> None:
+        await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).insert([submission])
+
+    with_app(settings, body)
+    print(submission.hash)
+
+
+def tx_command(
+    tx_hash: Annotated[str, typer.Argument(help="The hash `runner submit` printed")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+) -> None:
+    """One consensus transaction: status, leader, votes, result and the chain tx of each event."""
+    settings = settings_or_exit()
+    try:
+        key = parse_tx_hash(tx_hash)
+    except UsageError as error:
+        raise fail(str(error), 2) from None
+
+    async def body(app: App) -> dict[str, Any] | None:
+        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).get(key)
+
+    row = with_app(settings, body)
+    if row is None:
+        raise fail(f"no consensus transaction with hash {key}", 2)
+    row["events"] = {kind: row.pop(f"{kind}_event_tx") for kind in EVENT_COLUMNS}
+    if as_json:
+        print(json.dumps(row, default=json_default))
+        return
+    for line in describe(row):
+        print(line)
+
+
+def describe(row: dict[str, Any]) -> list[str]:
+    """Plain lines (greppable, never wrapped mid-hash)."""
+    status = row["status"] + (f" (outcome {row['outcome']})" if row.get("outcome") else "")
+    lines = [f"hash            {row['hash']}", f"status          {status}",
+             f"from            {row['from_address']}", f"to              {row['to_address']}",
+             f"input           {json.dumps(row['input'])}", f"leader          {row['leader'] or '-'}",
+             f"recoveries      {row['recovery_count']}", f"reason          {row['reason'] or '-'}",
+             f"created         {row['created_at'].isoformat()}"]
+    if row.get("finalized_at"):
+        lines.append(f"finalized       {row['finalized_at'].isoformat()}")
+    if row.get("result"):
+        lines.append(f"result          {json.dumps(row['result'].get('output'))}")
+        lines.append(f"receipt hash    {row['result'].get('receipt_hash')}")
+    for vote in row.get("votes") or []:
+        lines.append(f"vote            {vote['validator']} {vote.get('vote', 'committed')} {vote['commit']}")
+    for kind, chain_tx in row["events"].items():
+        lines.append(f"event {kind:<10}{chain_tx or '-'}")
+    return lines
+
+
+def register_commands(cli: typer.Typer) -> None:
+    cli.command("submit")(submit_command)
+    cli.command("tx")(tx_command)

@@ -1,0 +1,169 @@
+"""ConsensusMain: the committed artifact (built by scripts/build_contract.mjs), call encoding, event
+topics and decoding, and "deployed on first start when missing"."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from eth_abi import decode, encode
+from eth_utils import keccak, to_checksum_address
+
+from jobs.consensus.store import ConsensusStore
+from runner.chain import Chain, ChainError
+from runner.logs import get_logger
+
+log = get_logger("jobs.consensus.contract")
+
+ARTIFACT_PATH = Path(__file__).with_name("ConsensusMain.json")
+CONTRACT_NAME = "ConsensusMain"
+DEPLOY_GAS = 1_500_000
+
+# emitBatch kinds, as in contracts/ConsensusMain.sol
+ACTIVATED, PROPOSED, COMMITTED, REVEALED, ACCEPTED, UNDETERMINED, FINALIZED = range(7)
+EVENT_NAMES = {
+    ACTIVATED: "TransactionActivated", PROPOSED: "ReceiptProposed", COMMITTED: "VoteCommitted",
+    REVEALED: "VoteRevealed", ACCEPTED: "TransactionAccepted", UNDETERMINED: "TransactionUndetermined",
+    FINALIZED: "TransactionFinalized",
+}
+KIND_NAMES = {v: k for k, v in EVENT_NAMES.items()}
+# the stored column (<kind>_event_tx) each event kind is recorded under
+KIND_COLUMNS = {ACTIVATED: "activated", PROPOSED: "proposed", COMMITTED: "committed", REVEALED: "revealed",
+                ACCEPTED: "decided", UNDETERMINED: "decided", FINALIZED: "finalized"}
+COLUMN_KINDS = {"activated": (ACTIVATED,), "proposed": (PROPOSED,), "committed": (COMMITTED,),
+                "revealed": (REVEALED,), "decided": (ACCEPTED, UNDETERMINED), "finalized": (FINALIZED,)}
+BATCH_TYPES = ["uint8[]", "bytes32[]", "address[]", "address[]", "bytes32[]"]
+ZERO_ADDRESS = "0x" + "00" * 20
+ZERO_WORD = b"\x00" * 32
+
+
+@cache
+def artifact() -> dict[str, Any]:
+    return json.loads(ARTIFACT_PATH.read_text())  # type: ignore[no-any-return]
+
+
+def _signature(entry: dict[str, Any]) -> str:
+    return f"{entry['name']}({','.join(i['type'] for i in entry['inputs'])})"
+
+
+@cache
+def topics() -> dict[str, bytes]:
+    """Event name -> topic0."""
+    return {e["name"]: keccak(text=_signature(e)) for e in artifact()["abi"] if e["type"] == "event"}
+
+
+@cache
+def selector(name: str) -> bytes:
+    entry = next(e for e in artifact()["abi"] if e["type"] == "function" and e["name"] == name)
+    return keccak(text=_signature(entry))[:4]
+
+
+def word(value: int | str | bytes) -> bytes:
+    if isinstance(value, int):
+        return value.to_bytes(32, "big")
+    if isinstance(value, str):
+        return bytes.fromhex(value.removeprefix("0x")).rjust(32, b"\x00")
+    return value.rjust(32, b"\x00")
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: int
+    tx_id: str  # 0x + 64 hex: the consensus transaction hash
+    contract: str
+    actor: str = ZERO_ADDRESS
+    data: bytes = ZERO_WORD
+
+
+def encode_batch(events: list[Event]) -> bytes:
+    return selector("emitBatch") + encode(BATCH_TYPES, [
+        [e.kind for e in events], [word(e.tx_id) for e in events],
+        [to_checksum_address(e.contract) for e in events], [to_checksum_address(e.actor) for e in events],
+        [e.data for e in events],
+    ])
+
+
+def batch_gas(count: int) -> int:
+    # measured: ~25,000 + ~4,750 per event on anvil and py-evm; generous so a batch never runs out
+    return 60_000 + 8_000 * count
+
+
+@dataclass(frozen=True)
+class DecodedEvent:
+    name: str
+    tx_id: str
+    contract: str
+    args: tuple[Any, ...]
+    chain_tx: str
+    block: int
+    log_index: int
+
+
+def decode_log(entry: Any) -> DecodedEvent | None:
+    """A ConsensusMain log as (name, txId, contract, other args); None for anything else."""
+    names = {v: k for k, v in topics().items()}
+    raw_topics = [bytes(t) for t in entry["topics"]]
+    name = names.get(raw_topics[0]) if raw_topics else None
+    if name is None:
+        return None
+    abi = next(e for e in artifact()["abi"] if e["type"] == "event" and e["name"] == name)
+    data_types = [i["type"] for i in abi["inputs"] if not i["indexed"]]
+    args = decode(data_types, bytes(entry["data"]))
+    return DecodedEvent(
+        name=name, tx_id="0x" + raw_topics[1].hex(), contract=to_checksum_address(raw_topics[2][12:]),
+        args=tuple(args), chain_tx="0x" + bytes(entry["transactionHash"]).hex(), block=int(entry["blockNumber"]),
+        log_index=int(entry["logIndex"]),
+    )
+
+
+@dataclass(frozen=True)
+class ConsensusMain:
+    chain: Chain
+    address: str
+    deploy_block: int
+
+    async def find_event(self, kinds: tuple[int, ...], tx_id: str) -> str | None:
+        """The chain tx that already carried this transaction's event of one of ``kinds``, if any."""
+        logs = await self.chain.get_logs({
+            "address": self.address, "fromBlock": self.deploy_block, "toBlock": "latest",
+            "topics": [["0x" + topics()[EVENT_NAMES[k]].hex() for k in kinds], "0x" + word(tx_id).hex()],
+        })
+        return "0x" + bytes(logs[0]["transactionHash"]).hex() if logs else None
+
+    async def logs(self, from_block: int | None = None) -> list[DecodedEvent]:
+        entries = await self.chain.get_logs({
+            "address": self.address, "fromBlock": self.deploy_block if from_block is None else from_block,
+            "toBlock": "latest",
+        })
+        return [d for d in (decode_log(e) for e in entries) if d is not None]
+
+
+async def _usable(chain: Chain, address: str) -> bool:
+    """Code behind the address, and owned by our signer (only the owner may emit)."""
+    if not await chain.code_at(address):
+        return False
+    owner = decode(["address"], await chain.call(address, selector("owner")))[0]
+    return to_checksum_address(owner) == chain.address
+
+
+async def ensure_deployed(chain: Chain, store: ConsensusStore, receipt_timeout_s: float) -> ConsensusMain:
+    """The stored ConsensusMain of this chain, deployed (again) when missing, codeless or not ours."""
+    for _ in range(3):
+        stored = await store.deployment(chain.chain_id, CONTRACT_NAME)
+        if stored is not None and await _usable(chain, stored[0]):
+            log.info("ConsensusMain found", address=stored[0], chain_id=chain.chain_id)
+            return ConsensusMain(chain, stored[0], stored[1])
+        if stored is not None:
+            log.warning("stored ConsensusMain has no code or another owner; deploying again "
+                        "(a fresh in-process chain or a reset node)", address=stored[0], chain_id=chain.chain_id)
+        bytecode = bytes.fromhex(artifact()["bytecode"].removeprefix("0x"))
+        address, block = await chain.deploy(bytecode, DEPLOY_GAS, receipt_timeout_s)
+        if await store.save_deployment(chain.chain_id, CONTRACT_NAME, address, block,
+                                       replaces=stored[0] if stored else None):
+            log.info("ConsensusMain deployed", address=address, block=block, chain_id=chain.chain_id)
+            return ConsensusMain(chain, address, block)
+        log.info("another worker stored a ConsensusMain first; using it", chain_id=chain.chain_id)
+    raise ChainError("could not agree on a ConsensusMain deployment after 3 attempts")

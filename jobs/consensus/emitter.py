@@ -1,0 +1,109 @@
+"""Group commit for ConsensusMain events: many transitions' events ride in one chain transaction.
+
+``emit(events)`` queues the events of one transition and waits until the chain transaction carrying
+them is mined, returning its hash. While a batch is in flight, later requests queue up and leave
+together in the next one (up to MAX_BATCH_EVENTS; one request's events are never split), so the number
+of chain transactions grows with time, not with the number of transitions. Within a batch, events keep
+the order they were queued in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from jobs.consensus.contract import EVENT_NAMES, ConsensusMain, Event, batch_gas, encode_batch
+from runner import metrics
+from runner.chain import ChainError
+from runner.logs import get_logger
+
+log = get_logger("jobs.consensus.emitter")
+
+MAX_BATCH_EVENTS = 400
+
+
+class EmitterClosed(ChainError):
+    pass
+
+
+class EventEmitter:
+    def __init__(self, contract: ConsensusMain, *, receipt_timeout_s: float, max_inflight: int = 2) -> None:
+        self.contract = contract
+        self.receipt_timeout_s = receipt_timeout_s
+        self.max_inflight = max_inflight
+        self._queue: deque[tuple[list[Event], asyncio.Future[str]]] = deque()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.batches = 0
+        self.events = 0
+
+    async def emit(self, events: list[Event]) -> str:
+        if self._closed:
+            raise EmitterClosed("the event emitter is closed")
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.append((events, future))
+        self._kick()
+        return await future
+
+    def _kick(self) -> None:
+        while self._queue and len(self._inflight) < self.max_inflight and not self._closed:
+            batch = self._take()
+            if not batch:
+                continue
+            task = asyncio.create_task(self._send(batch), name="consensus-emit")
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _take(self) -> list[tuple[list[Event], asyncio.Future[str]]]:
+        batch: list[tuple[list[Event], asyncio.Future[str]]] = []
+        count = 0
+        while self._queue:
+            events, future = self._queue[0]
+            if batch and count + len(events) > MAX_BATCH_EVENTS:
+                break
+            self._queue.popleft()
+            if future.done():  # its task was cancelled before we got to it: nothing to send
+                continue
+            batch.append((events, future))
+            count += len(events)
+        return batch
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._kick()
+
+    async def _send(self, batch: list[tuple[list[Event], asyncio.Future[str]]]) -> None:
+        events = [e for entry, _ in batch for e in entry]
+        try:
+            chain = self.contract.chain
+            tx_hash = await chain.send_transaction(to=self.contract.address, data=encode_batch(events),
+                                                   gas=batch_gas(len(events)))
+            await chain.wait_receipt(tx_hash, self.receipt_timeout_s)
+        except BaseException as error:
+            failure = error if isinstance(error, Exception) else EmitterClosed("event emission was cancelled")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+            if not isinstance(error, Exception):
+                raise
+            log.warning("event batch failed", events=len(events), error=repr(error))
+            return
+        self.batches += 1
+        self.events += len(events)
+        metrics.CONSENSUS_EVENT_BATCH.observe(len(events))
+        for event in events:
+            metrics.CONSENSUS_EVENTS.labels(EVENT_NAMES[event.kind]).inc()
+        for _, future in batch:
+            if not future.done():
+                future.set_result(tx_hash)
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._queue:
+            _, future = self._queue.popleft()
+            if not future.done():
+                future.set_exception(EmitterClosed("the event emitter closed"))
+        tasks = list(self._inflight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

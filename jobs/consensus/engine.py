@@ -1,0 +1,266 @@
+"""The consensus engine of one worker process and its three loops.
+
+* :class:`PendingLoop` claims (set-based, SKIP LOCKED) the oldest PENDING transaction of each contract
+  with nothing in flight, up to RUNNER_CONSENSUS_CONCURRENCY, and runs each in a task (machine.py).
+* :class:`RecoveryLoop` renews the leases of tasks that made progress recently, and only those; cancels
+  a task with no progress for RUNNER_TX_STUCK_AFTER and recovers its transaction; recovers transactions
+  whose lease expired elsewhere (PENDING with recovery_count + 1; UNDETERMINED past
+  RUNNER_MAX_RECOVERIES, with the reason); settles decided events left owed by a crash.
+* :class:`FinalityLoop` finalizes decided transactions whose window passed and whose predecessors on
+  the same contract are finalized, writes the finalized state, and emits TransactionFinalized.
+
+All three share the worker's pool (app.db), the process's one chain (app.resources["chain"]) and
+the worker's shutdown (they are runner.service.Service loops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from jobs.consensus import contract as cm
+from jobs.consensus.contract import ConsensusMain
+from jobs.consensus.emitter import EventEmitter
+from jobs.consensus.executor import ContractExecutor, Execution, TxView
+from jobs.consensus.machine import TxTask, decided_event
+from jobs.consensus.model import IN_MACHINE, validator_set
+from jobs.consensus.store import Claimed, ConsensusStore
+from runner import metrics
+from runner.chain import Chain, ChainError
+from runner.errors import LeaseLost
+from runner.logs import get_logger
+from runner.service import Service
+
+if TYPE_CHECKING:
+    from runner.app import App
+
+log = get_logger("jobs.consensus")
+FINALITY_BATCH = 500
+OWED_BATCH = 100
+MAX_PAUSE_S = 10.0
+
+
+class Engine:
+    def __init__(self, app: App, chain: Chain, contract: ConsensusMain, emitter: EventEmitter,
+                 executor: ContractExecutor) -> None:
+        self.app = app
+        self.settings = settings = app.settings
+        self.chain = chain
+        self.contract = contract
+        self.emitter = emitter
+        self.executor = executor
+        self.store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
+        self.nodes = validator_set(settings.consensus_validators)
+        # bounds executions across all in-flight transactions (a real GenVM would be CPU-heavy)
+        self.validator_slots = asyncio.Semaphore(settings.consensus_validators * settings.consensus_concurrency)
+        self.tasks: dict[str, TxTask] = {}
+        self.chain_failures = 0
+        self.paused_until = 0.0
+        self.pending: PendingLoop | None = None
+        self.finality: FinalityLoop | None = None
+
+    # --- tasks ----------------------------------------------------------------------------------
+    def start(self, tx: Claimed) -> TxTask:
+        task = TxTask(self, tx)
+        self.tasks[tx.hash] = task
+        task.task = asyncio.create_task(self._run(task), name=f"consensus-{tx.hash[:10]}")
+        return task
+
+    async def _run(self, task: TxTask) -> None:
+        tx = task.tx
+        try:
+            await task.run()
+            self.chain_failures = 0
+        except LeaseLost as error:
+            log.info("consensus lease lost; dropping the transaction", tx=tx.hash, error=str(error))
+        except ChainError as error:
+            self._pause(error)
+            await self._quietly(self.store.abandon(tx, f"released after a chain error: {error}"[:500]))
+        except Exception as error:  # a bug or a database outage: count it as a recovery (capped)
+            log.error("consensus task failed", tx=tx.hash, status=tx.status, error=repr(error))
+            await self._quietly(self.store.recover_own([(tx.hash, tx.epoch)], self.settings.max_recoveries,
+                                                       f"task error {type(error).__name__}"))
+        finally:
+            self.tasks.pop(tx.hash, None)
+            if self.pending is not None:
+                self.pending.wake.set()
+
+    async def _quietly(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception as error:  # the lease expires and the recovery loop takes over
+            log.warning("could not release a consensus transaction", error=repr(error))
+
+    def _pause(self, error: BaseException) -> None:
+        self.chain_failures += 1
+        pause = min(MAX_PAUSE_S, 0.5 * 2 ** min(self.chain_failures, 5))
+        self.paused_until = time.monotonic() + pause
+        log.warning("chain error; pausing claims", error=str(error)[:300], pause_s=pause)
+
+    def paused(self) -> bool:
+        return time.monotonic() < self.paused_until
+
+    def on_decided(self) -> None:
+        if self.finality is not None:
+            self.finality.wake.set()
+
+    async def execute(self, view: TxView, state: dict[str, Any]) -> Execution:
+        """Run the executor; an exception is a deterministic failed receipt, not a crash."""
+        try:
+            return await self.executor.execute(view, state)
+        except Exception as error:
+            return Execution({"ok": False, "error": f"{type(error).__name__}: {error}"}, state)
+
+    # --- owed events ----------------------------------------------------------------------------
+    async def settle(self, txs: list[Claimed], column: str, events: list[cm.Event]) -> list[str | None]:
+        """Emit (once) the owed ``column`` event of each transaction: the logs first, then one batch."""
+        found: list[str | None] = [await self.contract.find_event(cm.COLUMN_KINDS[column], tx.hash) for tx in txs]
+        missing = [e for e, f in zip(events, found, strict=True) if f is None]
+        emitted = await self.emitter.emit(missing) if missing else None
+        return [f or emitted for f in found]
+
+    async def settle_owed_decided(self) -> int:
+        txs = await self.store.claim_owed_decided(OWED_BATCH)
+        if not txs:
+            return 0
+        events = [decided_event(tx, tx.status, (tx.result or {}).get("receipt_hash")) for tx in txs]
+        try:
+            hashes = await self.settle(txs, "decided", events)
+        except ChainError:
+            for tx in txs:
+                await self._quietly(self.store.abandon(tx, None))
+            raise
+        for tx, event_tx in zip(txs, hashes, strict=True):
+            await self._quietly(self.store.release_decided(tx, event_tx or ""))
+        log.info("owed decided events settled", count=len(txs))
+        self.on_decided()
+        return len(txs)
+
+    async def settle_owed_finalized(self) -> int:
+        txs = await self.store.claim_owed_finalized(OWED_BATCH)
+        if not txs:
+            return 0
+        events = [cm.Event(cm.FINALIZED, tx.hash, tx.to_address, data=cm.word((tx.result or {}).get("receipt_hash")
+                                                                                or 0)) for tx in txs]
+        try:
+            hashes = await self.settle(txs, "finalized", events)
+        except ChainError:
+            await self.store.release_finalized([t.hash for t in txs], [t.epoch for t in txs], None)
+            raise
+        for tx, event_tx in zip(txs, hashes, strict=True):
+            await self.store.release_finalized([tx.hash], [tx.epoch], event_tx)
+        log.info("owed finalized events settled", count=len(txs))
+        return len(txs)
+
+
+class PendingLoop(Service):
+    name = "consensus-pending"
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(interval_s=engine.settings.poll_interval)
+        self.engine = engine
+        engine.pending = self
+
+    async def run_once(self) -> None:
+        engine = self.engine
+        free = engine.settings.consensus_concurrency - len(engine.tasks)
+        if free <= 0 or engine.paused():
+            return
+        for tx in await engine.store.claim(free):
+            engine.start(tx)
+            metrics.CONSENSUS_TRANSITIONS.labels("ACTIVATED").inc()
+
+    async def on_stop(self) -> None:
+        """Let running transactions finish within the grace; give the rest back (no recovery counted)."""
+        tasks = list(self.engine.tasks.values())
+        if not tasks:
+            return
+        running = [t.task for t in tasks if t.task is not None]
+        _, late = await asyncio.wait(running, timeout=self.engine.settings.shutdown_grace)
+        stopped = [t for t in tasks if t.task in late]
+        for task in stopped:
+            assert task.task is not None
+            task.task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        for task in stopped:
+            await self.engine._quietly(self.engine.store.abandon(task.tx, "released: worker shutdown"))
+        if stopped:
+            log.info("consensus transactions given back at shutdown", count=len(stopped))
+
+
+class RecoveryLoop(Service):
+    name = "consensus-recovery"
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(interval_s=engine.settings.heartbeat_interval)
+        self.engine = engine
+
+    async def run_once(self) -> None:
+        engine, settings = self.engine, self.engine.settings
+        now = time.monotonic()
+        tasks = [t for t in engine.tasks.values() if t.task is not None and not t.task.done()]
+        stuck = [t for t in tasks if now - t.last_progress > settings.tx_stuck_after]
+        live = [t for t in tasks if t not in stuck]
+        renewed = await engine.store.renew([(t.tx.hash, t.tx.epoch) for t in live])
+        for task in live:
+            if task.tx.hash not in renewed and task.task is not None and not task.task.done() \
+                    and task.tx.status in IN_MACHINE:
+                log.warning("consensus lease taken over; cancelling our task", tx=task.tx.hash)
+                task.task.cancel()
+        if stuck:
+            await self._recover_stuck(stuck)
+        for row in await engine.store.recover_expired(settings.max_recoveries):
+            self._log_recovered(row, "lease_expired")
+        await engine.settle_owed_decided()
+
+    async def _recover_stuck(self, stuck: list[TxTask]) -> None:
+        engine, settings = self.engine, self.engine.settings
+        for task in stuck:
+            assert task.task is not None
+            task.task.cancel()
+        await asyncio.gather(*(t.task for t in stuck if t.task is not None), return_exceptions=True)
+        why = f"no progress for {settings.tx_stuck_after:g}s (task cancelled by {settings.worker_id})"
+        rows = await engine.store.recover_own([(t.tx.hash, t.tx.epoch) for t in stuck], settings.max_recoveries, why)
+        for row in rows:
+            self._log_recovered(row, "stuck")
+        recovered = {r["hash"] for r in rows}
+        for task in stuck:  # decided but stuck emitting its event: release it; the event stays owed
+            if task.tx.hash not in recovered:
+                await engine._quietly(engine.store.abandon(task.tx, None))
+
+    def _log_recovered(self, row: Any, why: str) -> None:
+        metrics.CONSENSUS_RECOVERED.labels(row["status"], why).inc()
+        log.warning("consensus transaction recovered", tx=row["hash"], to=row["status"],
+                    recovery_count=row["recovery_count"], reason=row["reason"])
+
+
+class FinalityLoop(Service):
+    name = "consensus-finality"
+
+    def __init__(self, engine: Engine) -> None:
+        interval = engine.settings.poll_interval
+        if engine.settings.finality_window > 0:
+            interval = min(interval, max(0.05, engine.settings.finality_window / 2))
+        super().__init__(interval_s=interval)
+        self.engine = engine
+        engine.finality = self
+
+    async def run_once(self) -> None:
+        engine = self.engine
+        await engine.settle_owed_finalized()
+        while True:
+            batch = await engine.store.finalize_ready(engine.settings.finality_window, FINALITY_BATCH)
+            if not batch or not batch.hashes:
+                return
+            events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0))
+                      for r in batch.rows]
+            try:
+                event_tx = await engine.emitter.emit(events)
+            except ChainError:
+                await engine.store.release_finalized(batch.hashes, batch.epochs, None)
+                raise
+            await engine.store.release_finalized(batch.hashes, batch.epochs, event_tx)
+            metrics.CONSENSUS_TRANSITIONS.labels("FINALIZED").inc(len(batch.hashes))
+            if len(batch.hashes) < FINALITY_BATCH:
+                return

@@ -1,0 +1,205 @@
+"""One claimed transaction through the state machine.
+
+ACTIVATED --leader executes--> PROPOSING --validators execute and commit--> COMMITTING --reveal-->
+REVEALING --majority?--> ACCEPTED | UNDETERMINED | VALIDATORS_TIMEOUT; a leader timeout goes from
+ACTIVATED straight to LEADER_TIMEOUT. Each transition is ONE fenced statement; then its event is
+emitted and its receipt awaited (no connection is held meanwhile); the event's chain tx hash is stored
+by the next transition (or the release). An event whose hash is stored, or which the chain logs already
+hold (checked when the transaction was held before), is never emitted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from jobs.consensus import contract as cm
+from jobs.consensus.executor import Execution, TxView
+from jobs.consensus.model import (
+    ACCEPTED,
+    COMMITTING,
+    LEADER_TIMEOUT,
+    OUTCOME_CODES,
+    PROPOSING,
+    REVEALING,
+    UNDETERMINED,
+    VALIDATORS_TIMEOUT,
+    VOTE_CODES,
+    Faults,
+    diff_state,
+    hash_hex,
+    pick_leader,
+    strip_faults,
+)
+from jobs.consensus.store import Claimed
+from runner import metrics
+from runner.logs import get_logger
+
+if TYPE_CHECKING:
+    from jobs.consensus.engine import Engine
+
+log = get_logger("jobs.consensus.machine")
+FOREVER_S = 10**6
+
+
+@dataclass(frozen=True)
+class Vote:
+    validator: str
+    vote: str  # agree | disagree | timeout
+    salt: str
+
+    @property
+    def commit(self) -> str:
+        return hash_hex(f"{self.vote}:{self.salt}")
+
+    def committed(self) -> dict[str, str]:
+        return {"validator": self.validator, "commit": self.commit}
+
+    def revealed(self) -> dict[str, str]:
+        return {"validator": self.validator, "vote": self.vote, "salt": self.salt, "commit": self.commit}
+
+
+def decide(votes: list[Vote]) -> tuple[str, str | None]:
+    """A majority agreeing accepts; timeouts that kept a majority from forming are VALIDATORS_TIMEOUT."""
+    agree = sum(v.vote == "agree" for v in votes)
+    timeouts = sum(v.vote == "timeout" for v in votes)
+    majority = len(votes) // 2 + 1
+    if agree >= majority:
+        return ACCEPTED, None
+    tally = f"{agree} agree, {len(votes) - agree - timeouts} disagree, {timeouts} timed out of {len(votes)}"
+    if timeouts and agree + timeouts >= majority:
+        return VALIDATORS_TIMEOUT, f"validators timed out: {tally}"
+    return UNDETERMINED, f"no majority: {tally}"
+
+
+def receipt_of(execution: Execution) -> dict[str, Any]:
+    return {"output": execution.output, "receipt_hash": execution.receipt_hash, "state_hash": execution.state_hash}
+
+
+class TxTask:
+    """Runs one transaction; ``last_progress`` is what the recovery loop renews leases (and judges) by."""
+
+    def __init__(self, engine: Engine, tx: Claimed) -> None:
+        self.engine = engine
+        self.tx = tx
+        self.last_progress = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    # --- events ---------------------------------------------------------------------------------
+    async def emit_once(self, column: str, events: list[cm.Event]) -> str:
+        stored = self.tx.events.get(column)
+        if stored is None and self.tx.claimed_before:
+            stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
+        if stored is not None:
+            for kind in {e.kind for e in events}:
+                metrics.CONSENSUS_EVENTS_SKIPPED.labels(cm.EVENT_NAMES[kind]).inc()
+        else:
+            stored = await self.engine.emitter.emit(events)
+        self.tx.events[column] = stored
+        self.progress()
+        return stored
+
+    async def _transition(self, to: str, **fields: Any) -> None:
+        await self.engine.store.transition(self.tx, to=to, **fields)
+        metrics.CONSENSUS_TRANSITIONS.labels(to).inc()
+        self.progress()
+
+    # --- nodes ----------------------------------------------------------------------------------
+    async def _run_leader(self, view: TxView, faults: Faults) -> Execution:
+        if faults.leader_delay:
+            await asyncio.sleep(faults.leader_delay)
+        return await self.engine.execute(view, self.tx.accepted_state)
+
+    async def _run_validator(self, index: int, view: TxView, faults: Faults) -> Execution:
+        if index < faults.validator_timeouts:
+            await asyncio.sleep(FOREVER_S)
+        if faults.validator_delay:
+            await asyncio.sleep(faults.validator_delay)
+        execution = await self.engine.execute(view, self.tx.accepted_state)
+        rate = self.engine.settings.consensus_disagree_rate
+        if index < faults.disagree or (rate and random.random() < rate):
+            return Execution({"divergent": index, "output": execution.output}, execution.state)
+        return execution
+
+    async def _validate(self, index: int, validator: str, view: TxView, faults: Faults, leader_hash: str) -> Vote:
+        async with self.engine.validator_slots:
+            try:
+                execution = await asyncio.wait_for(self._run_validator(index, view, faults),
+                                                   self.engine.settings.consensus_validator_timeout)
+                vote = "agree" if execution.receipt_hash == leader_hash else "disagree"
+            except TimeoutError:
+                vote = "timeout"
+            except Exception as error:  # a crashing validator votes against
+                log.warning("validator failed", tx=self.tx.hash, validator=validator, error=repr(error))
+                vote = "disagree"
+        self.progress()
+        return Vote(validator, vote, secrets.token_hex(16))
+
+    # --- the machine ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        tx, engine = self.tx, self.engine
+        faults = Faults.parse(tx.input)
+        view = TxView(tx.hash, tx.from_address, tx.to_address, strip_faults(tx.input))
+        nodes = engine.nodes
+        leader_index = pick_leader(tx.hash, nodes)
+        leader = nodes[leader_index]
+        validators = [n for i, n in enumerate(nodes) if i != leader_index]
+        tx.leader = leader
+
+        await self.emit_once("activated", [cm.Event(cm.ACTIVATED, tx.hash, tx.to_address, leader)])
+        try:
+            execution = await asyncio.wait_for(self._run_leader(view, faults),
+                                               engine.settings.consensus_leader_timeout)
+        except TimeoutError:
+            reason = f"leader {leader} did not answer within {engine.settings.consensus_leader_timeout:g}s"
+            await self._transition(LEADER_TIMEOUT, leader=leader, reason=reason)
+            await self._finish(LEADER_TIMEOUT, None)
+            return
+        self.progress()
+        receipt = receipt_of(execution)
+        await self._transition(PROPOSING, leader=leader, result=receipt)
+        await self.emit_once("proposed", [cm.Event(cm.PROPOSED, tx.hash, tx.to_address, leader,
+                                                   cm.word(receipt["receipt_hash"]))])
+
+        votes = list(await asyncio.gather(*[
+            self._validate(i, v, view, faults, receipt["receipt_hash"]) for i, v in enumerate(validators)
+        ]))
+        await self._transition(COMMITTING, votes=[v.committed() for v in votes])
+        await self.emit_once("committed", [cm.Event(cm.COMMITTED, tx.hash, tx.to_address, v.validator,
+                                                    cm.word(v.commit)) for v in votes])
+
+        await self._transition(REVEALING, votes=[v.revealed() for v in votes])
+        await self.emit_once("revealed", [cm.Event(cm.REVEALED, tx.hash, tx.to_address, v.validator,
+                                                   cm.word(VOTE_CODES[v.vote])) for v in votes])
+
+        outcome, reason = decide(votes)
+        if outcome == ACCEPTED:
+            await self._transition(ACCEPTED, reason=reason, state_patch=diff_state(tx.accepted_state, execution.state),
+                                   accepted_state=execution.state)
+        else:
+            await self._transition(outcome, reason=reason)
+        await self._finish(outcome, receipt["receipt_hash"])
+
+    async def _finish(self, outcome: str, receipt_hash: str | None) -> None:
+        tx = self.tx
+        event = decided_event(tx, outcome, receipt_hash)
+        event_tx = await self.emit_once("decided", [event])
+        await self.engine.store.release_decided(tx, event_tx)
+        self.progress()
+        log.debug("transaction decided", tx=tx.hash, outcome=outcome)
+        self.engine.on_decided()
+
+
+def decided_event(tx: Claimed, outcome: str, receipt_hash: str | None) -> cm.Event:
+    if outcome == ACCEPTED:
+        return cm.Event(cm.ACCEPTED, tx.hash, tx.to_address, tx.leader or cm.ZERO_ADDRESS,
+                        cm.word(receipt_hash or 0))
+    return cm.Event(cm.UNDETERMINED, tx.hash, tx.to_address, tx.leader or cm.ZERO_ADDRESS,
+                    cm.word(OUTCOME_CODES.get(outcome, OUTCOME_CODES[UNDETERMINED])))

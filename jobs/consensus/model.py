@@ -1,0 +1,213 @@
+"""Statuses, submission checks, hashing, state patches and the fault-injection flags of consensus."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_utils import is_address, keccak, to_checksum_address
+
+from config import Settings
+from runner.chain import DEV_KEY_IN_PROCESS, DEV_KEY_NODE
+from runner.errors import UsageError
+
+PENDING = "PENDING"
+ACTIVATED = "ACTIVATED"
+PROPOSING = "PROPOSING"
+COMMITTING = "COMMITTING"
+REVEALING = "REVEALING"
+ACCEPTED = "ACCEPTED"
+UNDETERMINED = "UNDETERMINED"
+LEADER_TIMEOUT = "LEADER_TIMEOUT"
+VALIDATORS_TIMEOUT = "VALIDATORS_TIMEOUT"
+FINALIZED = "FINALIZED"
+CANCELED = "CANCELED"
+
+STATUSES = (PENDING, ACTIVATED, PROPOSING, COMMITTING, REVEALING, ACCEPTED, UNDETERMINED, LEADER_TIMEOUT,
+            VALIDATORS_TIMEOUT, FINALIZED, CANCELED)
+IN_MACHINE = (ACTIVATED, PROPOSING, COMMITTING, REVEALING)
+DECIDED = (ACCEPTED, UNDETERMINED, LEADER_TIMEOUT, VALIDATORS_TIMEOUT)
+# outcome code carried by the TransactionUndetermined event
+OUTCOME_CODES = {UNDETERMINED: 1, LEADER_TIMEOUT: 2, VALIDATORS_TIMEOUT: 3}
+# vote code carried by the VoteRevealed event
+VOTE_CODES = {"agree": 1, "disagree": 2, "timeout": 3}
+
+FAULTS_KEY = "consensus"  # reserved input key: fault injection for tests, stripped before execution
+MAX_INPUT_BYTES = 64 * 1024
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def hash_hex(data: bytes | str) -> str:
+    return "0x" + keccak(data.encode() if isinstance(data, str) else data).hex()
+
+
+def default_sender(settings: Settings) -> str:
+    """The --from default: the address the worker signs with (a development key when none is set)."""
+    if settings.chain_private_key is not None:
+        key = settings.chain_private_key.get_secret_value()
+    else:
+        key = DEV_KEY_NODE if settings.chain_url else DEV_KEY_IN_PROCESS
+    try:
+        return str(Account.from_key(key).address)
+    except (ValueError, TypeError):
+        raise UsageError("RUNNER_CHAIN_PRIVATE_KEY is not a valid private key (32 bytes, hex)") from None
+
+
+def parse_address(value: str, flag: str) -> str:
+    text = value.strip()
+    if not is_address(text) or not text.startswith("0x"):
+        raise UsageError(f"{flag}: {value!r} is not an address (0x and 40 hex digits, checksum if mixed case)")
+    return to_checksum_address(text)
+
+
+def parse_tx_hash(value: str) -> str:
+    text = value.strip().lower()
+    if len(text) != 66 or not text.startswith("0x") or any(c not in "0123456789abcdef" for c in text[2:]):
+        raise UsageError(f"{value!r} is not a transaction hash (0x and 64 hex digits)")
+    return text
+
+
+@dataclass(frozen=True)
+class Submission:
+    hash: str
+    from_address: str
+    to_address: str
+    input: dict[str, Any]
+
+
+def new_submission(from_address: str, to_address: str, data: dict[str, Any]) -> Submission:
+    """A fresh transaction; its hash (the on-chain id) covers the sender, target, input and a random salt."""
+    salt = secrets.token_hex(16)
+    digest = hash_hex(canonical_json({"from": from_address, "to": to_address, "input": data, "salt": salt}))
+    return Submission(digest, from_address, to_address, data)
+
+
+def parse_input(text: str) -> dict[str, Any]:
+    if len(text.encode()) > MAX_INPUT_BYTES:
+        raise UsageError(f"--input: larger than {MAX_INPUT_BYTES} bytes")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--input: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--input: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+# --- state patches: what one accepted transaction changed, applied again in order at finality ------
+Path = list[str]
+
+
+def diff_state(old: dict[str, Any], new: dict[str, Any], prefix: Path | None = None) -> dict[str, list[Any]]:
+    """Paths set and deleted between two states (recursing into nested objects)."""
+    prefix = prefix or []
+    patch: dict[str, list[Any]] = {"set": [], "del": []}
+    for key in old.keys() - new.keys():
+        patch["del"].append([*prefix, key])
+    for key, value in new.items():
+        before = old.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(before, dict):
+            inner = diff_state(before, value, [*prefix, key])
+            patch["set"] += inner["set"]
+            patch["del"] += inner["del"]
+        elif before is _MISSING or before != value or type(before) is not type(value):
+            patch["set"].append([[*prefix, key], value])
+    return patch
+
+
+_MISSING = object()
+
+
+def apply_patch(state: dict[str, Any], patch: dict[str, list[Any]] | None) -> dict[str, Any]:
+    result = copy.deepcopy(state)
+    if not patch:
+        return result
+    for path in patch.get("del", []):
+        parent = _walk(result, path[:-1], create=False)
+        if parent is not None:
+            parent.pop(path[-1], None)
+    for path, value in patch.get("set", []):
+        parent = _walk(result, path[:-1], create=True)
+        assert parent is not None
+        parent[path[-1]] = copy.deepcopy(value)
+    return result
+
+
+def _walk(state: dict[str, Any], path: Path, *, create: bool) -> dict[str, Any] | None:
+    node = state
+    for key in path:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            if not create:
+                return None
+            child = node[key] = {}
+        node = child
+    return node
+
+
+# --- fault injection -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Faults:
+    """``input["consensus"]``: make validators disagree or nodes time out, so every path is testable.
+
+    ``disagree``: how many validators return a different receipt; ``validator_timeouts``: how many never
+    answer (they sleep past RUNNER_CONSENSUS_VALIDATOR_TIMEOUT); ``leader_delay``/``validator_delay``:
+    seconds each node sleeps before executing. RUNNER_CONSENSUS_DISAGREE_RATE adds random disagreement.
+    """
+
+    disagree: int = 0
+    validator_timeouts: int = 0
+    leader_delay: float = 0.0
+    validator_delay: float = 0.0
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> Faults:
+        raw = data.get(FAULTS_KEY)
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise UsageError(f"input.{FAULTS_KEY}: must be an object")
+        unknown = raw.keys() - {"disagree", "validator_timeouts", "leader_delay", "validator_delay"}
+        if unknown:
+            raise UsageError(f"input.{FAULTS_KEY}: unknown flag {sorted(unknown)[0]!r}")
+        return cls(
+            disagree=_count(raw, "disagree"),
+            validator_timeouts=_count(raw, "validator_timeouts"),
+            leader_delay=_seconds(raw, "leader_delay"),
+            validator_delay=_seconds(raw, "validator_delay"),
+        )
+
+
+def _count(raw: dict[str, Any], key: str) -> int:
+    value = raw.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"input.{FAULTS_KEY}.{key}: must be a non-negative integer")
+    return value
+
+
+def _seconds(raw: dict[str, Any], key: str) -> float:
+    value = raw.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"input.{FAULTS_KEY}.{key}: must be a non-negative number of seconds")
+    return float(value)
+
+
+def strip_faults(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != FAULTS_KEY}
+
+
+def validator_set(count: int) -> list[str]:
+    """count + 1 deterministic node addresses: one leads each transaction, the other ``count`` validate."""
+    return [to_checksum_address(keccak(f"runner-consensus-node-{i}".encode())[12:]) for i in range(count + 1)]
+
+
+def pick_leader(tx_hash: str, nodes: list[str]) -> int:
+    return int(tx_hash, 16) % len(nodes)

@@ -1,0 +1,276 @@
+"""Every SQL statement of the consensus loops, in one place.
+
+Conventions: ``$owner`` is the worker id, every write for a claimed transaction is fenced by
+``hash + lease_epoch + lease_owner`` (a recovered transaction's old owner changes nothing), and hot
+paths are set-based (claims, renewals, recoveries and finality work on arrays, one statement each).
+"""
+
+from __future__ import annotations
+
+T = "runner_consensus_transactions"
+ACCEPTED_STATES = "runner_consensus_accepted_states"
+FINALIZED_STATES = "runner_consensus_finalized_states"
+DEPLOYMENTS = "runner_consensus_deployments"
+
+IN_MACHINE = "('ACTIVATED', 'PROPOSING', 'COMMITTING', 'REVEALING')"
+DECIDED = "('ACCEPTED', 'UNDETERMINED', 'LEADER_TIMEOUT', 'VALIDATORS_TIMEOUT')"
+DONE = "('FINALIZED', 'CANCELED')"
+# A contract is busy while one of its transactions is in the machine, or decided but its owner has not
+# released it yet (the decided event is still being emitted): the next one waits (per-contract FIFO).
+BUSY = f"(b.status IN {IN_MACHINE} OR (b.status IN {DECIDED} AND b.lease_owner IS NOT NULL))"
+EVENT_COLUMNS = ("activated_event_tx", "proposed_event_tx", "committed_event_tx", "revealed_event_tx",
+                 "decided_event_tx", "finalized_event_tx")
+CLAIMED_COLUMNS = (
+    "t.hash, t.seq, t.lease_epoch, t.status, t.from_address, t.to_address, t.input, t.leader, t.result, "
+    "t.recovery_count, " + ", ".join(f"t.{c}" for c in EVENT_COLUMNS)
+)
+
+INSERT_MANY = f"""
+INSERT INTO {T} (hash, from_address, to_address, input)
+SELECT s.hash, s.from_address, s.to_address, s.input::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+     AS s(hash, from_address, to_address, input, ord)
+ORDER BY s.ord
+"""
+
+# The oldest PENDING transaction of each contract with nothing in flight, oldest first, up to $1.
+# `heads` walks the pending index once per contract (a loose index scan), not once per transaction.
+CLAIM = f"""
+WITH RECURSIVE heads AS (
+    (SELECT to_address, seq FROM {T} WHERE status = 'PENDING' ORDER BY to_address, seq LIMIT 1)
+    UNION ALL
+    SELECT n.to_address, n.seq
+    FROM heads h
+    CROSS JOIN LATERAL (
+        SELECT to_address, seq FROM {T}
+        WHERE status = 'PENDING' AND to_address > h.to_address
+        ORDER BY to_address, seq LIMIT 1
+    ) n
+), free AS (
+    SELECT h.seq FROM heads h
+    WHERE NOT EXISTS (SELECT 1 FROM {T} b WHERE b.to_address = h.to_address AND {BUSY})
+    ORDER BY h.seq
+    LIMIT $1
+), picked AS (
+    SELECT t.hash FROM {T} t JOIN free f ON t.seq = f.seq
+    WHERE t.status = 'PENDING'
+    FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE {T} t
+SET status = 'ACTIVATED', lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
+    lease_epoch = t.lease_epoch + 1, activated_at = now()
+FROM picked p
+WHERE t.hash = p.hash
+RETURNING {CLAIMED_COLUMNS},
+    (SELECT a.state FROM {ACCEPTED_STATES} a WHERE a.address = t.to_address) AS accepted_state
+"""
+
+# One state transition: fenced by epoch, owner and the status it leaves. Renews the lease (progress).
+# Moving to ACCEPTED also writes the contract's accepted state, in the same statement.
+TRANSITION = f"""
+WITH moved AS (
+    UPDATE {T}
+    SET status = $4,
+        leader = COALESCE($5, leader),
+        result = COALESCE($6::jsonb, result),
+        votes = COALESCE($7::jsonb, votes),
+        reason = COALESCE($8, reason),
+        state_patch = $9::jsonb,
+        activated_event_tx = COALESCE(activated_event_tx, $10),
+        proposed_event_tx = COALESCE(proposed_event_tx, $11),
+        committed_event_tx = COALESCE(committed_event_tx, $12),
+        revealed_event_tx = COALESCE(revealed_event_tx, $13),
+        outcome = CASE WHEN $4 IN {DECIDED} THEN $4 END,
+        timestamp_awaiting_finalization = CASE WHEN $4 IN {DECIDED} THEN now() END,
+        lease_expires_at = now() + make_interval(secs => $14)
+    WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $15 AND status = $3
+    RETURNING hash, to_address
+), accepted AS (
+    INSERT INTO {ACCEPTED_STATES} (address, state, tx_hash, updated_at)
+    SELECT to_address, $16::jsonb, hash, now() FROM moved WHERE $16::jsonb IS NOT NULL
+    ON CONFLICT (address) DO UPDATE
+    SET state = EXCLUDED.state, tx_hash = EXCLUDED.tx_hash, updated_at = EXCLUDED.updated_at
+)
+SELECT count(*) FROM moved
+"""
+
+# The decided event is on chain: store its hash and give the transaction up to the finality loop.
+RELEASE_DECIDED = f"""
+UPDATE {T} SET decided_event_tx = COALESCE(decided_event_tx, $3), lease_owner = NULL, lease_expires_at = NULL
+WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $4 AND status IN {DECIDED}
+RETURNING 1
+"""
+
+# Give a transaction back without counting a recovery (shutdown, the chain is down): back to PENDING if
+# it was mid-machine; a decided one keeps its status and its decided event stays owed.
+ABANDON = f"""
+UPDATE {T}
+SET status = CASE WHEN status IN {IN_MACHINE} THEN 'PENDING' ELSE status END,
+    reason = COALESCE($3, reason),
+    activated_event_tx = COALESCE(activated_event_tx, $5),
+    proposed_event_tx = COALESCE(proposed_event_tx, $6),
+    committed_event_tx = COALESCE(committed_event_tx, $7),
+    revealed_event_tx = COALESCE(revealed_event_tx, $8),
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $4
+RETURNING status
+"""
+
+# Renew the leases of the tasks that made progress recently (and only those).
+RENEW = f"""
+UPDATE {T} t SET lease_expires_at = now() + make_interval(secs => $3)
+FROM unnest($1::text[], $2::bigint[]) AS r(hash, epoch)
+WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4
+RETURNING t.hash
+"""
+
+# Recovery: back to PENDING with recovery_count + 1; past RUNNER_MAX_RECOVERIES ($1) it ends UNDETERMINED
+# with the reason (its decided event is then owed and emitted by the recovery loop).
+_RECOVER_SET = """
+    recovery_count = CASE WHEN t.recovery_count >= $1 THEN t.recovery_count ELSE t.recovery_count + 1 END,
+    status = CASE WHEN t.recovery_count >= $1 THEN 'UNDETERMINED' ELSE 'PENDING' END,
+    reason = CASE WHEN t.recovery_count >= $1
+        THEN format('recovery cap reached: %s in %s after %s recoveries (RUNNER_MAX_RECOVERIES=%s)',
+                    {why}, t.status, t.recovery_count, $1)
+        ELSE format('recovered: %s in %s', {why}, t.status) END,
+    outcome = CASE WHEN t.recovery_count >= $1 THEN 'UNDETERMINED' END,
+    timestamp_awaiting_finalization = CASE WHEN t.recovery_count >= $1 THEN now() END,
+    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+"""
+
+# Other workers' expired leases (their process died or stopped renewing).
+RECOVER_EXPIRED = f"""
+WITH stale AS (
+    SELECT hash FROM {T}
+    WHERE lease_owner IS NOT NULL AND lease_expires_at < now() AND status IN {IN_MACHINE}
+    ORDER BY lease_expires_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {T} t SET {_RECOVER_SET.format(why="'lease of ' || t.lease_owner || ' expired'")}
+FROM stale WHERE t.hash = stale.hash
+RETURNING t.hash, t.status, t.recovery_count, t.reason
+"""
+
+# This worker's own tasks, cancelled for making no progress ($5 says why); fenced per row.
+RECOVER_OWN = f"""
+UPDATE {T} t SET {_RECOVER_SET.format(why="$5::text")}
+FROM unnest($2::text[], $3::bigint[]) AS r(hash, epoch)
+WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4 AND t.status IN {IN_MACHINE}
+RETURNING t.hash, t.status, t.recovery_count, t.reason
+"""
+
+# Decided transactions whose decided event is owed and nobody holds (a crash between the decision and
+# its event, or the recovery cap): take them to settle the event.
+CLAIM_OWED_DECIDED = f"""
+WITH owed AS (
+    SELECT hash FROM {T}
+    WHERE status IN {DECIDED} AND decided_event_tx IS NULL
+      AND (lease_owner IS NULL OR lease_expires_at < now())
+    ORDER BY seq
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
+    lease_epoch = t.lease_epoch + 1
+FROM owed WHERE t.hash = owed.hash
+RETURNING {CLAIMED_COLUMNS}
+"""
+
+# FINALIZED transactions whose finalized event is owed (the finalizer died or the chain was down).
+CLAIM_OWED_FINALIZED = f"""
+WITH owed AS (
+    SELECT hash FROM {T}
+    WHERE status = 'FINALIZED' AND finalized_event_tx IS NULL
+      AND (lease_owner IS NULL OR lease_expires_at < now())
+    ORDER BY seq
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
+    lease_epoch = t.lease_epoch + 1
+FROM owed WHERE t.hash = owed.hash
+RETURNING {CLAIMED_COLUMNS}
+"""
+
+# --- finality: one finalizer at a time (advisory lock), in a transaction -------------------------------
+FINALITY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+
+_FINALIZABLE = """(
+    {a}.status IN {decided} AND {a}.lease_owner IS NULL AND {a}.decided_event_tx IS NOT NULL
+    AND {a}.timestamp_awaiting_finalization <= now() - make_interval(secs => $1)
+)"""
+
+# Decided transactions whose window passed and every unfinished predecessor on the same contract is
+# finalizable too: a prefix per contract, oldest first.
+FINALITY_READY = f"""
+SELECT t.hash, t.to_address, t.seq, t.status, t.state_patch, t.result ->> 'receipt_hash' AS receipt_hash,
+       t.lease_epoch
+FROM {T} t
+WHERE t.status IN {DECIDED} AND {_FINALIZABLE.format(a="t", decided=DECIDED)}
+  AND NOT EXISTS (
+      SELECT 1 FROM {T} p
+      WHERE p.to_address = t.to_address AND p.seq < t.seq AND p.status NOT IN {DONE}
+        AND NOT {_FINALIZABLE.format(a="p", decided=DECIDED)}
+  )
+ORDER BY t.seq
+LIMIT $2
+FOR UPDATE OF t
+"""
+
+FINALIZED_STATES_FOR = f"SELECT address, state FROM {FINALIZED_STATES} WHERE address = ANY($1::text[])"
+
+FINALIZE = f"""
+UPDATE {T} t
+SET status = 'FINALIZED', finalized_at = now(), lease_owner = $2,
+    lease_expires_at = now() + make_interval(secs => $3), lease_epoch = t.lease_epoch + 1
+WHERE t.hash = ANY($1::text[]) AND t.status IN {DECIDED}
+RETURNING t.hash, t.lease_epoch
+"""
+
+UPSERT_FINALIZED_STATES = f"""
+INSERT INTO {FINALIZED_STATES} (address, state, tx_hash, updated_at)
+SELECT s.address, s.state::jsonb, s.tx_hash, now()
+FROM unnest($1::text[], $2::text[], $3::text[]) AS s(address, state, tx_hash)
+ON CONFLICT (address) DO UPDATE
+SET state = EXCLUDED.state, tx_hash = EXCLUDED.tx_hash, updated_at = EXCLUDED.updated_at
+"""
+
+# Store the finalized event's chain tx hash ($3, NULL when it failed) and release; fenced per row.
+RELEASE_FINALIZED = f"""
+UPDATE {T} t SET finalized_event_tx = COALESCE(t.finalized_event_tx, $3), lease_owner = NULL,
+    lease_expires_at = NULL
+FROM unnest($1::text[], $2::bigint[]) AS r(hash, epoch)
+WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4 AND t.status = 'FINALIZED'
+RETURNING t.hash
+"""
+
+# --- reads ---------------------------------------------------------------------------------------------
+COUNTS = f"SELECT status, count(*) AS n FROM {T} GROUP BY status"
+
+HAS_WORK = f"""
+SELECT EXISTS (SELECT 1 FROM {T} WHERE status NOT IN {DONE})
+    OR EXISTS (SELECT 1 FROM {T} WHERE status = 'FINALIZED' AND finalized_event_tx IS NULL)
+"""
+
+GET = f"SELECT * FROM {T} WHERE hash = $1"
+
+STATE_OF = f"""
+SELECT (SELECT state FROM {ACCEPTED_STATES} WHERE address = $1) AS accepted,
+       (SELECT state FROM {FINALIZED_STATES} WHERE address = $1) AS finalized
+"""
+
+DEPLOYMENT = f"SELECT address, block_number FROM {DEPLOYMENTS} WHERE chain_id = $1 AND contract = $2"
+
+INSERT_DEPLOYMENT = f"""
+INSERT INTO {DEPLOYMENTS} (chain_id, contract, address, block_number) VALUES ($1, $2, $3, $4)
+ON CONFLICT (chain_id, contract) DO NOTHING
+RETURNING address
+"""
+
+# Compare-and-swap: replace a stale address only if nobody replaced it first.
+REPLACE_DEPLOYMENT = f"""
+UPDATE {DEPLOYMENTS} SET address = $3, block_number = $4, deployed_at = now()
+WHERE chain_id = $1 AND contract = $2 AND address = $5
+RETURNING address
+"""

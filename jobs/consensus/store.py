@@ -1,0 +1,195 @@
+"""The consensus tables, through the worker's one pool (each call borrows a connection for database work
+only; no chain call ever happens while one is held)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from jobs.consensus import sql
+from jobs.consensus.model import Submission, apply_patch, canonical_json
+from runner.db import Database
+from runner.errors import LeaseLost
+
+FINALITY_LOCK_KEY = 0x72756E6E6572_0003  # "runner" + migration 0003
+EVENT_KINDS = ("activated", "proposed", "committed", "revealed", "decided", "finalized")
+
+
+@dataclass
+class Claimed:
+    """A transaction this worker holds, with the lease epoch every write must carry."""
+
+    hash: str
+    seq: int
+    epoch: int
+    status: str
+    from_address: str
+    to_address: str
+    input: dict[str, Any]
+    leader: str | None
+    result: dict[str, Any] | None
+    recovery_count: int
+    events: dict[str, str | None] = field(default_factory=dict)  # kind -> chain tx hash already stored
+    accepted_state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, row: asyncpg.Record) -> Claimed:
+        keys = row.keys()
+        return cls(
+            hash=row["hash"], seq=row["seq"], epoch=row["lease_epoch"], status=row["status"],
+            from_address=row["from_address"], to_address=row["to_address"], input=row["input"],
+            leader=row["leader"], result=row["result"], recovery_count=row["recovery_count"],
+            events={kind: row[f"{kind}_event_tx"] for kind in EVENT_KINDS},
+            accepted_state=(row["accepted_state"] if "accepted_state" in keys else None) or {},
+        )
+
+    @property
+    def claimed_before(self) -> bool:
+        """Held by someone before: its events may already be on chain without their hash stored."""
+        return self.epoch > 1
+
+
+@dataclass(frozen=True)
+class FinalizedBatch:
+    hashes: list[str]
+    epochs: list[int]
+    rows: list[asyncpg.Record]
+
+
+class ConsensusStore:
+    def __init__(self, db: Database, owner: str, lease_s: float) -> None:
+        self.db = db
+        self.owner = owner
+        self.lease_s = lease_s
+
+    # --- submit ---------------------------------------------------------------------------------
+    async def insert(self, submissions: Sequence[Submission]) -> list[str]:
+        async with self.db.connection() as connection:
+            await connection.execute(
+                sql.INSERT_MANY,
+                [s.hash for s in submissions], [s.from_address for s in submissions],
+                [s.to_address for s in submissions], [canonical_json(s.input) for s in submissions],
+            )
+        return [s.hash for s in submissions]
+
+    # --- the pending loop -----------------------------------------------------------------------
+    async def claim(self, limit: int) -> list[Claimed]:
+        rows = await self.db.fetch(sql.CLAIM, limit, self.owner, self.lease_s)
+        return sorted((Claimed.from_record(r) for r in rows), key=lambda c: c.seq)
+
+    async def transition(
+        self, tx: Claimed, *, to: str, leader: str | None = None, result: Any = None, votes: Any = None,
+        reason: str | None = None, state_patch: Any = None, accepted_state: dict[str, Any] | None = None,
+    ) -> None:
+        """One fenced statement; raises LeaseLost when the transaction is no longer ours."""
+        ev = tx.events
+        moved = await self.db.fetchval(
+            sql.TRANSITION, tx.hash, tx.epoch, tx.status, to, leader, result, votes, reason, state_patch,
+            ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"), self.lease_s,
+            self.owner, accepted_state,
+        )
+        if not moved:
+            raise LeaseLost(f"consensus transaction {tx.hash}: lease lost before {tx.status} -> {to}")
+        tx.status = to
+
+    async def release_decided(self, tx: Claimed, event_tx: str) -> None:
+        if await self.db.fetchval(sql.RELEASE_DECIDED, tx.hash, tx.epoch, event_tx, self.owner) is None:
+            raise LeaseLost(f"consensus transaction {tx.hash}: lease lost before release")
+
+    async def abandon(self, tx: Claimed, reason: str | None) -> str | None:
+        ev = tx.events
+        return await self.db.fetchval(  # type: ignore[no-any-return]
+            sql.ABANDON, tx.hash, tx.epoch, reason, self.owner,
+            ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"),
+        )
+
+    # --- the recovery loop ----------------------------------------------------------------------
+    async def renew(self, held: Sequence[tuple[str, int]]) -> set[str]:
+        if not held:
+            return set()
+        rows = await self.db.fetch(sql.RENEW, [h for h, _ in held], [e for _, e in held], self.lease_s, self.owner)
+        return {r["hash"] for r in rows}
+
+    async def recover_expired(self, max_recoveries: int, limit: int = 500) -> list[asyncpg.Record]:
+        return await self.db.fetch(sql.RECOVER_EXPIRED, max_recoveries, limit)
+
+    async def recover_own(self, held: Sequence[tuple[str, int]], max_recoveries: int, why: str) -> list[asyncpg.Record]:
+        if not held:
+            return []
+        return await self.db.fetch(sql.RECOVER_OWN, max_recoveries, [h for h, _ in held], [e for _, e in held],
+                                   self.owner, why)
+
+    async def claim_owed_decided(self, limit: int = 100) -> list[Claimed]:
+        rows = await self.db.fetch(sql.CLAIM_OWED_DECIDED, limit, self.owner, self.lease_s)
+        return [Claimed.from_record(r) for r in rows]
+
+    async def claim_owed_finalized(self, limit: int = 100) -> list[Claimed]:
+        rows = await self.db.fetch(sql.CLAIM_OWED_FINALIZED, limit, self.owner, self.lease_s)
+        return [Claimed.from_record(r) for r in rows]
+
+    # --- the finality loop ----------------------------------------------------------------------
+    async def finalize_ready(self, window_s: float, limit: int) -> FinalizedBatch | None:
+        """Move the next finalizable prefix of each contract to FINALIZED and write the finalized states,
+        in one database transaction (None when another worker is finalizing right now)."""
+        async with self.db.transaction() as connection:
+            if not await connection.fetchval(sql.FINALITY_LOCK, FINALITY_LOCK_KEY):
+                return None
+            rows = await connection.fetch(sql.FINALITY_READY, window_s, limit)
+            if not rows:
+                return FinalizedBatch([], [], [])
+            addresses = sorted({r["to_address"] for r in rows})
+            states = {r["address"]: r["state"] for r in await connection.fetch(sql.FINALIZED_STATES_FOR, addresses)}
+            last_tx: dict[str, str] = {}
+            for row in rows:  # ordered by seq: patches apply in submission order
+                if row["status"] == "ACCEPTED":
+                    address = row["to_address"]
+                    states[address] = apply_patch(states.get(address) or {}, row["state_patch"])
+                    last_tx[address] = row["hash"]
+            moved = await connection.fetch(sql.FINALIZE, [r["hash"] for r in rows], self.owner, self.lease_s)
+            if last_tx:
+                changed = sorted(last_tx)
+                await connection.execute(
+                    sql.UPSERT_FINALIZED_STATES, changed, [json.dumps(states[a]) for a in changed],
+                    [last_tx[a] for a in changed],
+                )
+        epochs = {r["hash"]: r["lease_epoch"] for r in moved}
+        kept = [r for r in rows if r["hash"] in epochs]
+        return FinalizedBatch([r["hash"] for r in kept], [epochs[r["hash"]] for r in kept], kept)
+
+    async def release_finalized(self, hashes: Sequence[str], epochs: Sequence[int], event_tx: str | None) -> int:
+        rows = await self.db.fetch(sql.RELEASE_FINALIZED, list(hashes), list(epochs), event_tx, self.owner)
+        return len(rows)
+
+    # --- reads ----------------------------------------------------------------------------------
+    async def counts(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in await self.db.fetch(sql.COUNTS)}
+
+    async def has_work(self) -> bool:
+        return bool(await self.db.fetchval(sql.HAS_WORK))
+
+    async def get(self, tx_hash: str) -> dict[str, Any] | None:
+        row = await self.db.fetchrow(sql.GET, tx_hash)
+        return dict(row) if row is not None else None
+
+    async def contract_state(self, address: str) -> dict[str, Any]:
+        row = await self.db.fetchrow(sql.STATE_OF, address)
+        assert row is not None
+        return {"accepted": row["accepted"], "finalized": row["finalized"]}
+
+    # --- the ConsensusMain deployment -----------------------------------------------------------
+    async def deployment(self, chain_id: int, contract: str) -> tuple[str, int] | None:
+        row = await self.db.fetchrow(sql.DEPLOYMENT, chain_id, contract)
+        return (row["address"], row["block_number"]) if row else None
+
+    async def save_deployment(self, chain_id: int, contract: str, address: str, block: int,
+                              replaces: str | None) -> bool:
+        """Store a new deployment; False when another worker stored (or replaced) one first."""
+        if replaces is None:
+            stored = await self.db.fetchval(sql.INSERT_DEPLOYMENT, chain_id, contract, address, block)
+        else:
+            stored = await self.db.fetchval(sql.REPLACE_DEPLOYMENT, chain_id, contract, address, block, replaces)
+        return stored is not None

@@ -1,0 +1,385 @@
+"""The engine's one AsyncWeb3 per process, its capped keep-alive session, retried RPCs and nonces.
+
+Two backends, chosen by ``RUNNER_CHAIN_URL``:
+
+* **A node over HTTP** (anvil, hardhat, geth, ...): one :class:`RetryingHTTPProvider` with an aiohttp
+  session cached on it, made inside the running loop. Its ``TCPConnector`` keeps connections alive and
+  caps them at ``RUNNER_CHAIN_MAX_CONNECTIONS``; web3 8's default session (``force_close=True``) would
+  open one TCP connection per request instead. web3's own retries are off; every RPC is retried here
+  with tenacity on refused/reset connections, timeouts and HTTP 5xx/429, logged and counted
+  (``runner_chain_rpc_retries_total``), and gives up with :class:`ChainUnavailable`.
+* **In-process** (``RUNNER_CHAIN_URL`` unset): ``AsyncEthereumTesterProvider`` from
+  ``eth-tester[py-evm]``. It is for development only: it computes each request synchronously inside the
+  event loop (blocking it for the duration of the EVM work), and the chain lives only as long as the
+  process, so anything stored about it (a contract address) is stale after a restart.
+
+Transactions are signed locally with ``RUNNER_CHAIN_PRIVATE_KEY`` (unset: a public development key,
+with a warning) and sent raw. :class:`NonceManager` holds one ``asyncio.Lock`` per sender across
+"reserve nonce, sign, send": concurrent tasks never reuse or skip a nonce, a failed send gives its
+nonce back, and a nonce error from the node re-reads the sender's pending count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.types import RPCEndpoint, RPCResponse
+
+from config import Settings
+from runner import metrics
+from runner.errors import RunnerError
+from runner.logs import get_logger
+
+log = get_logger("runner.chain")
+
+# Well-known development keys (public; never for real funds): anvil's/hardhat's account 0, and the
+# first account eth-tester funds (private key 1).
+DEV_KEY_NODE = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+DEV_KEY_IN_PROCESS = "0x" + "00" * 31 + "01"
+
+KEEPALIVE_S = 30.0  # idle connections are kept this long, then closed by aiohttp
+RETRY_INITIAL_S = 0.1
+RETRY_MAX_S = 2.0
+FEES_TTL_S = 15.0
+SEND_ATTEMPTS = 5  # nonce resyncs / fee refreshes before a send gives up
+RECEIPT_POLL_MIN_S = 0.002
+RECEIPT_POLL_MAX_S = 0.1
+GWEI = 10**9
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class ChainError(RunnerError):
+    """A chain call failed for a reason retrying the same call will not fix."""
+
+
+class ChainUnavailable(ChainError):
+    """The node kept failing with transient errors (refused, reset, timeout, 5xx) past the retry budget."""
+
+
+class ChainTimeout(ChainError):
+    """A sent transaction was not mined within the wait."""
+
+
+class TransactionReverted(ChainError):
+    pass
+
+
+def is_transient(error: BaseException) -> bool:
+    """Errors after which the same RPC may succeed: the node is restarting, overloaded or far away."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        return error.status in RETRYABLE_STATUS
+    return isinstance(error, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError | OSError)
+
+
+def safe_url(url: str) -> str:
+    """scheme://host:port only: node URLs often carry API keys in the path or query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
+
+
+class RetryingHTTPProvider(AsyncHTTPProvider):
+    """web3's AsyncHTTPProvider with its own retries off and every RPC retried with tenacity."""
+
+    def __init__(self, url: str, *, timeout_s: float, attempts: int) -> None:
+        super().__init__(
+            url,
+            request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},
+            exception_retry_configuration=None,
+        )
+        self.attempts = attempts
+        self.safe_url = safe_url(url)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        started = time.monotonic()
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential_jitter(initial=RETRY_INITIAL_S, max=RETRY_MAX_S, jitter=RETRY_INITIAL_S),
+            before_sleep=lambda state: self._count_retry(method, state),
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response: RPCResponse = await super().make_request(method, params)
+        except RetryError as error:
+            cause = error.last_attempt.exception()
+            metrics.CHAIN_RPC_ERRORS.labels(method).inc()
+            log.error("chain node unreachable, giving up", method=method, node=self.safe_url,
+                      attempts=self.attempts, error=repr(cause))
+            raise ChainUnavailable(
+                f"chain node {self.safe_url} did not answer {method} after {self.attempts} attempts: {cause!r}"
+            ) from cause
+        except Exception:
+            metrics.CHAIN_RPC_ERRORS.labels(method).inc()
+            raise
+        finally:
+            metrics.CHAIN_RPC_LATENCY.labels(method).observe(time.monotonic() - started)
+            metrics.CHAIN_OPEN_CONNECTIONS.set(self.open_connections())
+        return response
+
+    def _count_retry(self, method: str, state: RetryCallState) -> None:
+        metrics.CHAIN_RPC_RETRIES.labels(method).inc()
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("chain rpc retry", method=method, node=self.safe_url, attempt=state.attempt_number,
+                    max_attempts=self.attempts, error=repr(error), backoff_s=round(state.upcoming_sleep, 3))
+
+    def open_connections(self) -> int:
+        """TCP connections the cached session holds (in use + idle keep-alive)."""
+        connector = self.session.connector if self.session is not None else None
+        if connector is None:
+            return 0
+        idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
+        return idle + len(getattr(connector, "_acquired", ()))
+
+
+@dataclass
+class NonceReservation:
+    sender: str
+    nonce: int
+    used: bool = False  # the node accepted a transaction with this nonce: advance
+    stale: bool = False  # the node disagreed with our count: re-read it before the next reservation
+
+
+class NonceManager:
+    """Per-sender next nonce, handed out under a per-sender lock held across reserve/sign/send."""
+
+    def __init__(self, fetch: Callable[[str], Awaitable[int]]) -> None:
+        self._fetch = fetch
+        self._next: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @asynccontextmanager
+    async def reserve(self, sender: str) -> AsyncIterator[NonceReservation]:
+        lock = self._locks.setdefault(sender, asyncio.Lock())
+        async with lock:
+            if sender not in self._next:
+                self._next[sender] = await self._fetch(sender)
+            reservation = NonceReservation(sender, self._next[sender])
+            try:
+                yield reservation
+            finally:
+                if reservation.used:
+                    self._next[sender] = reservation.nonce + 1
+                elif reservation.stale:
+                    self._next.pop(sender, None)
+                    metrics.CHAIN_NONCE_RESYNCS.inc()
+
+    def peek(self, sender: str) -> int | None:
+        return self._next.get(sender)
+
+
+_NONCE_ERRORS = ("nonce too low", "nonce too high", "invalid nonce", "already known", "known transaction",
+                 "replacement transaction underpriced", "nonce has already been used")
+_FEE_ERRORS = ("max fee per gas less than block base fee", "fee cap less than block base fee",
+               "transaction underpriced", "maxfeepergas")
+
+
+@dataclass
+class Fees:
+    max_fee: int
+    tip: int
+    fetched_at: float
+
+
+@dataclass
+class Chain:
+    """The process-wide chain handle (stored by the consensus plugin at ``app.resources["chain"]``)."""
+
+    w3: AsyncWeb3
+    kind: Literal["node", "in-process"]
+    node: str
+    account: LocalAccount
+    chain_id: int
+    provider: Any
+    nonces: NonceManager = field(init=False)
+    _fees: Fees | None = None
+
+    def __post_init__(self) -> None:
+        self.nonces = NonceManager(self._pending_count)
+
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+    # --- reads ----------------------------------------------------------------------------------
+    async def _pending_count(self, sender: str) -> int:
+        return int(await self.w3.eth.get_transaction_count(to_checksum_address(sender), "pending"))
+
+    async def code_at(self, address: str) -> bytes:
+        return bytes(await self.w3.eth.get_code(to_checksum_address(address)))
+
+    async def call(self, to: str, data: bytes) -> bytes:
+        return bytes(await self.w3.eth.call({"to": to_checksum_address(to), "data": data}))
+
+    async def block_number(self) -> int:
+        return int(await self.w3.eth.block_number)
+
+    async def get_logs(self, params: dict[str, Any]) -> list[Any]:
+        return list(await self.w3.eth.get_logs(params))  # type: ignore[arg-type]
+
+    async def receipt(self, tx_hash: str) -> Any | None:
+        try:
+            return await self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+        except TransactionNotFound:
+            return None
+
+    async def _known(self, tx_hash: str) -> bool:
+        try:
+            await self.w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+            return True
+        except TransactionNotFound:
+            return False
+
+    async def _fee_fields(self) -> Fees:
+        if self._fees is None or time.monotonic() - self._fees.fetched_at > FEES_TTL_S:
+            block = await self.w3.eth.get_block("latest")
+            price = int(await self.w3.eth.gas_price)
+            base = int(block.get("baseFeePerGas") or price)
+            tip = max(price - base, GWEI // 10)
+            self._fees = Fees(max_fee=2 * base + tip, tip=tip, fetched_at=time.monotonic())
+        return self._fees
+
+    # --- writes ---------------------------------------------------------------------------------
+    async def send_transaction(self, *, to: str | None, data: bytes, gas: int, value: int = 0) -> str:
+        """Sign with the next nonce and send; return the transaction hash (0x-hex). Does not wait."""
+        for _ in range(SEND_ATTEMPTS):
+            fees = await self._fee_fields()
+            async with self.nonces.reserve(self.address) as slot:
+                fields: dict[str, Any] = {
+                    "chainId": self.chain_id, "nonce": slot.nonce, "gas": gas, "value": value, "data": data,
+                    "maxFeePerGas": fees.max_fee, "maxPriorityFeePerGas": fees.tip, "type": 2,
+                }
+                if to is not None:
+                    fields["to"] = to_checksum_address(to)
+                signed = self.account.sign_transaction(fields)
+                tx_hash = "0x" + bytes(signed.hash).hex()
+                try:
+                    await self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                except Web3RPCError as error:
+                    text = str(error).lower()
+                    if any(marker in text for marker in _NONCE_ERRORS):
+                        if await self._known(tx_hash):  # an earlier attempt of this very send got through
+                            slot.used = True
+                            return tx_hash
+                        slot.stale = True
+                        log.warning("nonce rejected; re-reading it from the node", sender=self.address,
+                                    nonce=slot.nonce, error=str(error)[:200])
+                        continue
+                    if any(marker in text for marker in _FEE_ERRORS):
+                        self._fees = None
+                        continue
+                    raise ChainError(f"the node rejected a transaction: {error}") from error
+                slot.used = True
+                metrics.CHAIN_SENDS.inc()
+                return tx_hash
+        raise ChainError(f"could not send a transaction from {self.address} after {SEND_ATTEMPTS} attempts")
+
+    async def wait_receipt(self, tx_hash: str, timeout_s: float) -> Any:
+        """Poll for the receipt with a short, growing interval; raise on revert or timeout."""
+        deadline = time.monotonic() + timeout_s
+        delay = RECEIPT_POLL_MIN_S
+        while True:
+            receipt = await self.receipt(tx_hash)
+            if receipt is not None:
+                if receipt["status"] != 1:
+                    raise TransactionReverted(f"transaction {tx_hash} reverted (gas used {receipt['gasUsed']})")
+                return receipt
+            if time.monotonic() >= deadline:
+                # It may have been dropped (a nonce gap, a restarted node): count again from the node.
+                async with self.nonces.reserve(self.address) as slot:
+                    slot.stale = True
+                raise ChainTimeout(f"transaction {tx_hash} not mined within {timeout_s:g}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECEIPT_POLL_MAX_S)
+
+    async def deploy(self, bytecode: bytes, gas: int, timeout_s: float) -> tuple[str, int]:
+        """Deploy a contract; return its address and the block it was mined in."""
+        tx_hash = await self.send_transaction(to=None, data=bytecode, gas=gas)
+        receipt = await self.wait_receipt(tx_hash, timeout_s)
+        return to_checksum_address(receipt["contractAddress"]), int(receipt["blockNumber"])
+
+    def open_connections(self) -> int:
+        return self.provider.open_connections() if isinstance(self.provider, RetryingHTTPProvider) else 0
+
+    async def close(self) -> None:
+        if isinstance(self.provider, RetryingHTTPProvider):
+            await self.provider.disconnect()
+            self.provider.session = None
+
+
+async def _node_provider(settings: Settings, url: str) -> RetryingHTTPProvider:
+    provider = RetryingHTTPProvider(url, timeout_s=settings.chain_rpc_timeout, attempts=settings.chain_retry_attempts)
+    cap = settings.chain_max_connections
+    connector = aiohttp.TCPConnector(limit=cap, limit_per_host=cap, keepalive_timeout=KEEPALIVE_S)
+    # Cached on the provider inside the running loop, before the first request: web3 would otherwise
+    # make its own session with force_close=True (a new TCP connection for every RPC).
+    provider.session = await provider.cache_async_session(aiohttp.ClientSession(connector=connector))
+    return provider
+
+
+def _in_process_provider() -> Any:
+    try:
+        from web3.providers.eth_tester import AsyncEthereumTesterProvider
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise RunnerError(
+            "RUNNER_CHAIN_URL is unset and the in-process chain needs eth-tester: "
+            "pip install --pre 'eth-tester[py-evm]' (or set RUNNER_CHAIN_URL)"
+        ) from error
+    return AsyncEthereumTesterProvider()
+
+
+async def open_chain(settings: Settings) -> Chain:
+    """Make the process's one AsyncWeb3 (call inside the running loop) and check the node answers."""
+    key = settings.chain_private_key.get_secret_value() if settings.chain_private_key else None
+    if settings.chain_url:
+        provider: Any = await _node_provider(settings, settings.chain_url)
+        kind: Literal["node", "in-process"] = "node"
+        node = provider.safe_url
+    else:
+        provider = _in_process_provider()
+        kind, node = "in-process", "in-process eth-tester"
+    if key is None:
+        key = DEV_KEY_NODE if kind == "node" else DEV_KEY_IN_PROCESS
+        log.warning("RUNNER_CHAIN_PRIVATE_KEY is unset; signing with a public development key", node=node)
+    try:
+        account: LocalAccount = Account.from_key(key)
+    except (ValueError, TypeError):
+        raise RunnerError("RUNNER_CHAIN_PRIVATE_KEY is not a valid private key (32 bytes, hex)") from None
+    w3 = AsyncWeb3(provider)
+    try:
+        chain_id = int(await w3.eth.chain_id)
+    except BaseException:
+        if isinstance(provider, RetryingHTTPProvider):
+            await provider.disconnect()
+        raise
+    chain = Chain(w3=w3, kind=kind, node=node, account=account, chain_id=chain_id, provider=provider)
+    log.info("chain open", node=node, kind=kind, chain_id=chain_id, sender=chain.address,
+             max_connections=settings.chain_max_connections if kind == "node" else None)
+    return chain
+
+
+async def close_chain(chain: Chain | None) -> None:
+    if chain is not None:
+        await chain.close()
