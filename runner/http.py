@@ -3,10 +3,13 @@
 - ``/healthz`` (liveness): 200 while the event loop is responsive and every worker loop is alive; 503 with
   the reasons when a loop has died or the loop lag (the worst in the last few seconds) passes
   ``RUNNER_LOOP_LAG_THRESHOLD``. A worker that is stopping stays live: killing it would cut its grace.
-- ``/readyz``: the database answers ``SELECT 1`` through the pool, and every plugin readiness check (the
-  chain) passes. A stopping worker is not ready.
+- ``/readyz``: the database answers ``SELECT 1`` through the pool, the chain (``app.resources["chain"]``,
+  when a plugin opened one) answers ``eth_blockNumber``, and every plugin readiness check passes. A
+  stopping worker is not ready.
 - ``/metrics``: the Prometheus text format. Pool gauges are refreshed from ``Database.stats()`` at scrape
-  time (no SQL); queue depth is sampled by the depth loop on its own interval, never per scrape.
+  time (no SQL); queue depth is sampled by the depth loop on its own interval, and plugin gauges
+  (``Plugin.sample_metrics``) by this server every ``RUNNER_DEPTH_SAMPLE_INTERVAL`` seconds, never per
+  scrape.
 - ``/pool``: JSON with min, max, size, in use, idle, waiters and the budget formula's inputs.
 
 The server runs in the worker's event loop; it never borrows a pool connection except for ``/readyz``.
@@ -143,6 +146,7 @@ class HttpServer:
         self.port: int | None = None
         self.lag = LagSampler(lag_interval_s, lag_window_s)
         self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -176,11 +180,17 @@ class HttpServer:
         self._runner = runner
         self.port = _bound_port(runner) or self.requested_port
         self.lag.start()
+        if any(plugin.sample_metrics is not None for plugin in self.app.plugins):
+            self._sampler = asyncio.create_task(self._sample_plugins(), name="http-plugin-sampler")
         log.info("http listening", url=self.url, endpoints="/healthz /readyz /metrics /pool")
         return self
 
     async def stop(self) -> None:
         await self.lag.stop()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -215,6 +225,8 @@ class HttpServer:
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, body) for /readyz: every check runs at once, each under its own timeout."""
         checks: dict[str, Callable[[], Awaitable[None]]] = {"database": self._check_database}
+        if callable(getattr(self.app.resources.get("chain"), "block_number", None)):
+            checks["chain"] = self._check_chain
         for plugin in self.app.plugins:
             if plugin.readiness is not None:
                 checks[plugin.name] = _bind(plugin.readiness, self.app)
@@ -235,6 +247,21 @@ class HttpServer:
     async def _check_database(self) -> None:
         async with self.app.db.connection() as connection:
             await connection.fetchval("SELECT 1")
+
+    async def _check_chain(self) -> None:
+        await self.app.resources["chain"].block_number()
+
+    async def _sample_plugins(self) -> None:
+        interval = self.app.settings.depth_sample_interval
+        while True:
+            for plugin in self.app.plugins:
+                if plugin.sample_metrics is None:
+                    continue
+                try:
+                    await asyncio.wait_for(plugin.sample_metrics(self.app), max(interval, READY_CHECK_TIMEOUT_S))
+                except Exception as error:
+                    log.warning("plugin metrics sample failed", plugin=plugin.name, error=repr(error))
+            await asyncio.sleep(interval)
 
     def pool_status(self) -> dict[str, Any]:
         db = self.app.db

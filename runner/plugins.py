@@ -50,6 +50,9 @@ class Plugin:
     close_resources: Callable[[App], Awaitable[None]] | None = None
     # Raises when a dependency the plugin opened (the chain, say) does not answer; served on /readyz.
     readiness: Callable[[App], Awaitable[None]] | None = None
+    # Sets the plugin's gauges from the database; the HTTP server runs it every
+    # RUNNER_DEPTH_SAMPLE_INTERVAL seconds while it serves /metrics (never per scrape).
+    sample_metrics: Callable[[App], Awaitable[None]] | None = None
 
 
 @dataclass

@@ -40,6 +40,7 @@ class Worker:
         queues: Sequence[str] | None = None,
         drain: bool = False,
         install_signal_handlers: bool = True,
+        serve_http: bool | None = None,  # None: RUNNER_HTTP_ENABLED; False when the caller serves it (demo)
     ) -> None:
         settings = app.settings
         self.app = app
@@ -47,6 +48,7 @@ class Worker:
         self.concurrency = concurrency or settings.concurrency
         self.identity = WorkerIdentity(settings.worker_id, tuple(self.queues), self.concurrency)
         self.install_signal_handlers = install_signal_handlers
+        self.serve_http = settings.http_enabled if serve_http is None else serve_http
         self.stop_requested = asyncio.Event()
         self._signals = 0
         self.state: WorkerState = "starting"
@@ -103,7 +105,7 @@ class Worker:
         self.request_stop()
 
     async def run(self) -> None:
-        if self.app.settings.http_enabled:
+        if self.serve_http:
             self.http = await HttpServer(self.app, self).start()
         try:
             await self._run()
