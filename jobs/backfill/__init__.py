@@ -1,5 +1,40 @@
-"""The backfill job kind (placeholder until it lands)."""
+"""The ``backfill`` job kind: copy a table between PostgreSQL databases in keyset batches with exact progress.
 
-from runner.plugins import Plugin
+See :mod:`jobs.backfill.mover` for how batches move and resume, :mod:`jobs.backfill.plan` for the checks
+made at enqueue and again at run time, and :mod:`jobs.backfill.pools` for named connections.
+"""
 
-plugin = Plugin(name="backfill")
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from jobs.backfill.mover import handle
+from jobs.backfill.plan import build_plan
+from jobs.backfill.pools import close_named_pools, named_pools
+from jobs.backfill.spec import parse_spec
+from runner.app import App
+from runner.plugins import JobKind, Plugin
+
+
+async def validate(payload: dict[str, Any], app: App) -> None:
+    """At enqueue: the payload's shape, then both catalogs (raises PayloadError, a usage error)."""
+    spec = parse_spec(payload)
+    pools = named_pools(app)
+    async with pools.use(spec.source) as source_db, pools.use(spec.dest) as dest_db:
+        await build_plan(spec, source_db, dest_db)
+
+
+def commands(cli: typer.Typer) -> None:
+    from jobs.backfill.cli import register  # the CLI module imports runner.cli; only load it for the CLI
+
+    register(cli)
+
+
+plugin = Plugin(
+    name="backfill",
+    kinds=(JobKind("backfill", handle, validate),),
+    commands=commands,
+    close_resources=close_named_pools,
+)

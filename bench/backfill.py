@@ -1,0 +1,320 @@
+"""Backfill benchmark (not a test): runner's backfill against a raw COPY pipe and an old-style loop.
+
+    python bench/backfill.py [--rows 1000000] [--batch-size 10000] [--json bench/results/backfill.json]
+
+One run, one server (RUNNER_BENCH_DATABASE_URL, or an embedded PostgreSQL under RUNNER_BENCH_HOME,
+default /tmp/runner-bench). A source database gets a table of --rows rows (bigint key, int, text,
+timestamptz, numeric, jsonb; some NULLs), then each method copies it into a fresh destination table with
+the same primary key, and every copy is checked exact (row count and md5 over the ordered rows):
+
+- raw pipe: ``COPY (SELECT ...) TO STDOUT (FORMAT binary)`` piped into ``COPY ... FROM STDIN`` (asyncpg,
+  two connections and a queue; and psql | psql): the practical ceiling;
+- runner backfill across databases (``--source bsrc --dest bdst``) and within one database, run by an
+  in-process worker; the time is the job's own (started_at to finished_at, counting included);
+- old style: OFFSET pages of 10,000 rows and ``executemany`` INSERTs, as the seed incident did.
+
+Targets: runner >= 70% of the raw pipe, >= 10x the old-style loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# bench/ holds a queue.py: drop the folder from sys.path so `import queue` finds the standard library.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.insert(0, str(_BENCH.parent))
+
+import asyncpg  # noqa: E402
+
+from bench._common import Server, fresh_name, log, machine, start_server  # noqa: E402
+
+SOURCE_TABLE = "src"
+OLD_STYLE_PAGE = 10_000
+COLUMNS = "id, qty, name, created_at, amount, doc, note"
+CREATE_TABLE = """
+CREATE TABLE {name} (
+    id bigint PRIMARY KEY, qty integer, name text NOT NULL, created_at timestamptz NOT NULL,
+    amount numeric(14, 2), doc jsonb, note text
+)"""
+SEED = f"""
+INSERT INTO {SOURCE_TABLE}
+SELECT g, CASE WHEN g % 11 = 0 THEN NULL ELSE (g * 7) % 1000 END, 'customer-' || g,
+       timestamptz '2024-01-01 00:00:00+00' + g * interval '17 seconds',
+       CASE WHEN g % 10 = 0 THEN NULL ELSE round(((g % 100000) * 1.37)::numeric, 2) END,
+       CASE WHEN g % 7 = 0 THEN NULL
+            ELSE jsonb_build_object('id', g, 'tags', jsonb_build_array('a', g % 13), 'ok', g % 2 = 0) END,
+       CASE WHEN g % 3 = 0 THEN NULL ELSE md5(g::text) END
+FROM generate_series(1, $1::bigint) AS g
+"""
+DIGEST = "SELECT count(*), md5(string_agg(t::text, E'\\n' ORDER BY t.id)) FROM {name} t"
+
+
+@dataclass
+class Result:
+    method: str
+    rows: int
+    seconds: float
+    exact: bool
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Bench:
+    server: Server
+    source_db: str
+    dest_db: str
+    runner_db: str
+    rows: int
+    batch_size: int
+    digest: tuple[int, str] | None = None
+
+    def url(self, database: str) -> str:
+        return self.server.url(database)
+
+
+# --- set-up -----------------------------------------------------------------------------------------
+async def connect(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(url, server_settings={"application_name": "bench-backfill"})
+
+
+async def seed(bench: Bench) -> None:
+    connection = await connect(bench.url(bench.source_db))
+    try:
+        await connection.execute(CREATE_TABLE.format(name=SOURCE_TABLE))
+        started = time.perf_counter()
+        await connection.execute(SEED, bench.rows)
+        await connection.execute(f"VACUUM ANALYZE {SOURCE_TABLE}")
+        log(f"seeded {bench.rows:,} rows in {time.perf_counter() - started:.1f}s")
+        bench.digest = tuple(await connection.fetchrow(DIGEST.format(name=SOURCE_TABLE)))  # type: ignore[assignment]
+    finally:
+        await connection.close()
+
+
+async def fresh_table(url: str, name: str, create: bool = True) -> None:
+    connection = await connect(url)
+    try:
+        await connection.execute(f"DROP TABLE IF EXISTS {name}")
+        if create:
+            await connection.execute(CREATE_TABLE.format(name=name))
+    finally:
+        await connection.close()
+
+
+async def is_exact(bench: Bench, url: str, name: str) -> bool:
+    connection = await connect(url)
+    try:
+        await connection.execute(f"VACUUM ANALYZE {name}")
+        return tuple(await connection.fetchrow(DIGEST.format(name=name))) == bench.digest
+    finally:
+        await connection.close()
+
+
+# --- the methods ------------------------------------------------------------------------------------
+async def raw_asyncpg(bench: Bench) -> float:
+    """COPY TO STDOUT on one connection streamed, chunk by chunk, into COPY FROM STDIN on another."""
+    source, dest = await connect(bench.url(bench.source_db)), await connect(bench.url(bench.dest_db))
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+
+    async def sink(data: bytes) -> None:
+        await chunks.put(data)
+
+    async def stream() -> AsyncIterator[bytes]:
+        while (chunk := await chunks.get()) is not None:
+            yield chunk
+
+    async def copy_out() -> None:
+        await source.copy_from_query(f"SELECT {COLUMNS} FROM {SOURCE_TABLE}", output=sink, format="binary")
+        await chunks.put(None)
+
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(copy_out(), dest.copy_to_table("dst", source=stream(), format="binary"))
+        return time.perf_counter() - started
+    finally:
+        await source.close()
+        await dest.close()
+
+
+def psql_path() -> Path | None:
+    from runner.embedded import _wheel_install_dir
+
+    try:
+        path = _wheel_install_dir() / "bin" / "psql"
+    except Exception:
+        return None
+    return path if path.exists() else None
+
+
+async def raw_psql(bench: Bench) -> float:
+    """psql -c 'COPY (SELECT ...) TO STDOUT' | psql -c 'COPY dst FROM STDIN', both binary."""
+    psql = psql_path()
+    assert psql is not None
+    out = [str(psql), "-X", "-q", "-d", bench.url(bench.source_db), "-c",
+           f"COPY (SELECT {COLUMNS} FROM {SOURCE_TABLE}) TO STDOUT (FORMAT binary)"]
+    into = [str(psql), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", bench.url(bench.dest_db), "-c",
+            "COPY dst FROM STDIN (FORMAT binary)"]
+
+    def pipe() -> float:
+        started = time.perf_counter()
+        producer = subprocess.Popen(out, stdout=subprocess.PIPE)
+        consumer = subprocess.Popen(into, stdin=producer.stdout, stdout=subprocess.DEVNULL)
+        assert producer.stdout is not None
+        producer.stdout.close()
+        if consumer.wait() != 0 or producer.wait() != 0:
+            raise RuntimeError("psql | psql failed")
+        return time.perf_counter() - started
+
+    return await asyncio.to_thread(pipe)
+
+
+async def old_style(bench: Bench) -> float:
+    """The seed incident's loop: OFFSET pages in key order, executemany INSERT of each page."""
+    source, dest = await connect(bench.url(bench.source_db)), await connect(bench.url(bench.dest_db))
+    page = f"SELECT {COLUMNS} FROM {SOURCE_TABLE} ORDER BY id LIMIT $1 OFFSET $2"
+    insert = f"INSERT INTO dst ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    for connection in (source, dest):  # rows pass through as text, like a driver without codecs would
+        await connection.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
+    try:
+        started = time.perf_counter()
+        offset = 0
+        while rows := await source.fetch(page, OLD_STYLE_PAGE, offset):
+            await dest.executemany(insert, rows)
+            offset += len(rows)
+        return time.perf_counter() - started
+    finally:
+        await source.close()
+        await dest.close()
+
+
+async def runner_backfill(bench: Bench, *, same_database: bool) -> float:
+    """Enqueue one backfill job, run it with an in-process worker, return the job's own duration."""
+    from config import load_settings
+    from runner.app import App
+    from runner.queue import NewJob
+    from runner.worker import Worker
+
+    payload = {"source": "bsrc", "source_table": f"public.{SOURCE_TABLE}",
+               "dest": "bsrc" if same_database else "bdst", "dest_table": "public.dst",
+               "batch_size": bench.batch_size, "create_table": True}
+    app = await App.open(load_settings())
+    try:
+        await app.registry.get("backfill").validate(payload, app)  # type: ignore[misc]
+        job_id, _ = await app.queue.job_enqueue(NewJob("backfill", payload, max_attempts=1))
+        await Worker(app, drain=True, install_signal_handlers=False).run()
+        job = await app.queue.job_get(job_id)
+    finally:
+        await app.close()
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"backfill job {job_id} {job['status']}: {job['last_error']}")
+    return (job["finished_at"] - job["started_at"]).total_seconds()
+
+
+# --- the run ----------------------------------------------------------------------------------------
+async def measure(bench: Bench, method: str, run: Callable[[], Awaitable[float]], dest_db: str,
+                  create: bool = True) -> Result:
+    await fresh_table(bench.url(dest_db), "dst", create=create)
+    log(f"{method} ...")
+    seconds = await run()
+    exact = await is_exact(bench, bench.url(dest_db), "dst")
+    result = Result(method, bench.rows, seconds, exact)
+    log(f"{method}: {result.rows_per_s:,.0f} rows/s ({seconds:.2f}s){'' if exact else ' NOT EXACT'}")
+    return result
+
+
+async def run_all(bench: Bench, skip_old: bool) -> list[Result]:
+    results = [await measure(bench, "raw pipe: asyncpg COPY out -> COPY in", lambda: raw_asyncpg(bench),
+                             bench.dest_db)]
+    if psql_path() is not None:
+        results.append(await measure(bench, "raw pipe: psql | psql", lambda: raw_psql(bench), bench.dest_db))
+    results.append(await measure(bench, "runner backfill, across databases",
+                                 lambda: runner_backfill(bench, same_database=False), bench.dest_db, create=False))
+    results.append(await measure(bench, "runner backfill, within one database",
+                                 lambda: runner_backfill(bench, same_database=True), bench.source_db, create=False))
+    if not skip_old:
+        results.append(await measure(bench, "old style: OFFSET pages + executemany", lambda: old_style(bench),
+                                     bench.dest_db))
+    return results
+
+
+def report(results: list[Result], bench: Bench, info: dict[str, object]) -> str:
+    raw = max((r for r in results if r.method.startswith("raw")), key=lambda r: r.rows_per_s)
+    runner = next(r for r in results if r.method == "runner backfill, across databases")
+    old = next((r for r in results if r.method.startswith("old")), None)
+    lines = ["| method | rows | seconds | rows/s | vs best raw pipe | exact |", "|---|---:|---:|---:|---:|:-:|"]
+    for r in results:
+        lines.append(f"| {r.method} | {r.rows:,} | {r.seconds:.2f} | {r.rows_per_s:,.0f} | "
+                     f"{r.rows_per_s / raw.rows_per_s:.0%} | {'yes' if r.exact else 'NO'} |")
+    lines.append("")
+    lines.append(f"runner (across databases) / best raw pipe = {runner.rows_per_s / raw.rows_per_s:.0%} "
+                 "(target >= 70%)")
+    if old is not None:
+        lines.append(f"runner (across databases) / old style = {runner.rows_per_s / old.rows_per_s:.1f}x "
+                     "(target >= 10x)")
+    lines.append(f"batch size {bench.batch_size:,}; {json.dumps(info)}")
+    return "\n".join(lines)
+
+
+def configure_runner_env(bench: Bench) -> None:
+    for key in [k for k in os.environ if k.startswith("RUNNER_") and not k.startswith("RUNNER_BENCH_")]:
+        del os.environ[key]
+    os.environ.update({
+        "RUNNER_DATABASE_URL": bench.url(bench.runner_db),
+        "RUNNER_SOURCE_BSRC_URL": bench.url(bench.source_db),
+        "RUNNER_SOURCE_BDST_URL": bench.url(bench.dest_db),
+        "RUNNER_HTTP_ENABLED": "false",
+        "RUNNER_LOG_LEVEL": "warning",
+        "RUNNER_HOME": str(Path(os.environ.get("RUNNER_BENCH_HOME", "/tmp/runner-bench")) / "runner-home"),
+    })
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--skip-old", action="store_true", help="leave out the (slow) old-style loop")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    from runner.logs import configure_logging
+    from runner.migrate import migrate
+    from runner.plugins import load_plugins
+
+    configure_logging("console", "warning")
+
+    server = start_server()
+    names = [fresh_name("bfsrc"), fresh_name("bfdst"), fresh_name("bfrun")]
+    for name in names:
+        await server.create(name)
+    bench = Bench(server, *names, rows=args.rows, batch_size=args.batch_size)
+    try:
+        await migrate(bench.url(bench.runner_db), load_plugins())
+        configure_runner_env(bench)
+        await seed(bench)
+        results = await run_all(bench, args.skip_old)
+        info = {"machine": machine(), "server": await server.describe()}
+    finally:
+        for name in names:
+            await server.drop(name)
+        server.stop_if_started_here()
+    print(report(results, bench, info))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"results": [asdict(r) | {"rows_per_s": r.rows_per_s} for r in results],
+                                         "batch_size": bench.batch_size, **info}, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

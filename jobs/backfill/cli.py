@@ -1,0 +1,116 @@
+"""``runner backfill SRC DEST ...``: validate against the catalogs, enqueue, print the id, optionally watch."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from jobs.backfill.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONNECTION, BackfillSpec, parse_spec
+from jobs.backfill.where import parse_where
+from runner.app import App
+from runner.cli import fail, settings_or_exit, with_app
+from runner.errors import UsageError
+from runner.queue import NewJob
+
+KIND = "backfill"
+POLL_S = 0.25
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(KIND)(backfill_command)
+
+
+def backfill_command(
+    source_table: Annotated[str, typer.Argument(metavar="SRC_TABLE", help="schema.table to copy from")],
+    dest_table: Annotated[str, typer.Argument(metavar="DEST_TABLE", help="schema.table to copy into")],
+    source: Annotated[str, typer.Option(help="Source connection (RUNNER_SOURCE_<NAME>_URL)")] = DEFAULT_CONNECTION,
+    dest: Annotated[str, typer.Option(help="Destination connection")] = DEFAULT_CONNECTION,
+    key: Annotated[str | None, typer.Option(help="Unique key column (default: the primary key)")] = None,
+    where: Annotated[list[str] | None, typer.Option(help="Filter such as 'created_at>=2024-01-01' (repeatable)")]
+    = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch")] = DEFAULT_BATCH_SIZE,
+    mode: Annotated[str, typer.Option(help="insert (skip existing keys) or upsert (update them)")] = "insert",
+    create_table: Annotated[bool, typer.Option(help="Create the destination from the source's columns")] = False,
+    wait: Annotated[bool, typer.Option(help="Show progress; exit 0 only if the job succeeded")] = False,
+) -> None:
+    """Copy a table between PostgreSQL databases in keyset batches (prints the job id)."""
+    settings = settings_or_exit()
+    try:
+        spec = parse_spec({
+            "source": source, "source_table": source_table, "dest": dest, "dest_table": dest_table, "key": key,
+            "filters": [parse_where(w).to_json() for w in where or []], "batch_size": batch_size, "mode": mode,
+            "create_table": create_table,
+        })
+    except UsageError as error:
+        raise fail(str(error), 2) from None
+
+    async def body(app: App) -> int:
+        return await enqueue(app, spec, wait)
+
+    raise typer.Exit(with_app(settings, body))
+
+
+async def enqueue(app: App, spec: BackfillSpec, wait: bool) -> int:
+    payload = spec.to_payload()
+    kind = app.registry.get(KIND)
+    if kind.validate is not None:
+        await kind.validate(payload, app)
+    job_id, _ = await app.queue.job_enqueue(NewJob(KIND, payload, max_attempts=app.settings.default_max_attempts))
+    print(job_id, flush=True)
+    if not wait:
+        return 0
+    return await watch(app, job_id)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} rows/s" if speed else "- rows/s", style="progress.data.speed")
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("job {task.fields[job_id]}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+        RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        console=console, refresh_per_second=4,
+    )
+
+
+async def watch(app: App, job_id: int) -> int:
+    """A live progress bar (rows, rows/s, ETA) on stderr until the job finishes."""
+    try:
+        job = await follow(app, job_id, Console(stderr=True))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"stopped watching; job {job_id} goes on (runner cancel {job_id} stops it)", file=sys.stderr)
+        return 1
+    if job["status"] == "succeeded":
+        print(f"job {job_id} succeeded: {job['progress_done']:,} rows", file=sys.stderr)
+        return 0
+    print(f"error: job {job_id} {job['status']}: {job['last_error'] or ''}".rstrip(": "), file=sys.stderr)
+    return 1
+
+
+async def follow(app: App, job_id: int, console: Console) -> dict[str, Any]:
+    with progress_bar(console) as progress:
+        task = progress.add_task(KIND, total=None, job_id=job_id, status="pending")
+        while True:
+            job = await app.queue.job_get(job_id)
+            progress.update(task, completed=job["progress_done"], total=job["progress_total"], status=job["status"])
+            if job["status"] in FINISHED:
+                return job
+            await asyncio.sleep(POLL_S)

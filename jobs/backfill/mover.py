@@ -1,0 +1,258 @@
+"""The backfill handler: count, then move keyset batches, checkpointing the last key after each.
+
+A batch is ``lower < key <= upper``: a reader task finds the batch's ``upper`` on the source (the
+batch_size-th key after ``lower`` within the filters; never OFFSET) and takes its rows out by binary
+``COPY (SELECT ... WHERE ... ORDER BY key) TO STDOUT``, staying up to :data:`READ_AHEAD` batches ahead
+of the writer so both databases work at once. The writer puts each batch into the destination by COPY:
+
+- ``direct``: straight into the table, while the destination holds no key past the checkpoint (checked
+  once per run) and its column types are the source's. A unique violation (someone else wrote into the
+  range) sends that batch, and the probe for every later one, to the stage;
+- ``probe``: per batch, ``direct`` when the destination holds no key of the range, else ``stage``;
+- ``stage``: COPY into a temporary table of the source's types, then
+  ``INSERT ... SELECT ... ON CONFLICT (key) DO NOTHING`` (insert) or ``DO UPDATE`` (upsert).
+
+The same pipeline serves one database (two pooled connections) and two: COPY beats ``INSERT ... SELECT``
+with ``ON CONFLICT`` even there (bench/backfill.py).
+
+When the destination is the runner's database the batch and the checkpoint commit in one transaction
+(the checkpoint write is fenced by the lease epoch: a lost lease rolls the batch back). Otherwise every
+batch is idempotent by key, so replaying a batch after a crash between its commit and its checkpoint
+neither duplicates nor loses a row. Cancellation is checked before every batch is written. A transient
+database error (restart, failover, lost connection) pauses the step and retries it for up to
+:data:`RETRY_FOR_S`; a write is retried only after re-reading the committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import asyncpg
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from jobs.backfill.plan import Plan, build_plan, create_dest_table
+from jobs.backfill.pools import named_pools
+from jobs.backfill.spec import parse_spec
+from jobs.backfill.sql import STAGE
+from runner.context import JobContext
+from runner.db import TRANSIENT_ERRORS, Database
+from runner.errors import DatabaseUnavailable, LeaseLost, PoolExhausted
+
+T = TypeVar("T")
+Route = Literal["direct", "probe", "stage"]  # how a batch enters the destination
+READ_AHEAD = 2
+RETRY_FOR_S = 120.0
+TRANSIENT = (*TRANSIENT_ERRORS, PoolExhausted, DatabaseUnavailable, asyncpg.PostgresConnectionError,
+             asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError,
+             asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.DeadlockDetectedError,
+             asyncpg.exceptions.SerializationError)
+
+
+@dataclass(frozen=True)
+class Batch:
+    lower: str | None  # exclusive
+    upper: str  # inclusive: the batch's last key as text, which becomes the checkpoint
+    rows: int
+    data: bytes  # COPY data in the plan's format
+
+
+@dataclass
+class Position:
+    last_key: str | None
+    done: int
+    total: int
+
+
+async def handle(ctx: JobContext) -> None:
+    spec = parse_spec(ctx.payload)
+    pools = named_pools(ctx.app)
+    async with pools.use(spec.source) as source_db, pools.use(spec.dest) as dest_db:
+        plan = await retrying(ctx, "validate", functools.partial(build_plan, spec, source_db, dest_db))
+        if plan.dest is None:
+            await retrying(ctx, "create table", functools.partial(create_dest_table, plan, dest_db))
+            plan = await retrying(ctx, "validate", functools.partial(build_plan, spec, source_db, dest_db))
+        backfill = Backfill(ctx, plan, source_db, dest_db, await start(ctx, plan, source_db))
+        await backfill.run()
+
+
+async def start(ctx: JobContext, plan: Plan, source_db: Database) -> Position:
+    """Where to begin: the checkpoint's last key and progress, or the beginning with a fresh count."""
+    last_key = (ctx.saved_checkpoint or {}).get("last_key")
+    if last_key is not None and ctx.job.progress_total is not None:
+        ctx.log.info("resuming backfill", last_key=last_key, done=ctx.job.progress_done, total=ctx.job.progress_total)
+        return Position(str(last_key), ctx.job.progress_done, ctx.job.progress_total)
+    sql, args = plan.statements.count()
+    total = int(await retrying(ctx, "count", functools.partial(source_db.fetchval, sql, *args)))
+    await ctx.progress(0, total)
+    ctx.log.info("backfill counted", total=total, batch_size=plan.spec.batch_size, mode=plan.spec.mode)
+    return Position(None, 0, total)
+
+
+async def retrying(ctx: JobContext, step: str, operation: Callable[[], Awaitable[T]]) -> T:
+    def warn(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        ctx.log.warning("backfill step failed; retrying", step=step, error=repr(error), attempt=state.attempt_number)
+
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        stop=stop_after_delay(RETRY_FOR_S),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
+        before_sleep=warn,
+        reraise=True,
+    ):
+        with attempt:
+            return await operation()
+    raise AssertionError("unreachable")  # pragma: no cover - tenacity either returns or raises
+
+
+class Backfill:
+    def __init__(self, ctx: JobContext, plan: Plan, source_db: Database, dest_db: Database, at: Position) -> None:
+        self.ctx = ctx
+        self.plan = plan
+        self.statements = plan.statements
+        self.source_db = source_db
+        self.dest_db = dest_db
+        self.at = at
+        self.atomic = plan.spec.atomic_checkpoint
+        self.route: Route = "stage"
+
+    async def run(self) -> None:
+        started, done_before = time.monotonic(), self.at.done
+        await self._pipeline()
+        await self._finish(time.monotonic() - started, self.at.done - done_before)
+
+    async def _finish(self, elapsed: float, moved: int) -> None:
+        if self.at.done != self.at.total:
+            self.ctx.log.warning("the source changed during the backfill", counted=self.at.total, copied=self.at.done)
+            self.at.total = self.at.done
+            await self.ctx.progress(self.at.done, self.at.total)
+        self.ctx.log.info("backfill finished", rows=self.at.done, rows_this_attempt=moved,
+                          seconds=round(elapsed, 3), rows_per_s=round(moved / elapsed) if elapsed > 0 else None)
+
+    # --- progress -------------------------------------------------------------------------------
+    async def _checkpoint(self, upper: str, rows: int, connection: asyncpg.Connection | None) -> None:
+        await self.ctx.checkpoint({"last_key": upper}, done=self.at.done + rows, total=self.at.total,
+                                  connection=connection)
+
+    def _advance(self, upper: str, rows: int) -> None:
+        self.at.last_key, self.at.done = upper, self.at.done + rows
+
+    async def _reload(self) -> None:
+        """After a failed write: the committed checkpoint is the truth (the commit may have happened)."""
+        job = await self.ctx.app.queue.job_get(self.ctx.job_id)
+        if job["status"] != "running" or job["lease_epoch"] != self.ctx.job.lease_epoch:
+            raise LeaseLost(f"job {self.ctx.job_id}: lease epoch {self.ctx.job.lease_epoch} is no longer current")
+        last_key = (job["checkpoint"] or {}).get("last_key")
+        self.at.last_key = None if last_key is None else str(last_key)
+        self.at.done = job["progress_done"]
+
+    async def _write(self, step: str, write: Callable[[], Awaitable[None]]) -> None:
+        first = True
+
+        async def attempt() -> None:
+            nonlocal first
+            if not first:
+                await self._reload()
+            first = False
+            await write()
+
+        await retrying(self.ctx, step, attempt)
+
+    # --- the pipeline: COPY out, COPY in -------------------------------------------------------------
+    async def _pipeline(self) -> None:
+        self.route = await retrying(self.ctx, "probe destination", self._choose_route)
+        queue: asyncio.Queue[Batch | BaseException | None] = asyncio.Queue(maxsize=READ_AHEAD)
+        reader = asyncio.create_task(self._read_ahead(queue), name=f"backfill-read-{self.ctx.job_id}")
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self.ctx.raise_if_cancelled()
+                await self._write("write batch", functools.partial(self._write_batch, item))
+        finally:
+            reader.cancel()
+            await asyncio.wait([reader])
+
+    async def _read_ahead(self, queue: asyncio.Queue[Batch | BaseException | None]) -> None:
+        lower = self.at.last_key
+        try:
+            while True:
+                batch = await retrying(self.ctx, "read batch", functools.partial(self._read, lower))
+                await queue.put(batch)
+                if batch is None:
+                    return
+                lower = batch.upper
+        except Exception as error:  # handed to the writer, which raises it
+            await queue.put(error)
+
+    async def _read(self, lower: str | None) -> Batch | None:
+        bound_sql, args = self.statements.upper_bound(lower, self.plan.spec.batch_size)
+        chunks: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            chunks.append(data)
+
+        async with self.source_db.connection() as connection:
+            upper = await connection.fetchval(bound_sql, *args)
+            if upper is None:
+                return None
+            status = await connection.copy_from_query(
+                self.statements.copy_out(lower, upper), output=sink, format=self.plan.copy_format)
+        return Batch(lower, upper, copied_rows(status), b"".join(chunks))
+
+    async def _write_batch(self, batch: Batch) -> None:
+        if self.at.last_key == batch.upper:
+            return  # committed already: the failure came after the commit
+        if self.at.last_key != batch.lower:
+            raise RuntimeError(f"backfill reader and writer disagree: at {self.at.last_key!r}, batch from "
+                               f"{batch.lower!r}")
+        direct = self.route == "direct" or (
+            self.route == "probe" and not await self._dest_has(batch.lower, batch.upper))
+        try:
+            await self._commit_batch(batch, direct)
+        except asyncpg.UniqueViolationError:
+            if not direct:
+                raise
+            self.ctx.log.info("destination keys appeared in the batch range; probing each batch from now on")
+            self.route = "probe"
+            await self._commit_batch(batch, direct=False)
+
+    async def _commit_batch(self, batch: Batch, direct: bool) -> None:
+        async with self.dest_db.transaction() as connection:
+            if direct:
+                await self._copy(connection, batch, self.plan.spec.dest_table.name, self.plan.spec.dest_table.schema)
+            else:
+                await connection.execute(self.statements.create_stage())
+                await self._copy(connection, batch, STAGE, None)
+                await connection.execute(self.statements.insert_from_stage())
+            if self.atomic:
+                await self._checkpoint(batch.upper, batch.rows, connection)
+        if not self.atomic:
+            await self._checkpoint(batch.upper, batch.rows, None)
+        self._advance(batch.upper, batch.rows)
+
+    async def _choose_route(self) -> Route:
+        """COPY straight into the table while the destination holds no key past ours (checked once), else
+        probe each batch's range, else (other column types) always go through the stage."""
+        if not self.plan.copy_direct:
+            return "stage"
+        return "probe" if await self._dest_has(self.at.last_key, None) else "direct"
+
+    async def _dest_has(self, lower: str | None, upper: str | None) -> bool:
+        sql, args = self.statements.any_in_range(lower, upper)
+        return bool(await self.dest_db.fetchval(sql, *args))
+
+    async def _copy(self, connection: asyncpg.Connection, batch: Batch, table: str, schema: str | None) -> None:
+        # a memoryview, because asyncpg would take bytes for a file path
+        await connection.copy_to_table(table, schema_name=schema, columns=self.statements.column_names,
+                                       source=memoryview(batch.data), format=self.plan.copy_format)
+
+
+def copied_rows(status: str) -> int:
+    """'COPY 10000' -> 10000."""
+    return int(status.rsplit(" ", 1)[-1])

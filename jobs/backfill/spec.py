@@ -1,0 +1,215 @@
+"""The backfill payload: parsed and shape-checked here, checked against the catalogs in :mod:`plan`.
+
+A payload names connections, never DSNs::
+
+    {"source": "default", "source_table": "public.src", "dest": "warehouse", "dest_table": "public.dst",
+     "key": "id", "filters": [["created_at", ">=", "2024-01-01"], ["note", "is_null"]],
+     "batch_size": 10000, "mode": "insert", "create_table": false}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from runner.errors import PayloadError
+
+DEFAULT_CONNECTION = "default"
+DEFAULT_SCHEMA = "public"
+DEFAULT_BATCH_SIZE = 10_000
+MAX_BATCH_SIZE = 1_000_000
+COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
+NULL_TESTS = ("is_null", "not_null")
+OPS = (*COMPARISONS, "in", *NULL_TESTS)
+MODES = ("insert", "upsert")
+FIELDS = frozenset({"source", "source_table", "dest", "dest_table", "key", "filters", "batch_size", "mode",
+                    "create_table"})
+_CONNECTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+_MAX_NAME = 63  # NAMEDATALEN - 1: a longer name cannot exist in the catalog
+
+Mode = Literal["insert", "upsert"]
+FilterValue = str | tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class TableName:
+    schema: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: Any, field: str) -> TableName:
+        if not isinstance(text, str) or not text.strip():
+            raise PayloadError(f"{field} must be a table name such as public.events, got {text!r}")
+        parts = text.split(".")
+        if len(parts) > 2 or not all(parts):
+            raise PayloadError(f"{field} {text!r}: expected schema.table or table")
+        schema, name = parts if len(parts) == 2 else (DEFAULT_SCHEMA, parts[0])
+        for part in (schema, name):
+            check_identifier(part, field)
+        return cls(schema, name)
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True)
+class Filter:
+    column: str
+    op: str
+    value: FilterValue
+
+    def to_json(self) -> list[Any]:
+        if self.op in NULL_TESTS:
+            return [self.column, self.op]
+        return [self.column, self.op, list(self.value) if isinstance(self.value, tuple) else self.value]
+
+    def describe(self) -> str:
+        if self.op in NULL_TESTS:
+            return f"{self.column} {self.op}"
+        shown = ",".join(self.value) if isinstance(self.value, tuple) else self.value
+        return f"{self.column} {self.op} {shown!r}"
+
+
+@dataclass(frozen=True)
+class BackfillSpec:
+    source: str
+    source_table: TableName
+    dest: str
+    dest_table: TableName
+    key: str | None
+    filters: tuple[Filter, ...]
+    batch_size: int
+    mode: Mode
+    create_table: bool
+
+    @property
+    def same_connection(self) -> bool:
+        return self.source == self.dest
+
+    @property
+    def atomic_checkpoint(self) -> bool:
+        """The destination is the runner's own database: batch and checkpoint commit together."""
+        return self.dest == DEFAULT_CONNECTION
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "source_table": str(self.source_table),
+            "dest": self.dest,
+            "dest_table": str(self.dest_table),
+            "key": self.key,
+            "filters": [f.to_json() for f in self.filters],
+            "batch_size": self.batch_size,
+            "mode": self.mode,
+            "create_table": self.create_table,
+        }
+
+
+def check_identifier(name: str, field: str) -> None:
+    """Names are looked up in the catalogs later; this only rejects what no catalog can hold."""
+    if not name or len(name.encode()) > _MAX_NAME or any(ord(ch) < 32 for ch in name):
+        raise PayloadError(f"{field}: {name!r} is not a valid PostgreSQL name")
+
+
+def parse_spec(payload: dict[str, Any]) -> BackfillSpec:
+    """Check the payload's shape; raise PayloadError naming the first bad field."""
+    if not isinstance(payload, dict):
+        raise PayloadError("the backfill payload must be a JSON object")
+    unknown = sorted(set(payload) - FIELDS)
+    if unknown:
+        raise PayloadError(f"unknown backfill field {unknown[0]!r} (known: {', '.join(sorted(FIELDS))})")
+    spec = BackfillSpec(
+        source=_connection(payload.get("source", DEFAULT_CONNECTION), "source"),
+        source_table=TableName.parse(payload.get("source_table"), "source_table"),
+        dest=_connection(payload.get("dest", DEFAULT_CONNECTION), "dest"),
+        dest_table=TableName.parse(payload.get("dest_table"), "dest_table"),
+        key=_key(payload.get("key")),
+        filters=_filters(payload.get("filters", [])),
+        batch_size=_batch_size(payload.get("batch_size", DEFAULT_BATCH_SIZE)),
+        mode=_mode(payload.get("mode", "insert")),
+        create_table=_flag(payload.get("create_table", False), "create_table"),
+    )
+    if spec.same_connection and spec.source_table == spec.dest_table:
+        raise PayloadError(f"source and destination are the same table ({spec.source_table} on {spec.source!r})")
+    return spec
+
+
+def _connection(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _CONNECTION_NAME.match(value):
+        raise PayloadError(f"{field} must be a connection name (letters, digits, _), got {value!r}")
+    return value.lower()
+
+
+def _key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise PayloadError(f"key must be a column name, got {value!r}")
+    check_identifier(value, "key")
+    return value
+
+
+def _batch_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+        raise PayloadError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE:,}, got {value!r}")
+    return value
+
+
+def _mode(value: Any) -> Mode:
+    if value not in MODES:
+        raise PayloadError(f"mode must be 'insert' or 'upsert', got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def _flag(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise PayloadError(f"{field} must be true or false, got {value!r}")
+    return value
+
+
+def _filters(value: Any) -> tuple[Filter, ...]:
+    if not isinstance(value, list):
+        raise PayloadError(f"filters must be a list of [column, op, value], got {value!r}")
+    return tuple(parse_filter(item) for item in value)
+
+
+def parse_filter(item: Any) -> Filter:
+    if not isinstance(item, list | tuple) or not 2 <= len(item) <= 3:
+        raise PayloadError(f"filter {item!r}: expected [column, op, value]")
+    column, op = item[0], item[1]
+    if not isinstance(column, str):
+        raise PayloadError(f"filter {item!r}: the column must be a name")
+    check_identifier(column, "filter column")
+    if op not in OPS:
+        raise PayloadError(f"filter {item!r}: op must be one of {' '.join(OPS)}")
+    raw = item[2] if len(item) == 3 else None
+    if op in NULL_TESTS:
+        if raw is not None:
+            raise PayloadError(f"filter {item!r}: {op} takes no value")
+        return Filter(column, op, None)
+    if op == "in":
+        if not isinstance(raw, list) or not raw:
+            raise PayloadError(f"filter {item!r}: 'in' needs a non-empty list of values")
+        return Filter(column, op, tuple(_scalar(v, item) for v in raw))
+    return Filter(column, op, _scalar(raw, item))
+
+
+def _scalar(value: Any, item: Any) -> str:
+    """Every value is sent as text and cast to the column's type by PostgreSQL."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PayloadError(f"filter {item!r}: values must be finite")
+        return repr(value)
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise PayloadError(f"filter {item!r}: values must not contain NUL characters")
+        return value
+    if value is None:
+        raise PayloadError(f"filter {item!r}: a null value needs op is_null or not_null")
+    raise PayloadError(f"filter {item!r}: values must be strings, numbers or booleans")
