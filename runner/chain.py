@@ -116,7 +116,7 @@ class RetryingHTTPProvider(AsyncHTTPProvider):
         retrying = AsyncRetrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=RETRY_INITIAL_S, max=RETRY_MAX_S, jitter=RETRY_INITIAL_S),
+            wait=wait_exponential_jitter(multiplier=RETRY_INITIAL_S, max=RETRY_MAX_S, jitter=RETRY_INITIAL_S),
             before_sleep=lambda state: self._count_retry(method, state),
         )
         try:

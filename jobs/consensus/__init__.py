@@ -11,19 +11,18 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from jobs.consensus.cli import register_commands
-from jobs.consensus.contract import ensure_deployed
-from jobs.consensus.emitter import EventEmitter
-from jobs.consensus.engine import Engine, FinalityLoop, PendingLoop, RecoveryLoop
-from jobs.consensus.executor import KeyValueExecutor
 from jobs.consensus.store import ConsensusStore
-from runner.chain import close_chain, open_chain
 from runner.errors import RunnerError
 from runner.logs import get_logger
 from runner.plugins import Plugin
 
 if TYPE_CHECKING:
+    from jobs.consensus.engine import Engine
     from runner.app import App
     from runner.service import Service
+
+# The chain side (web3, eth_account, eth_abi: ~1.5 s of imports) loads only in processes that open the
+# consensus resources (workers), never for `runner submit`, `runner status` or other plugins' commands.
 
 log = get_logger("jobs.consensus")
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -39,6 +38,12 @@ async def open_resources(app: App) -> None:
     settings = app.settings
     if not settings.consensus_enabled:
         return
+    from jobs.consensus.contract import ensure_deployed
+    from jobs.consensus.emitter import EventEmitter
+    from jobs.consensus.engine import Engine
+    from jobs.consensus.executor import KeyValueExecutor
+    from runner.chain import close_chain, open_chain
+
     chain = await open_chain(settings)
     app.resources["chain"] = chain
     try:
@@ -59,7 +64,9 @@ async def close_resources(app: App) -> None:
     engine: Engine | None = app.resources.pop("consensus", None)
     if engine is not None:
         await engine.emitter.close()
-    await close_chain(app.resources.pop("chain", None))
+    chain = app.resources.pop("chain", None)
+    if chain is not None:
+        await chain.close()
 
 
 def services(app: App) -> Sequence[Service]:
@@ -68,6 +75,8 @@ def services(app: App) -> Sequence[Service]:
         if app.settings.consensus_enabled:
             log.warning("consensus resources are not open; the consensus loops will not run")
         return []
+    from jobs.consensus.engine import FinalityLoop, PendingLoop, RecoveryLoop
+
     return [PendingLoop(engine), FinalityLoop(engine), RecoveryLoop(engine)]
 
 

@@ -12,9 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from eth_utils import is_address, to_checksum_address
-
-from jobs.consensus.model import FAULTS_KEY, Faults, canonical_json, hash_hex
+from jobs.consensus.model import FAULTS_KEY, Faults, canonical_json, hash_hex, is_address, to_checksum_address
 from runner.errors import UsageError
 
 
@@ -72,8 +70,7 @@ class KeyValueExecutor:
             raise UsageError(f"input: {op!r} does not take {', '.join(sorted(extra))}")
         if "key" in data and (not isinstance(data["key"], str) or not data["key"]):
             raise UsageError("input.key: must be a non-empty string")
-        if "to" in data and (not isinstance(data["to"], str) or not is_address(data["to"])
-                             or not data["to"].startswith("0x")):
+        if "to" in data and (not isinstance(data["to"], str) or not is_address(data["to"])):
             raise UsageError(f"input.to: {data['to']!r} is not an address")
         if "amount" in data:
             amount = data["amount"]

@@ -9,12 +9,46 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from eth_account import Account
-from eth_utils import is_address, keccak, to_checksum_address
+from eth_hash.auto import keccak
 
 from config import Settings
-from runner.chain import DEV_KEY_IN_PROCESS, DEV_KEY_NODE
 from runner.errors import UsageError
+
+# This module stays light (no web3, eth_account or eth_utils: together ~1.5 s of imports) because the
+# CLI loads it for every command; addresses are checked and checksummed here (EIP-55).
+_HEX = frozenset("0123456789abcdefABCDEF")
+# = runner.chain.DEV_KEY_NODE / DEV_KEY_IN_PROCESS (public development keys), repeated here so that
+# `runner submit` does not import web3 to learn the default sender; a test keeps them equal.
+DEV_KEY_NODE = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+DEV_KEY_IN_PROCESS = "0x" + "00" * 31 + "01"
+
+
+def to_checksum_address(address: str) -> str:
+    """EIP-55 checksum of a 0x-prefixed 20-byte hex address (any case in)."""
+    body = address.removeprefix("0x").lower()
+    if len(body) != 40 or not set(body) <= _HEX:
+        raise ValueError(f"not an address: {address!r}")
+    digest = keccak(body.encode()).hex()
+    return "0x" + "".join(c.upper() if c.isalpha() and int(digest[i], 16) >= 8 else c for i, c in enumerate(body))
+
+
+def is_address(text: str) -> bool:
+    """0x + 40 hex digits; mixed case must be a valid EIP-55 checksum."""
+    body = text.removeprefix("0x")
+    if not text.startswith("0x") or len(body) != 40 or not set(body) <= _HEX:
+        return False
+    if body == body.lower() or body == body.upper():
+        return True
+    return to_checksum_address(text) == text
+
+
+def address_of_key(key: str) -> str:
+    """The address of a secp256k1 private key (hex), via coincurve (no eth_account import)."""
+    import coincurve
+
+    secret = bytes.fromhex(key.removeprefix("0x"))
+    public = coincurve.PublicKey.from_secret(secret).format(compressed=False)[1:]
+    return to_checksum_address("0x" + keccak(public)[-20:].hex())
 
 PENDING = "PENDING"
 ACTIVATED = "ACTIVATED"
@@ -56,14 +90,14 @@ def default_sender(settings: Settings) -> str:
     else:
         key = DEV_KEY_NODE if settings.chain_url else DEV_KEY_IN_PROCESS
     try:
-        return str(Account.from_key(key).address)
+        return address_of_key(key)
     except (ValueError, TypeError):
         raise UsageError("RUNNER_CHAIN_PRIVATE_KEY is not a valid private key (32 bytes, hex)") from None
 
 
 def parse_address(value: str, flag: str) -> str:
     text = value.strip()
-    if not is_address(text) or not text.startswith("0x"):
+    if not is_address(text):
         raise UsageError(f"{flag}: {value!r} is not an address (0x and 40 hex digits, checksum if mixed case)")
     return to_checksum_address(text)
 
@@ -206,7 +240,8 @@ def strip_faults(data: dict[str, Any]) -> dict[str, Any]:
 
 def validator_set(count: int) -> list[str]:
     """count + 1 deterministic node addresses: one leads each transaction, the other ``count`` validate."""
-    return [to_checksum_address(keccak(f"runner-consensus-node-{i}".encode())[12:]) for i in range(count + 1)]
+    return [to_checksum_address("0x" + keccak(f"runner-consensus-node-{i}".encode())[12:].hex())
+            for i in range(count + 1)]
 
 
 def pick_leader(tx_hash: str, nodes: list[str]) -> int:

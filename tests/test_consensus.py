@@ -1,0 +1,296 @@
+"""The consensus loops on the in-process chain (eth-tester) and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+from eth_utils import to_checksum_address
+
+from config import load_settings
+from jobs.consensus import contract as cm
+from jobs.consensus.executor import KeyValueExecutor, TxView
+from jobs.consensus.machine import Vote, decide
+from jobs.consensus.model import (
+    DEV_KEY_IN_PROCESS,
+    DEV_KEY_NODE,
+    address_of_key,
+    apply_patch,
+    default_sender,
+    diff_state,
+    parse_address,
+    parse_input,
+    parse_tx_hash,
+)
+from runner import chain
+from runner.errors import UsageError
+from tests.conftest import run_cli
+from tests.consensus_helpers import (
+    SENDER,
+    check_events,
+    consensus_app,
+    contract_address,
+    drain,
+    engine_of,
+    rows,
+    submit,
+)
+
+ALICE = to_checksum_address("0x00000000000000000000000000000000000a11ce")
+BOB = to_checksum_address("0x0000000000000000000000000000000000000b0b")
+
+
+# --- the executor, patches and the vote ------------------------------------------------------------
+async def test_key_value_executor_is_deterministic() -> None:
+    kv = KeyValueExecutor()
+    contract = contract_address(1)
+
+    async def run(state: dict, data: dict, sender: str = ALICE) -> tuple[dict, dict]:
+        kv.validate(data)
+        execution = await kv.execute(TxView("0x" + "00" * 32, sender, contract, data), state)
+        return execution.output, execution.state
+
+    out, state = await run({}, {"op": "set", "key": "a", "value": {"x": [1, 2]}})
+    assert out == {"ok": True} and state["storage"] == {"a": {"x": [1, 2]}}
+    out, state = await run(state, {"op": "delete", "key": "a"})
+    assert out == {"ok": True, "existed": True} and state["storage"] == {}
+    out, state = await run(state, {"op": "transfer", "to": BOB, "amount": 5})
+    assert out == {"ok": False, "error": "insufficient balance: 0 < 5"} and state["balances"] == {}
+    out, state = await run(state, {"op": "mint", "amount": 10})
+    out, state = await run(state, {"op": "transfer", "to": BOB.lower(), "amount": 4})
+    assert out == {"ok": True} and state["balances"] == {ALICE: 6, BOB: 4}
+    first = await kv.execute(TxView("0x" + "00" * 32, ALICE, contract, {"op": "set", "key": "k", "value": 1}), {})
+    second = await kv.execute(TxView("0x" + "00" * 32, ALICE, contract, {"op": "set", "key": "k", "value": 1}), {})
+    assert first.receipt_hash == second.receipt_hash
+
+    for bad in ({"op": "nope"}, {"op": "set", "key": "a"}, {"op": "set", "key": "", "value": 1},
+                {"op": "delete", "key": "a", "value": 1}, {"op": "transfer", "to": "0x12", "amount": 1},
+                {"op": "transfer", "to": BOB, "amount": -1}, {"op": "mint", "amount": True},
+                {"op": "set", "key": "a", "value": 1, "consensus": {"disagree": -1}},
+                {"op": "set", "key": "a", "value": 1, "consensus": {"explode": 1}}):
+        with pytest.raises(UsageError):
+            kv.validate(bad)
+
+
+def test_state_patches_replay_to_the_same_state() -> None:
+    old = {"storage": {"a": 1, "b": {"c": 2, "d": 3}, "gone": None}, "balances": {ALICE: 5}}
+    new = {"storage": {"a": 1, "b": {"c": 4}, "e": None}, "balances": {ALICE: 5.0, BOB: 1}}
+    assert apply_patch(old, diff_state(old, new)) == new
+    assert apply_patch({}, diff_state({}, new)) == new
+    assert diff_state(new, new) == {"set": [], "del": []}
+
+
+def test_majority_decides() -> None:
+    def votes(*kinds: str) -> list[Vote]:
+        return [Vote(f"v{i}", kind, "s") for i, kind in enumerate(kinds)]
+
+    assert decide(votes("agree", "agree", "agree", "disagree", "disagree"))[0] == "ACCEPTED"
+    assert decide(votes("agree", "agree", "disagree", "disagree", "disagree"))[0] == "UNDETERMINED"
+    assert decide(votes("agree", "agree", "timeout", "disagree", "disagree"))[0] == "VALIDATORS_TIMEOUT"
+    assert decide(votes("timeout", "timeout", "timeout", "timeout", "timeout"))[0] == "VALIDATORS_TIMEOUT"
+    assert decide(votes("agree", "timeout", "disagree", "disagree", "disagree"))[0] == "UNDETERMINED"
+
+
+# --- the loops, end to end on the in-process chain -------------------------------------------------
+async def test_contracts_finalize_in_submission_order_with_every_event(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    async with consensus_app(RUNNER_FINALITY_WINDOW="0.2", RUNNER_CONSENSUS_CONCURRENCY="3") as app:
+        plan = []
+        for c in range(3):
+            to = contract_address(c)
+            plan += [(to, {"op": "mint", "amount": 100}), (to, {"op": "set", "key": "a", "value": c}),
+                     (to, {"op": "transfer", "to": BOB, "amount": 30}), (to, {"op": "delete", "key": "a"}),
+                     (to, {"op": "set", "key": "b", "value": [c, "x"]})]
+        for to, data in plan:
+            await submit(app, to, data)
+        await drain(app)
+        txs = await rows(conn)
+        assert [t["status"] for t in txs] == ["FINALIZED"] * 15
+        assert {t["outcome"] for t in txs} == {"ACCEPTED"}
+        assert all(t["lease_owner"] is None and t["recovery_count"] == 0 for t in txs)
+        check_events(txs, await engine_of(app).contract.logs())
+        for c in range(3):
+            to = contract_address(c)
+            ordered = [t for t in txs if t["to_address"] == to]
+            assert [t["seq"] for t in ordered] == sorted(t["seq"] for t in ordered)
+            finalized_at = [t["finalized_at"] for t in ordered]
+            assert finalized_at == sorted(finalized_at)
+            expected = {"storage": {"b": [c, "x"]}, "balances": {SENDER: 70, BOB: 30}}
+            states = await engine_of(app).store.contract_state(to)
+            assert states == {"accepted": expected, "finalized": expected}
+
+
+async def test_disagreement_and_timeouts_end_in_their_states(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_CONSENSUS_LEADER_TIMEOUT="0.3",
+                             RUNNER_CONSENSUS_VALIDATOR_TIMEOUT="0.3") as app:
+        to = contract_address(7)
+        cases = [
+            ({"op": "set", "key": "a", "value": 1}, "ACCEPTED"),
+            ({"op": "set", "key": "a", "value": 2, "consensus": {"disagree": 3}}, "UNDETERMINED"),
+            ({"op": "set", "key": "a", "value": 3, "consensus": {"disagree": 2}}, "ACCEPTED"),
+            ({"op": "set", "key": "a", "value": 4, "consensus": {"leader_delay": 2}}, "LEADER_TIMEOUT"),
+            ({"op": "set", "key": "a", "value": 5, "consensus": {"validator_timeouts": 3}}, "VALIDATORS_TIMEOUT"),
+            ({"op": "set", "key": "a", "value": 6, "consensus": {"validator_timeouts": 1, "disagree": 5}},
+             "UNDETERMINED"),
+        ]
+        for data, _ in cases:
+            await submit(app, to, data)
+        await drain(app)
+        txs = await rows(conn)
+        assert [t["status"] for t in txs] == ["FINALIZED"] * len(cases)
+        assert [t["outcome"] for t in txs] == [outcome for _, outcome in cases]
+        assert "no majority: 2 agree, 3 disagree" in txs[1]["reason"]
+        assert "did not answer within 0.3s" in txs[3]["reason"]
+        assert txs[3]["votes"] is None and txs[3]["proposed_event_tx"] is None
+        assert "validators timed out: 2 agree, 0 disagree, 3 timed out of 5" in txs[4]["reason"]
+        assert [v["vote"] for v in txs[4]["votes"]].count("timeout") == 3
+        # only accepted transactions changed the state
+        states = await engine_of(app).store.contract_state(to)
+        assert states["accepted"]["storage"] == {"a": 3} == states["finalized"]["storage"]
+        events = await engine_of(app).contract.logs()
+        check_events(txs, events)
+        codes = {e.tx_id: e.args[0] for e in events if e.name == "TransactionUndetermined"}
+        assert [codes.get(t["hash"]) for t in txs] == [None, 1, None, 2, 3, 1]
+
+
+async def test_disagree_rate_makes_every_transaction_undetermined(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_CONSENSUS_DISAGREE_RATE="1") as app:
+        for i in range(4):
+            await submit(app, contract_address(i), {"op": "set", "key": "k", "value": i})
+        await drain(app)
+        txs = await rows(conn)
+        assert [(t["status"], t["outcome"]) for t in txs] == [("FINALIZED", "UNDETERMINED")] * 4
+        assert all([v["vote"] for v in t["votes"]] == ["disagree"] * 5 for t in txs)
+
+
+async def test_a_stuck_task_is_cancelled_recovered_and_capped(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """The seed's 8-day COMMITTING: a task that makes no progress must not keep its lease alive."""
+    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_TX_STUCK_AFTER="0.6", RUNNER_MAX_RECOVERIES="2",
+                             RUNNER_CONSENSUS_LEADER_TIMEOUT="3600") as app:
+        stuck = await submit(app, contract_address(1), {"op": "set", "key": "a", "value": 1,
+                                                        "consensus": {"leader_delay": 3600}})
+        after = await submit(app, contract_address(1), {"op": "set", "key": "a", "value": 2})
+        other = await submit(app, contract_address(2), {"op": "set", "key": "a", "value": 3})
+        await drain(app, timeout_s=60)
+        txs = {t["hash"]: t for t in await rows(conn)}
+        assert txs[stuck]["status"] == "FINALIZED" and txs[stuck]["outcome"] == "UNDETERMINED"
+        assert txs[stuck]["recovery_count"] == 2
+        assert "recovery cap reached: no progress for 0.6s" in txs[stuck]["reason"]
+        assert "RUNNER_MAX_RECOVERIES=2" in txs[stuck]["reason"]
+        assert txs[after]["outcome"] == "ACCEPTED" and txs[other]["outcome"] == "ACCEPTED"
+        # claimed three times, yet one TransactionActivated: the re-runs found it in the logs
+        events = await engine_of(app).contract.logs()
+        assert [e.name for e in events if e.tx_id == stuck] == [
+            "TransactionActivated", "TransactionUndetermined", "TransactionFinalized"]
+
+
+async def test_expired_leases_elsewhere_are_recovered_without_duplicate_events(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_MAX_RECOVERIES="3") as app:
+        engine = engine_of(app)
+        crashed = await submit(app, contract_address(1), {"op": "set", "key": "a", "value": 1})
+        capped = await submit(app, contract_address(2), {"op": "set", "key": "a", "value": 2})
+        # A dead worker held both; it had emitted `crashed`'s TransactionActivated without storing the hash.
+        await conn.execute(
+            "UPDATE runner_consensus_transactions SET status = 'COMMITTING', lease_owner = 'dead-worker', "
+            "lease_expires_at = now() - interval '1 second', lease_epoch = 1, "
+            "recovery_count = CASE WHEN hash = $2 THEN 3 ELSE 0 END WHERE hash IN ($1, $2)", crashed, capped)
+        await engine.emitter.emit([cm.Event(cm.ACTIVATED, crashed, contract_address(1), engine.nodes[0])])
+        await drain(app)
+        txs = {t["hash"]: t for t in await rows(conn)}
+        assert (txs[crashed]["status"], txs[crashed]["outcome"], txs[crashed]["recovery_count"]) == \
+            ("FINALIZED", "ACCEPTED", 1)
+        assert (txs[capped]["status"], txs[capped]["outcome"], txs[capped]["recovery_count"]) == \
+            ("FINALIZED", "UNDETERMINED", 3)
+        assert "recovery cap reached: lease of dead-worker expired in COMMITTING after 3 recoveries" in \
+            txs[capped]["reason"]
+        events = await engine.contract.logs()
+        assert [e.name for e in events if e.tx_id == crashed].count("TransactionActivated") == 1
+        assert [e.name for e in events if e.tx_id == capped] == ["TransactionUndetermined", "TransactionFinalized"]
+
+
+async def test_a_codeless_stored_address_means_deploy_again(runner_env: dict[str, str],
+                                                             conn: asyncpg.Connection) -> None:
+    async with consensus_app() as app:
+        first = engine_of(app).contract
+    before = await conn.fetchrow("SELECT address, deployed_at FROM runner_consensus_deployments")
+    assert before["address"] == first.address
+    async with consensus_app() as app:  # a new process: a new in-process chain without that contract
+        second = engine_of(app).contract
+        assert await second.chain.code_at(second.address)
+    after = await conn.fetchrow("SELECT address, deployed_at FROM runner_consensus_deployments")
+    assert after["deployed_at"] > before["deployed_at"]
+    assert await conn.fetchval("SELECT count(*) FROM runner_consensus_deployments") == 1
+
+
+# --- the command line ------------------------------------------------------------------------------
+def test_submission_checks() -> None:
+    to = contract_address(1)
+    assert parse_address(to.lower(), "--to") == to
+    for bad, message in ((to.lower()[:-1] + "g", "is not an address"), ("0x1234", "'0x1234' is not an address"),
+                         (to[:-1] + ("a" if to[-1] != "a" else "b"), "checksum if mixed case"), ("alice", "alice")):
+        with pytest.raises(UsageError, match=message):
+            parse_address(bad, "--from")
+    for text, message in (("{bad json", "not valid JSON"), ("[1, 2]", "must be a JSON object, got list"),
+                          ('"x"' * 30_000, "larger than")):
+        with pytest.raises(UsageError, match=message):
+            parse_input(text)
+    with pytest.raises(UsageError, match="is not a transaction hash"):
+        parse_tx_hash("0x1234")
+    assert default_sender(load_settings(database_url="postgresql://u@h/d")) == SENDER
+    assert address_of_key(DEV_KEY_NODE) == "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+    assert (DEV_KEY_NODE, DEV_KEY_IN_PROCESS) == (chain.DEV_KEY_NODE, chain.DEV_KEY_IN_PROCESS)
+
+
+def test_submit_rejects_bad_input_and_inserts_nothing(runner_env: dict[str, str]) -> None:
+    to = contract_address(1)
+    cases = [
+        (["--to", "0x1234", "--input", '{"op":"set","key":"a","value":1}'], "--to: '0x1234' is not an address"),
+        (["--to", to, "--input", "{bad json"], "--input: not valid JSON"),
+        (["--to", to, "--input", '{"op":"set","key":"a"}'], "'set' needs value"),
+    ]
+    for args, message in cases:
+        result = run_cli(runner_env, "submit", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+        assert result.stdout == ""
+    status = json.loads(run_cli(runner_env, "status", "--json").stdout)
+    assert status["consensus"] == {"transactions": {}, "total": 0}
+    result = run_cli(runner_env, "tx", "0x" + "ab" * 32)
+    assert result.returncode == 2 and "no consensus transaction with hash" in result.stderr
+
+
+def test_submit_then_worker_drain_finalizes_on_the_in_process_chain(runner_env: dict[str, str]) -> None:
+    """The done-when check: `runner submit` needs no chain; `runner worker --drain` deploys and finalizes."""
+    to = contract_address(3)
+    hashes = []
+    for i in range(3):
+        result = run_cli(runner_env, "submit", "--to", to.lower(), "--input", json.dumps(
+            {"op": "set", "key": f"k{i}", "value": i}))
+        assert result.returncode == 0, result.stderr
+        hashes.append(result.stdout.strip())
+    pending = json.loads(run_cli(runner_env, "tx", hashes[0], "--json").stdout)
+    assert pending["status"] == "PENDING" and pending["to_address"] == to
+
+    result = run_cli(runner_env, "worker", "--drain", RUNNER_FINALITY_WINDOW="0.2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ConsensusMain deployed" in result.stderr
+    for tx_hash in hashes:
+        shown = json.loads(run_cli(runner_env, "tx", tx_hash, "--json").stdout)
+        assert shown["status"] == "FINALIZED" and shown["outcome"] == "ACCEPTED"
+        assert all(str(h).startswith("0x") and len(h) == 66 for h in shown["events"].values()), shown["events"]
+        assert [v["vote"] for v in shown["votes"]] == ["agree"] * 5
+    text = run_cli(runner_env, "tx", hashes[0]).stdout
+    assert "status          FINALIZED (outcome ACCEPTED)" in text and "event finalized 0x" in text
+    status = json.loads(run_cli(runner_env, "status", "--json").stdout)
+    assert status["consensus"] == {"transactions": {"FINALIZED": 3}, "total": 3}
