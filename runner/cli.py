@@ -265,6 +265,22 @@ async def status_snapshot(app: App) -> dict[str, Any]:
     return snapshot
 
 
+async def plugin_status_tables(app: App) -> list[Table]:
+    """One table per plugin exposing ``status`` (the same dicts ``status --json`` shows), one level flattened."""
+    tables: list[Table] = []
+    for plugin in app.plugins:
+        status = getattr(plugin, "status", None)
+        if status is None:
+            continue
+        table = Table(title=plugin.name, show_header=False)
+        for key, value in (await status(app)).items():
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            for sub, item in items:
+                table.add_row(f"{key} {sub}".strip(), str(item))
+        tables.append(table)
+    return tables
+
+
 @cli.command("status")
 def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
@@ -284,6 +300,8 @@ def status_command(
                 grid = Table.grid()
                 grid.add_row(status_table(counts))
                 grid.add_row(running_table(running))
+                for table in await plugin_status_tables(app):  # consensus counts, for example
+                    grid.add_row(table)
                 live.update(grid, refresh=True)
                 if not watch:
                     return

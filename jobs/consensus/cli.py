@@ -56,7 +56,7 @@ def tx_command(
     async def body(app: App) -> dict[str, Any] | None:
         return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).get(key)
 
-    row = with_app(settings, body)
+    row = with_app(settings, body)  # a prefix matching several transactions exits 2 (UsageError)
     if row is None:
         raise fail(f"no consensus transaction with hash {key}", 2)
     row["events"] = {kind: row.pop(f"{kind}_event_tx") for kind in EVENT_COLUMNS}

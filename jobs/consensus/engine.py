@@ -24,7 +24,7 @@ from jobs.consensus.contract import ConsensusMain
 from jobs.consensus.emitter import EventEmitter
 from jobs.consensus.executor import ContractExecutor, Execution, TxView
 from jobs.consensus.machine import TxTask, decided_event
-from jobs.consensus.model import IN_MACHINE, validator_set
+from jobs.consensus.model import IN_MACHINE, short_hash, validator_set
 from jobs.consensus.store import Claimed, ConsensusStore
 from runner import metrics
 from runner.chain import Chain, ChainError
@@ -73,12 +73,12 @@ class Engine:
             await task.run()
             self.chain_failures = 0
         except LeaseLost as error:
-            log.info("consensus lease lost; dropping the transaction", tx=tx.hash, error=str(error))
+            log.info("consensus lease lost; dropping the transaction", tx=short_hash(tx.hash), error=str(error))
         except ChainError as error:
             self._pause(error)
             await self._quietly(self.store.abandon(tx, f"released after a chain error: {error}"[:500]))
         except Exception as error:  # a bug or a database outage: count it as a recovery (capped)
-            log.error("consensus task failed", tx=tx.hash, status=tx.status, error=repr(error))
+            log.error("consensus task failed", tx=short_hash(tx.hash), status=tx.status, error=repr(error))
             await self._quietly(self.store.recover_own([(tx.hash, tx.epoch)], self.settings.max_recoveries,
                                                        f"task error {type(error).__name__}"))
         finally:
@@ -206,7 +206,7 @@ class RecoveryLoop(Service):
         for task in live:
             if task.tx.hash not in renewed and task.task is not None and not task.task.done() \
                     and task.tx.status in IN_MACHINE:
-                log.warning("consensus lease taken over; cancelling our task", tx=task.tx.hash)
+                log.warning("consensus lease taken over; cancelling our task", tx=short_hash(task.tx.hash))
                 task.task.cancel()
         if stuck:
             await self._recover_stuck(stuck)
@@ -231,7 +231,7 @@ class RecoveryLoop(Service):
 
     def _log_recovered(self, row: Any, why: str) -> None:
         metrics.CONSENSUS_RECOVERED.labels(row["status"], why).inc()
-        log.warning("consensus transaction recovered", tx=row["hash"], to=row["status"],
+        log.warning("consensus transaction recovered", tx=short_hash(row["hash"]), to=row["status"],
                     recovery_count=row["recovery_count"], reason=row["reason"])
 
 

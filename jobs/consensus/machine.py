@@ -33,6 +33,7 @@ from jobs.consensus.model import (
     diff_state,
     hash_hex,
     pick_leader,
+    short_hash,
     strip_faults,
 )
 from jobs.consensus.store import Claimed
@@ -137,7 +138,7 @@ class TxTask:
             except TimeoutError:
                 vote = "timeout"
             except Exception as error:  # a crashing validator votes against
-                log.warning("validator failed", tx=self.tx.hash, validator=validator, error=repr(error))
+                log.warning("validator failed", tx=short_hash(self.tx.hash), validator=validator, error=repr(error))
                 vote = "disagree"
         self.progress()
         return Vote(validator, vote, secrets.token_hex(16))
@@ -193,7 +194,7 @@ class TxTask:
         event_tx = await self.emit_once("decided", [event])
         await self.engine.store.release_decided(tx, event_tx)
         self.progress()
-        log.debug("transaction decided", tx=tx.hash, outcome=outcome)
+        log.debug("transaction decided", tx=short_hash(tx.hash), outcome=outcome)
         self.engine.on_decided()
 
 

@@ -102,10 +102,20 @@ def parse_address(value: str, flag: str) -> str:
     return to_checksum_address(text)
 
 
+SHORT_HASH = 18  # 0x + 16 hex digits
+
+
+def short_hash(tx_hash: str) -> str:
+    """The prefix logs carry: runner.logs redacts any 64-hex string as a possible private key, so full
+    transaction hashes never reach a log line; ``runner tx PREFIX`` finds the transaction again."""
+    return tx_hash[:SHORT_HASH]
+
+
 def parse_tx_hash(value: str) -> str:
+    """A full hash or a prefix of at least 0x + 8 hex digits (lower-cased)."""
     text = value.strip().lower()
-    if len(text) != 66 or not text.startswith("0x") or any(c not in "0123456789abcdef" for c in text[2:]):
-        raise UsageError(f"{value!r} is not a transaction hash (0x and 64 hex digits)")
+    if not 10 <= len(text) <= 66 or not text.startswith("0x") or any(c not in "0123456789abcdef" for c in text[2:]):
+        raise UsageError(f"{value!r} is not a transaction hash (0x and 64 hex digits, or a prefix of 8 or more)")
     return text
 
 

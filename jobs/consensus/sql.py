@@ -254,6 +254,8 @@ SELECT EXISTS (SELECT 1 FROM {T} WHERE status NOT IN {DONE})
 """
 
 GET = f"SELECT * FROM {T} WHERE hash = $1"
+# text_pattern_ops is not needed: a primary-key range scan serves the prefix (hash >= p AND hash < p || 'g')
+GET_BY_PREFIX = f"SELECT * FROM {T} WHERE hash >= $1 AND hash < $1 || 'g' ORDER BY hash LIMIT 2"
 
 STATE_OF = f"""
 SELECT (SELECT state FROM {ACCEPTED_STATES} WHERE address = $1) AS accepted,

@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 
 from jobs.consensus import sql
-from jobs.consensus.model import Submission, apply_patch, canonical_json
+from jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
 from runner.db import Database
-from runner.errors import LeaseLost
+from runner.errors import LeaseLost, UsageError
 
 FINALITY_LOCK_KEY = 0x72756E6E6572_0003  # "runner" + migration 0003
 EVENT_KINDS = ("activated", "proposed", "committed", "revealed", "decided", "finalized")
@@ -93,12 +93,12 @@ class ConsensusStore:
             self.owner, accepted_state,
         )
         if not moved:
-            raise LeaseLost(f"consensus transaction {tx.hash}: lease lost before {tx.status} -> {to}")
+            raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before {tx.status} -> {to}")
         tx.status = to
 
     async def release_decided(self, tx: Claimed, event_tx: str) -> None:
         if await self.db.fetchval(sql.RELEASE_DECIDED, tx.hash, tx.epoch, event_tx, self.owner) is None:
-            raise LeaseLost(f"consensus transaction {tx.hash}: lease lost before release")
+            raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before release")
 
     async def abandon(self, tx: Claimed, reason: str | None) -> str | None:
         ev = tx.events
@@ -172,8 +172,14 @@ class ConsensusStore:
         return bool(await self.db.fetchval(sql.HAS_WORK))
 
     async def get(self, tx_hash: str) -> dict[str, Any] | None:
-        row = await self.db.fetchrow(sql.GET, tx_hash)
-        return dict(row) if row is not None else None
+        """By full hash, or by a unique prefix (raises UsageError when it matches several)."""
+        if len(tx_hash) == 66:
+            row = await self.db.fetchrow(sql.GET, tx_hash)
+            return dict(row) if row is not None else None
+        found = await self.db.fetch(sql.GET_BY_PREFIX, tx_hash)
+        if len(found) > 1:
+            raise UsageError(f"{tx_hash} matches several transactions; give more digits")
+        return dict(found[0]) if found else None
 
     async def contract_state(self, address: str) -> dict[str, Any]:
         row = await self.db.fetchrow(sql.STATE_OF, address)

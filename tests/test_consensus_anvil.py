@@ -1,0 +1,191 @@
+"""The consensus loops against a real anvil node, in worker subprocesses (kill -9, node restarts)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from config import load_settings
+from jobs.consensus.contract import ConsensusMain
+from jobs.consensus.model import new_submission
+from jobs.consensus.store import ConsensusStore
+from runner.app import App
+from runner.chain import Chain, close_chain, open_chain
+from tests.chain_fixtures import Anvil, anvil, established_to  # noqa: F401
+from tests.conftest import start_worker
+from tests.consensus_helpers import check_events, contract_address, rows
+from tests.pg import wait_until
+
+NODE_SENDER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"  # anvil's account 0 (the default signer)
+
+
+class ConnectionWatch:
+    """Counts, from a thread, the worker's ESTABLISHED connections to the node (by socket inode)."""
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port, self.pid = port, pid
+        self.peak = 0
+        self.samples = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            self.peak = max(self.peak, established_to(self.port, self.pid))
+            self.samples += 1
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+async def submit_many(app: App, plan: list[tuple[str, dict]]) -> list[str]:
+    store = ConsensusStore(app.db, "test", 30)
+    return await store.insert([new_submission(NODE_SENDER, to, data) for to, data in plan])
+
+
+async def wait_exit(proc: subprocess.Popen[str], timeout_s: float, log: Path) -> int:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"worker did not drain in {timeout_s}s; log tail:\n{log.read_text()[-3000:]}") from None
+
+
+@pytest.fixture
+async def reader(anvil: Anvil, runner_env: dict[str, str]) -> AsyncIterator[Chain]:  # noqa: F811
+    chain = await open_chain(load_settings(chain_url=anvil.url))
+    yield chain
+    await close_chain(chain)
+
+
+async def consensus_main(conn: asyncpg.Connection, chain: Chain) -> ConsensusMain:
+    row = await conn.fetchrow("SELECT address, block_number FROM runner_consensus_deployments WHERE chain_id = $1",
+                              chain.chain_id)
+    assert row is not None
+    return ConsensusMain(chain, row["address"], row["block_number"])
+
+
+async def check_nonces(chain: Chain) -> int:
+    """Every transaction the signer sent is on chain with nonces 0..n-1: none reused, none skipped."""
+    latest = await chain.block_number()
+    nonces: list[int] = []
+    for number in range(latest + 1):
+        block = await chain.w3.eth.get_block(number, full_transactions=True)
+        nonces += [int(tx["nonce"]) for tx in block["transactions"] if tx["from"] == NODE_SENDER]
+    count = await chain.w3.eth.get_transaction_count(NODE_SENDER)
+    assert sorted(nonces) == list(range(count))
+    assert count == await chain.w3.eth.get_transaction_count(NODE_SENDER, "pending")
+    return count
+
+
+def plan_for(contracts: int, per_contract: int, **faults: float) -> list[tuple[str, dict]]:
+    plan = []
+    for i in range(per_contract):
+        for c in range(contracts):
+            data: dict = {"op": "set", "key": f"k{i % 3}", "value": i}
+            if i == 0:
+                data = {"op": "mint", "amount": 1000}
+            elif i % 4 == 3:
+                data = {"op": "transfer", "to": contract_address(99), "amount": 7}
+            if faults:
+                data["consensus"] = dict(faults)
+            plan.append((contract_address(c), data))
+    return plan
+
+
+async def test_200_transactions_over_20_contracts_finalize_in_order(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    await submit_many(app, plan_for(20, 10))
+    log = tmp_path / "worker.log"
+    worker = start_worker(runner_env, "--drain", log_path=log, RUNNER_CHAIN_URL=anvil.url,
+                          RUNNER_FINALITY_WINDOW="0.2", RUNNER_CONSENSUS_CONCURRENCY="20")
+    watch = ConnectionWatch(anvil.port, worker.pid)
+    try:
+        assert await wait_exit(worker, 240, log) == 0, log.read_text()[-3000:]
+    finally:
+        watch.stop()
+    txs = await rows(conn)
+    assert len(txs) == 200 and {t["status"] for t in txs} == {"FINALIZED"}
+    assert {t["outcome"] for t in txs} == {"ACCEPTED"}
+    contract = await consensus_main(conn, reader)
+    check_events(txs, await contract.logs())
+    sent = await check_nonces(reader)
+    assert watch.samples > 10 and 1 <= watch.peak <= 4, watch.peak  # RUNNER_CHAIN_MAX_CONNECTIONS default
+    print(f"200 transactions: {sent} chain transactions from one sender; peak node connections {watch.peak}")
+
+
+async def test_kill_9_mid_consensus_then_another_worker_finishes_without_duplicate_events(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    await submit_many(app, plan_for(8, 5, validator_delay=0.4))
+    env = {"RUNNER_CHAIN_URL": anvil.url, "RUNNER_FINALITY_WINDOW": "0.2"}
+    first = start_worker(runner_env, log_path=tmp_path / "first.log", **env)
+
+    async def mid_machine() -> bool:
+        n = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions "
+                                "WHERE status IN ('PROPOSING', 'COMMITTING') AND activated_event_tx IS NOT NULL")
+        done = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE status = 'FINALIZED'")
+        return n >= 4 and done >= 1
+
+    await wait_until(mid_machine, timeout_s=60)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    held = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE lease_owner IS NOT NULL")
+    assert held >= 4
+
+    log = tmp_path / "second.log"
+    second = start_worker(runner_env, "--drain", log_path=log, **env)
+    assert await wait_exit(second, 180, log) == 0, log.read_text()[-3000:]
+    txs = await rows(conn)
+    assert {t["status"] for t in txs} == {"FINALIZED"} and len(txs) == 40
+    assert sum(t["recovery_count"] for t in txs) >= 4
+    assert "consensus transaction recovered" in log.read_text()
+    check_events(txs, await (await consensus_main(conn, reader)).logs())  # exactly once each: no duplicate
+    await check_nonces(reader)
+
+
+async def test_node_down_10s_then_restarted_with_its_state(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """anvil stops (SIGTERM dumps --state) for 10 s and comes back on the same port with its chain: the
+    worker's RPCs fail and are retried, transactions caught mid-flight are given back and re-run, and
+    everything finalizes with each event exactly once."""
+    await submit_many(app, plan_for(8, 6, validator_delay=0.2))
+    log = tmp_path / "worker.log"
+    worker = start_worker(runner_env, "--drain", log_path=log, RUNNER_CHAIN_URL=anvil.url,
+                          RUNNER_FINALITY_WINDOW="0.2", RUNNER_CHAIN_RPC_TIMEOUT="2")
+
+    async def some_finalized() -> bool:
+        return bool(await conn.fetchval(
+            "SELECT count(*) >= 3 FROM runner_consensus_transactions WHERE status = 'FINALIZED'"))
+
+    await wait_until(some_finalized, timeout_s=60)
+    await close_chain(reader)  # the test's own connection must not keep anything alive
+    await asyncio.to_thread(anvil.stop)
+    down = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE status <> 'FINALIZED'")
+    assert down > 0
+    await asyncio.sleep(10)
+    await asyncio.to_thread(anvil.start)
+    assert await wait_exit(worker, 180, log) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "chain rpc retry" in text
+    txs = await rows(conn)
+    assert {t["status"] for t in txs} == {"FINALIZED"} and len(txs) == 48
+    chain = await open_chain(load_settings(chain_url=anvil.url))
+    try:
+        check_events(txs, await (await consensus_main(conn, chain)).logs())
+        await check_nonces(chain)
+    finally:
+        await close_chain(chain)
