@@ -140,7 +140,7 @@ async def test_metrics_families_exist_and_move(worker: Worker, http_app: App) ->
     assert delta("runner_jobs_claimed_total", kind="noop") == 25
     assert delta("runner_jobs_claimed_total", kind="fail") == 1
     assert delta("runner_jobs_finished_total", kind="noop", outcome="succeeded") == 25
-    assert delta("runner_jobs_finished_total", kind="fail", outcome="fatal") == 1
+    assert delta("runner_jobs_finished_total", kind="fail", outcome="failed") == 1
     assert delta("runner_job_duration_seconds_count", kind="noop") == 25
     assert delta("runner_pool_acquire_wait_seconds_count", pool="runner") > 0
     assert value(after, "runner_pool_size", pool="runner") >= 3
@@ -155,10 +155,11 @@ async def test_pool_matches_configured_pool(worker: Worker, http_app: App) -> No
     assert status == 200
     assert body["pool"] == "runner"
     assert (body["min"], body["max"]) == (3, 7)
-    stats = http_app.db.stats()
-    assert 3 <= body["size"] <= 7 and body["size"] == stats.size
+    # a live worker: the pool may grow or lend a connection between two reads, so check the invariants
+    assert 3 <= body["size"] <= 7
     assert body["in_use"] + body["idle"] == body["size"]
-    assert body["waiters"] == 0
+    assert 0 <= body["waiters"] and 0 <= body["peak_in_use"] <= 7
+    assert body["give_ups"] == 0
     budget = body["budget"]
     assert budget["derived"] is False
     assert (budget["min_size"], budget["max_size"]) == (3, 7)
