@@ -145,6 +145,24 @@ class ProcResult:
         return {}
 
 
+def log_event_times(output: str, *events: str) -> dict[str, float]:
+    """Epoch seconds of the first JSON log line of each named event (runner logs JSON lines off a TTY)."""
+    from datetime import datetime
+
+    found: dict[str, float] = {}
+    for line in output.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        event = record.get("event")
+        if event in events and event not in found and "timestamp" in record:
+            found[event] = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
+    return found
+
+
 def cpu_busy_s() -> float:
     """Busy CPU seconds of the whole machine so far (all cores), from /proc/stat."""
     with open("/proc/stat") as handle:
@@ -160,6 +178,17 @@ async def background_busy_cores(seconds: float = 0.5) -> float:
     return (cpu_busy_s() - before) / seconds
 
 
+async def wait_for_quiet(threshold_cores: float, timeout_s: float) -> float:
+    """Wait (up to timeout_s) until other processes keep fewer than threshold_cores busy; return the last
+    background load seen. A shared machine is the biggest source of noise in these figures."""
+    deadline = time.monotonic() + timeout_s
+    busy = await background_busy_cores()
+    while busy >= threshold_cores and time.monotonic() < deadline:
+        await asyncio.sleep(1.5)
+        busy = await background_busy_cores()
+    return busy
+
+
 class Proc:
     """A subprocess timed from just before fork to the moment it is reaped (whole process), with its
     exact peak RSS and CPU time from wait4's rusage."""
@@ -170,12 +199,14 @@ class Proc:
         self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
         self.started = 0.0
+        self.started_wall = 0.0
         self._waiter: asyncio.Future[ProcResult] | None = None
 
     def start(self) -> Proc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.log_path, "wb")  # the child keeps its own copy of the descriptor
         self.started = time.perf_counter()
+        self.started_wall = time.time()
         self.popen = subprocess.Popen(self.argv, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
                                       cwd=ROOT, start_new_session=True)
         handle.close()

@@ -74,8 +74,10 @@ def profile_server() -> Server:
     return server
 
 
+# Consensus loops off (as in queue.py): with RUNNER_CHAIN_URL unset each worker would run a dev chain.
 def env(url: str) -> dict[str, str]:
     return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
+                    RUNNER_CONSENSUS_ENABLED="false",
                     RUNNER_WORKER_ID="bench-profile")
 
 

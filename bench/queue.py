@@ -53,7 +53,6 @@ from bench._common import (  # noqa: E402
     Proc,
     ProcResult,
     Server,
-    background_busy_cores,
     base_env,
     cpu_busy_s,
     ensure_competitor_venv,
@@ -61,6 +60,7 @@ from bench._common import (  # noqa: E402
     fresh_name,
     git_commit,
     log,
+    log_event_times,
     machine,
     median,
     package_versions,
@@ -68,6 +68,7 @@ from bench._common import (  # noqa: E402
     run,
     start_server,
     wait_for_connection,
+    wait_for_quiet,
 )
 
 SYSTEMS = ("runner", "pgqueuer", "procrastinate")
@@ -133,11 +134,17 @@ class Runner(System):
     succeeded_sql = "SELECT count(*) FROM runner_jobs WHERE status = 'succeeded'"
     running_sql = "SELECT count(*) FROM runner_jobs WHERE status = 'running'"
 
-    def __init__(self) -> None:
+    def __init__(self, consensus: bool = False) -> None:
         self.template = "bench_tpl_runner"
         self.worker_id = ""
+        self.consensus = consensus
 
     def env(self, url: str, **extra: str) -> dict[str, str]:
+        # The consensus loops are a separate feature with no counterpart in pgqueuer or procrastinate; with
+        # RUNNER_CHAIN_URL unset they would start an in-process dev chain in every worker. Off unless
+        # --runner-consensus. Every queue setting (heartbeats, fencing, cancellation checks) stays default.
+        if not self.consensus:
+            extra = {"RUNNER_CONSENSUS_ENABLED": "false", **extra}
         return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
                         **extra)
 
@@ -277,7 +284,15 @@ class Bench:
             await self.server.drop(name)
         if succeeded != n or remaining != 0:
             raise RuntimeError(f"{system.name} P1: {succeeded} of {n} succeeded, {remaining} left")
-        return {
+        phases: dict[str, float] = {}
+        if system.name == "runner":  # where the whole-process time goes: start-up, the drain loop, shutdown
+            times = log_event_times(drained.output, "worker starting", "stopping: no new claims")
+            if len(times) == 2:
+                loop_s = times["stopping: no new claims"] - times["worker starting"]
+                phases = {"startup_s": times["worker starting"] - proc.started_wall, "loop_s": loop_s,
+                          "loop_jobs_per_s": n / loop_s if loop_s > 0 else None,
+                          "shutdown_s": proc.started_wall + drained.wall_s - times["stopping: no new claims"]}
+        return {**phases,
             "jobs": n,
             "drain_s": drained.wall_s,
             "drain_jobs_per_s": n / drained.wall_s,
@@ -303,16 +318,19 @@ class Bench:
             produced = await run(system.producer_argv(url, cfg.p2_rate, cfg.p2_duration), system.env(url),
                                  self.log_path(system, "p2", round_, "producer"), timeout_s=cfg.p2_duration + 120)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and worker.running():
                 if not await fetchval(url, system.remaining_sql):
                     break
                 await asyncio.sleep(0.1)
+            if not worker.running():
+                (await worker.wait(timeout_s=5)).check()
+                raise RuntimeError(f"{system.name} P2: the worker exited before it was stopped")
             worker.signal(signal.SIGTERM)
             await worker.wait(timeout_s=60)
             if system.name == "runner":
                 rows = await fetchval(url, "SELECT array_agg(extract(epoch FROM started_at - created_at) * 1000) "
                                            "FROM runner_jobs WHERE kind = 'bench_latency'")
-                db_latencies = [float(x) for x in rows or []]
+                db_latencies = [float(x) for x in rows or [] if x is not None]
         finally:
             worker.signal(signal.SIGKILL)
             await self.server.drop(name)
@@ -374,7 +392,7 @@ class Bench:
 # --- summary ----------------------------------------------------------------------------------------
 MEDIAN_KEYS = {
     "p1": ("drain_jobs_per_s", "enqueue_jobs_per_s", "drain_s", "worker_cpu_s", "machine_busy_cpu_s",
-           "worker_maxrss_mib"),
+           "worker_maxrss_mib", "startup_s", "loop_s", "loop_jobs_per_s", "shutdown_s"),
     "p2": ("p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms"),
     "p3": ("peak_connections", "peak_connections_by_app", "peak_running_jobs", "worker_maxrss_mib"),
     "p7": ("worker_maxrss_mib", "peak_running_jobs", "peak_connections"),
@@ -452,6 +470,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"PostgreSQL {pg['server_version']} ({'embedded, ' if pg['embedded'] else ''}same host, "
         f"max_connections {pg['max_connections']}, shared_buffers {pg['shared_buffers']}, "
         f"synchronous_commit {pg['synchronous_commit']}). Whole run: {report['elapsed_s'] / 60:.1f} min.",
+        "",
+        "runner: `runner enqueue --jsonl` / `runner worker --drain` with default settings (heartbeats, fencing, "
+        "cancellation checks on)"
+        + ("." if config.get("runner_consensus") else "; consensus loops off (`RUNNER_CONSENSUS_ENABLED=false`)."),
+        f"pgqueuer: `pgqueuer.run(factory, mode=drain)` on uvloop, as `pgq run` does (batch 10); "
+        f"procrastinate: `run_worker_async(concurrency={config['competitor_concurrency']}, wait=False)`. "
+        "P3/P7 set each system's concurrency to the number of sleeping jobs.",
     ]
     busy = report.get("background_busy_cores_max", 0.0)
     if busy > 0.3:
@@ -468,7 +493,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     config = Config(**{**config.__dict__, **overrides})
     names = [s for s in args.systems.split(",") if s]
     phases = [p for p in args.phases.split(",") if p]
-    factories = {"runner": Runner, "pgqueuer": PgQueuer,
+    factories = {"runner": lambda: Runner(args.runner_consensus), "pgqueuer": PgQueuer,
                  "procrastinate": lambda: Procrastinate(config.competitor_concurrency)}
     systems: list[System] = [factories[n]() for n in names]
 
@@ -484,7 +509,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             order = systems if round_ % 2 == 0 else list(reversed(systems))
             for phase in phases:
                 for system in order:
-                    background = await background_busy_cores()
+                    background = await wait_for_quiet(args.quiet_cores, args.quiet_wait)
                     log(f"round {round_ + 1}/{config.rounds} {phase} {system.name} "
                         f"(background load {background:.2f} cores)")
                     result = await getattr(bench, phase)(system, round_)
@@ -498,7 +523,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
             "elapsed_s": time.time() - started,
             "command": "python bench/queue.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
-            "config": config.__dict__,
+            "config": {**config.__dict__, "runner_consensus": args.runner_consensus},
             "systems": names,
             "phases": phases,
             "machine": machine(),
@@ -537,6 +562,12 @@ def main() -> None:
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--name", default="queue", help="file stem under --out-dir")
+    parser.add_argument("--runner-consensus", action="store_true",
+                        help="leave runner's consensus loops on (an in-process dev chain per worker without "
+                             "RUNNER_CHAIN_URL); off by default: the competitors have no such feature")
+    parser.add_argument("--quiet-cores", type=float, default=0.5,
+                        help="before each measurement, wait until other processes use fewer cores than this")
+    parser.add_argument("--quiet-wait", type=float, default=90.0, help="...but at most this many seconds")
     args = parser.parse_args()
     unknown = [s for s in args.systems.split(",") if s and s not in SYSTEMS]
     unknown += [p for p in args.phases.split(",") if p and p not in PHASES]

@@ -47,6 +47,7 @@ from bench._common import (  # noqa: E402
     median,
     run,
     start_server,
+    wait_for_quiet,
 )
 from config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CAP  # noqa: E402
 
@@ -99,8 +100,10 @@ class PerWorkerSampler:
             await asyncio.sleep(self.interval_s)
 
 
+# Consensus loops off (as in queue.py): with RUNNER_CHAIN_URL unset each worker would run a dev chain.
 def env(url: str, **extra: str) -> dict[str, str]:
-    return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0", **extra)
+    return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
+                    RUNNER_CONSENSUS_ENABLED="false", **extra)
 
 
 async def one_run(server: Server, workers: int, jobs: int, max_connections: int, round_: int) -> dict[str, Any]:
@@ -190,8 +193,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
         for round_ in range(args.rounds):
             for n in counts if round_ % 2 == 0 else list(reversed(counts)):
-                log(f"round {round_ + 1}/{args.rounds}: {n} worker(s)")
+                background = await wait_for_quiet(args.quiet_cores, args.quiet_wait)
+                log(f"round {round_ + 1}/{args.rounds}: {n} worker(s) (background load {background:.2f} cores)")
                 result = await one_run(server, n, args.jobs, max_connections, round_)
+                result["background_busy_cores"] = background
                 log(f"  {json.dumps(result)}")
                 runs[n].append(result)
         await server.drop(TEMPLATE)
@@ -231,6 +236,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--quiet-cores", type=float, default=0.5,
+                        help="before each run, wait until other processes use fewer cores than this")
+    parser.add_argument("--quiet-wait", type=float, default=90.0, help="...but at most this many seconds")
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
     out = Path(args.out_dir)
