@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -57,6 +58,10 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except RunnerError as error:
         raise fail(str(error), error.exit_code) from None
+    except asyncpg.UndefinedTableError as error:
+        raise fail(f"the database schema is missing or out of date ({error}); run `runner migrate`", 1) from None
+    except asyncpg.PostgresError as error:
+        raise fail(f"database error: {type(error).__name__}: {error}", 1) from None
     except (OSError, ConnectionError) as error:
         raise fail(f"{type(error).__name__}: {error}", 1) from None
 

@@ -160,3 +160,13 @@ async def test_job_log_lines_carry_job_context(runner_env: dict[str, str], tmp_p
     assert failed and all(
         {"job_id", "kind", "attempt", "worker_id"} <= set(line) and line["worker_id"] == "ctx-worker"
         for line in failed)
+
+
+async def test_unmigrated_database_says_run_migrate(pg_server, runner_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    name = await pg_server.create_empty_database()
+    try:
+        result = run_cli(runner_env, "status", RUNNER_DATABASE_URL=pg_server.url(name))
+    finally:
+        await pg_server.drop(name)
+    assert result.returncode == 1
+    assert "run `runner migrate`" in _last_line(result.stderr)
