@@ -11,6 +11,7 @@ the same primary key, and every copy is checked exact (row count and md5 over th
   two connections and a queue; and psql | psql): the practical ceiling;
 - runner backfill across databases (``--source bsrc --dest bdst``) and within one database, run by an
   in-process worker; the time is the job's own (started_at to finished_at, counting included);
+- for comparison within one database: keyset batches of ``INSERT ... SELECT ... ON CONFLICT``;
 - old style: OFFSET pages of 10,000 rows and ``executemany`` INSERTs, as the seed incident did.
 
 Targets: runner >= 70% of the raw pipe, >= 10x the old-style loop.
@@ -36,7 +37,7 @@ sys.path.insert(0, str(_BENCH.parent))
 
 import asyncpg  # noqa: E402
 
-from bench._common import Server, fresh_name, log, machine, start_server  # noqa: E402
+from bench._common import Server, fresh_name, log, machine, start_server, wait_for_quiet  # noqa: E402
 
 SOURCE_TABLE = "src"
 OLD_STYLE_PAGE = 10_000
@@ -65,6 +66,7 @@ class Result:
     rows: int
     seconds: float
     exact: bool
+    background_cores: float  # busy cores of other processes just before the run
 
     @property
     def rows_per_s(self) -> float:
@@ -79,6 +81,8 @@ class Bench:
     runner_db: str
     rows: int
     batch_size: int
+    quiet_cores: float
+    quiet_wait_s: float
     digest: tuple[int, str] | None = None
 
     def url(self, database: str) -> str:
@@ -199,6 +203,23 @@ async def old_style(bench: Bench) -> float:
         await dest.close()
 
 
+async def insert_select(bench: Bench) -> float:
+    """Within one database, keyset batches of INSERT ... SELECT ... ON CONFLICT DO NOTHING (the road not
+    taken: runner's COPY pipeline serves one database too)."""
+    connection = await connect(bench.url(bench.source_db))
+    batch = (f"WITH b AS MATERIALIZED (SELECT {COLUMNS} FROM {SOURCE_TABLE} WHERE id > $1 ORDER BY id LIMIT $2), "
+             f"w AS (INSERT INTO dst ({COLUMNS}) SELECT {COLUMNS} FROM b ON CONFLICT (id) DO NOTHING) "
+             "SELECT max(id) FROM b")
+    try:
+        started = time.perf_counter()
+        last = 0
+        while (upper := await connection.fetchval(batch, last, bench.batch_size)) is not None:
+            last = upper
+        return time.perf_counter() - started
+    finally:
+        await connection.close()
+
+
 async def runner_backfill(bench: Bench, *, same_database: bool) -> float:
     """Enqueue one backfill job, run it with an in-process worker, return the job's own duration."""
     from config import load_settings
@@ -226,10 +247,11 @@ async def runner_backfill(bench: Bench, *, same_database: bool) -> float:
 async def measure(bench: Bench, method: str, run: Callable[[], Awaitable[float]], dest_db: str,
                   create: bool = True) -> Result:
     await fresh_table(bench.url(dest_db), "dst", create=create)
-    log(f"{method} ...")
+    background = await wait_for_quiet(bench.quiet_cores, bench.quiet_wait_s)
+    log(f"{method} ... (other processes keep {background:.2f} cores busy)")
     seconds = await run()
     exact = await is_exact(bench, bench.url(dest_db), "dst")
-    result = Result(method, bench.rows, seconds, exact)
+    result = Result(method, bench.rows, seconds, exact, round(background, 2))
     log(f"{method}: {result.rows_per_s:,.0f} rows/s ({seconds:.2f}s){'' if exact else ' NOT EXACT'}")
     return result
 
@@ -243,6 +265,8 @@ async def run_all(bench: Bench, skip_old: bool) -> list[Result]:
                                  lambda: runner_backfill(bench, same_database=False), bench.dest_db, create=False))
     results.append(await measure(bench, "runner backfill, within one database",
                                  lambda: runner_backfill(bench, same_database=True), bench.source_db, create=False))
+    results.append(await measure(bench, "within one database: keyset INSERT ... SELECT ... ON CONFLICT",
+                                 lambda: insert_select(bench), bench.source_db))
     if not skip_old:
         results.append(await measure(bench, "old style: OFFSET pages + executemany", lambda: old_style(bench),
                                      bench.dest_db))
@@ -253,10 +277,11 @@ def report(results: list[Result], bench: Bench, info: dict[str, object]) -> str:
     raw = max((r for r in results if r.method.startswith("raw")), key=lambda r: r.rows_per_s)
     runner = next(r for r in results if r.method == "runner backfill, across databases")
     old = next((r for r in results if r.method.startswith("old")), None)
-    lines = ["| method | rows | seconds | rows/s | vs best raw pipe | exact |", "|---|---:|---:|---:|---:|:-:|"]
+    lines = ["| method | rows | seconds | rows/s | vs best raw pipe | exact | background cores |",
+             "|---|---:|---:|---:|---:|:-:|---:|"]
     for r in results:
         lines.append(f"| {r.method} | {r.rows:,} | {r.seconds:.2f} | {r.rows_per_s:,.0f} | "
-                     f"{r.rows_per_s / raw.rows_per_s:.0%} | {'yes' if r.exact else 'NO'} |")
+                     f"{r.rows_per_s / raw.rows_per_s:.0%} | {'yes' if r.exact else 'NO'} | {r.background_cores:.2f} |")
     lines.append("")
     lines.append(f"runner (across databases) / best raw pipe = {runner.rows_per_s / raw.rows_per_s:.0%} "
                  "(target >= 70%)")
@@ -275,6 +300,7 @@ def configure_runner_env(bench: Bench) -> None:
         "RUNNER_SOURCE_BSRC_URL": bench.url(bench.source_db),
         "RUNNER_SOURCE_BDST_URL": bench.url(bench.dest_db),
         "RUNNER_HTTP_ENABLED": "false",
+        "RUNNER_CONSENSUS_ENABLED": "false",  # measure the backfill alone
         "RUNNER_LOG_LEVEL": "warning",
         "RUNNER_HOME": str(Path(os.environ.get("RUNNER_BENCH_HOME", "/tmp/runner-bench")) / "runner-home"),
     })
@@ -285,6 +311,9 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--skip-old", action="store_true", help="leave out the (slow) old-style loop")
+    parser.add_argument("--quiet-cores", type=float, default=0.5,
+                        help="before each run, wait until other processes keep fewer cores than this busy...")
+    parser.add_argument("--quiet-wait", type=float, default=60.0, help="...but at most this many seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -298,7 +327,8 @@ async def main() -> None:
     names = [fresh_name("bfsrc"), fresh_name("bfdst"), fresh_name("bfrun")]
     for name in names:
         await server.create(name)
-    bench = Bench(server, *names, rows=args.rows, batch_size=args.batch_size)
+    bench = Bench(server, *names, rows=args.rows, batch_size=args.batch_size, quiet_cores=args.quiet_cores,
+                  quiet_wait_s=args.quiet_wait)
     try:
         await migrate(bench.url(bench.runner_db), load_plugins())
         configure_runner_env(bench)

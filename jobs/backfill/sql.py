@@ -101,13 +101,17 @@ class Statements:
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
-    def _where(self, bind: Binder, lower: str | None, upper: str | None = None) -> str:
+    def _key_range(self, bind: Binder, lower: str | None, upper: str | None) -> list[str]:
         key = quote_ident(self.key.name)
-        parts = [filter_sql(f, bind) for f in self.filters]
+        parts = []
         if lower is not None:
             parts.append(f"{key} > ({bind(lower)}::text)::{self.key.type}")
         if upper is not None:
             parts.append(f"{key} <= ({bind(upper)}::text)::{self.key.type}")
+        return parts
+
+    def _where(self, bind: Binder, lower: str | None, upper: str | None = None) -> str:
+        parts = [filter_sql(f, bind) for f in self.filters] + self._key_range(bind, lower, upper)
         return " AND ".join(f"({p})" for p in parts) or "true"
 
     # --- source ---------------------------------------------------------------------------------
@@ -146,13 +150,7 @@ class Statements:
     def any_in_range(self, lower: str | None, upper: str | None) -> tuple[str, list[Any]]:
         """Whether the destination holds a key in ``lower < key <= upper`` (either bound may be open)."""
         params = Params()
-        key = quote_ident(self.key.name)
-        parts = []
-        if lower is not None:
-            parts.append(f"{key} > ({params(lower)}::text)::{self.key.type}")
-        if upper is not None:
-            parts.append(f"{key} <= ({params(upper)}::text)::{self.key.type}")
-        where = " AND ".join(parts) or "true"
+        where = " AND ".join(self._key_range(params, lower, upper)) or "true"
         return f"SELECT EXISTS (SELECT 1 FROM {qualified(self.dest)} WHERE {where})", params.values
 
     def insert_from_stage(self) -> str:
