@@ -294,3 +294,13 @@ def test_submit_then_worker_drain_finalizes_on_the_in_process_chain(runner_env: 
     assert "status          FINALIZED (outcome ACCEPTED)" in text and "event finalized 0x" in text
     status = json.loads(run_cli(runner_env, "status", "--json").stdout)
     assert status["consensus"] == {"transactions": {"FINALIZED": 3}, "total": 3}
+
+
+def test_batch_calldata_matches_eth_abi() -> None:
+    import os
+    import random
+
+    for n in (0, 1, 7, 300):
+        events = [cm.Event(random.randrange(7), "0x" + os.urandom(32).hex(), "0x" + os.urandom(20).hex(),
+                           "0x" + os.urandom(20).hex(), os.urandom(32)) for _ in range(n)]
+        assert cm.encode_batch(events) == cm.encode_batch_abi(events)

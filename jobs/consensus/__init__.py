@@ -63,6 +63,7 @@ async def open_resources(app: App) -> None:
 async def close_resources(app: App) -> None:
     engine: Engine | None = app.resources.pop("consensus", None)
     if engine is not None:
+        await engine.store.close()
         await engine.emitter.close()
     chain = app.resources.pop("chain", None)
     if chain is not None:

@@ -78,10 +78,29 @@ class Event:
     data: bytes = ZERO_WORD
 
 
+def _address_bytes(address: str) -> bytes:
+    return bytes.fromhex(address.removeprefix("0x"))  # eth_abi takes 20 raw bytes; no checksum hashing
+
+
 def encode_batch(events: list[Event]) -> bytes:
+    """emitBatch calldata. Every element of the five arrays is one 32-byte word, so the ABI layout is
+    five offsets, then per array its length and its words (tests check it against eth_abi)."""
+    n = len(events)
+    arrays = (
+        [word(e.kind) for e in events], [word(e.tx_id) for e in events],
+        [word(_address_bytes(e.contract)) for e in events], [word(_address_bytes(e.actor)) for e in events],
+        [e.data.rjust(32, b"\x00") for e in events],
+    )
+    size = 32 * (n + 1)
+    head = b"".join(word(32 * len(arrays) + i * size) for i in range(len(arrays)))
+    return selector("emitBatch") + head + b"".join(word(n) + b"".join(a) for a in arrays)
+
+
+def encode_batch_abi(events: list[Event]) -> bytes:
+    """The same calldata through eth_abi (the reference encode_batch is checked against)."""
     return selector("emitBatch") + encode(BATCH_TYPES, [
         [e.kind for e in events], [word(e.tx_id) for e in events],
-        [to_checksum_address(e.contract) for e in events], [to_checksum_address(e.actor) for e in events],
+        [_address_bytes(e.contract) for e in events], [_address_bytes(e.actor) for e in events],
         [e.data for e in events],
     ])
 

@@ -10,6 +10,7 @@ the order they were queued in.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 from jobs.consensus.contract import EVENT_NAMES, ConsensusMain, Event, batch_gas, encode_batch
@@ -74,10 +75,12 @@ class EventEmitter:
 
     async def _send(self, batch: list[tuple[list[Event], asyncio.Future[str]]]) -> None:
         events = [e for entry, _ in batch for e in entry]
+        started = time.monotonic()
         try:
             chain = self.contract.chain
             tx_hash = await chain.send_transaction(to=self.contract.address, data=encode_batch(events),
                                                    gas=batch_gas(len(events)))
+            sent = time.monotonic()
             await chain.wait_receipt(tx_hash, self.receipt_timeout_s)
         except BaseException as error:
             failure = error if isinstance(error, Exception) else EmitterClosed("event emission was cancelled")
@@ -90,6 +93,8 @@ class EventEmitter:
             return
         self.batches += 1
         self.events += len(events)
+        log.debug("event batch mined", events=len(events), requests=len(batch), send_s=round(sent - started, 4),
+                  receipt_s=round(time.monotonic() - sent, 4), queued=len(self._queue))
         metrics.CONSENSUS_EVENT_BATCH.observe(len(events))
         for event in events:
             metrics.CONSENSUS_EVENTS.labels(EVENT_NAMES[event.kind]).inc()

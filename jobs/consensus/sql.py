@@ -65,40 +65,54 @@ RETURNING {CLAIMED_COLUMNS},
     (SELECT a.state FROM {ACCEPTED_STATES} a WHERE a.address = t.to_address) AS accepted_state
 """
 
-# One state transition: fenced by epoch, owner and the status it leaves. Renews the lease (progress).
-# Moving to ACCEPTED also writes the contract's accepted state, in the same statement.
+# State transitions, group-committed: each row is ONE transition of one transaction, fenced by its own
+# epoch, owner and the status it leaves; the statement carries many rows. It renews each moved row's
+# lease (progress), and a move to ACCEPTED writes the contract's accepted state in the same statement.
+# Arrays: hash, epoch, from status, to status, leader, result, votes, reason, state_patch, the four
+# event hashes known so far, accepted state (jsonb as text).
 TRANSITION = f"""
-WITH moved AS (
-    UPDATE {T}
-    SET status = $4,
-        leader = COALESCE($5, leader),
-        result = COALESCE($6::jsonb, result),
-        votes = COALESCE($7::jsonb, votes),
-        reason = COALESCE($8, reason),
-        state_patch = $9::jsonb,
-        activated_event_tx = COALESCE(activated_event_tx, $10),
-        proposed_event_tx = COALESCE(proposed_event_tx, $11),
-        committed_event_tx = COALESCE(committed_event_tx, $12),
-        revealed_event_tx = COALESCE(revealed_event_tx, $13),
-        outcome = CASE WHEN $4 IN {DECIDED} THEN $4 END,
-        timestamp_awaiting_finalization = CASE WHEN $4 IN {DECIDED} THEN now() END,
-        lease_expires_at = now() + make_interval(secs => $14)
-    WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $15 AND status = $3
-    RETURNING hash, to_address
+WITH i AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
+        AS i(hash, epoch, from_status, to_status, leader, result, votes, reason, state_patch,
+             activated, proposed, committed, revealed, accepted_state)
+), moved AS (
+    UPDATE {T} t
+    SET status = i.to_status,
+        leader = COALESCE(i.leader, t.leader),
+        result = COALESCE(i.result::jsonb, t.result),
+        votes = COALESCE(i.votes::jsonb, t.votes),
+        reason = COALESCE(i.reason, t.reason),
+        state_patch = i.state_patch::jsonb,
+        activated_event_tx = COALESCE(t.activated_event_tx, i.activated),
+        proposed_event_tx = COALESCE(t.proposed_event_tx, i.proposed),
+        committed_event_tx = COALESCE(t.committed_event_tx, i.committed),
+        revealed_event_tx = COALESCE(t.revealed_event_tx, i.revealed),
+        outcome = CASE WHEN i.to_status IN {DECIDED} THEN i.to_status END,
+        timestamp_awaiting_finalization = CASE WHEN i.to_status IN {DECIDED} THEN now() END,
+        lease_expires_at = now() + make_interval(secs => $15)
+    FROM i
+    WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $16 AND t.status = i.from_status
+    RETURNING t.hash, t.seq, t.to_address, i.accepted_state
 ), accepted AS (
+    -- one in-flight transaction per contract, so one row per address; DISTINCT ON guards it anyway
     INSERT INTO {ACCEPTED_STATES} (address, state, tx_hash, updated_at)
-    SELECT to_address, $16::jsonb, hash, now() FROM moved WHERE $16::jsonb IS NOT NULL
+    SELECT DISTINCT ON (to_address) to_address, accepted_state::jsonb, hash, now()
+    FROM moved WHERE accepted_state IS NOT NULL
+    ORDER BY to_address, seq DESC
     ON CONFLICT (address) DO UPDATE
     SET state = EXCLUDED.state, tx_hash = EXCLUDED.tx_hash, updated_at = EXCLUDED.updated_at
 )
-SELECT count(*) FROM moved
+SELECT hash FROM moved
 """
 
-# The decided event is on chain: store its hash and give the transaction up to the finality loop.
+# The decided events are on chain: store their hashes and give the transactions to the finality loop.
 RELEASE_DECIDED = f"""
-UPDATE {T} SET decided_event_tx = COALESCE(decided_event_tx, $3), lease_owner = NULL, lease_expires_at = NULL
-WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $4 AND status IN {DECIDED}
-RETURNING 1
+UPDATE {T} t SET decided_event_tx = COALESCE(t.decided_event_tx, i.event_tx), lease_owner = NULL,
+    lease_expires_at = NULL
+FROM unnest($1::text[], $2::bigint[], $3::text[]) AS i(hash, epoch, event_tx)
+WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $4 AND t.status IN {DECIDED}
+RETURNING t.hash
 """
 
 # Give a transaction back without counting a recovery (shutdown, the chain is down): back to PENDING if

@@ -11,12 +11,17 @@ from typing import Any
 import asyncpg
 
 from jobs.consensus import sql
+from jobs.consensus.batching import GroupCommit
 from jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
 from runner.db import Database
 from runner.errors import LeaseLost, UsageError
 
 FINALITY_LOCK_KEY = 0x72756E6E6572_0003  # "runner" + migration 0003
 EVENT_KINDS = ("activated", "proposed", "committed", "revealed", "decided", "finalized")
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 @dataclass
@@ -65,6 +70,8 @@ class ConsensusStore:
         self.db = db
         self.owner = owner
         self.lease_s = lease_s
+        self._transition_writer: GroupCommit[tuple[Any, ...], bool] | None = None
+        self._release_writer: GroupCommit[tuple[str, int, str], bool] | None = None
 
     # --- submit ---------------------------------------------------------------------------------
     async def insert(self, submissions: Sequence[Submission]) -> list[str]:
@@ -85,20 +92,46 @@ class ConsensusStore:
         self, tx: Claimed, *, to: str, leader: str | None = None, result: Any = None, votes: Any = None,
         reason: str | None = None, state_patch: Any = None, accepted_state: dict[str, Any] | None = None,
     ) -> None:
-        """One fenced statement; raises LeaseLost when the transaction is no longer ours."""
+        """One fenced transition (group-committed with other tasks'); raises LeaseLost when the
+        transaction is no longer ours."""
         ev = tx.events
-        moved = await self.db.fetchval(
-            sql.TRANSITION, tx.hash, tx.epoch, tx.status, to, leader, result, votes, reason, state_patch,
-            ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"), self.lease_s,
-            self.owner, accepted_state,
-        )
-        if not moved:
+        row = (tx.hash, tx.epoch, tx.status, to, leader, _json(result), _json(votes), reason, _json(state_patch),
+               ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"),
+               _json(accepted_state))
+        if not await self._transitions().submit(row):
             raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before {tx.status} -> {to}")
         tx.status = to
 
     async def release_decided(self, tx: Claimed, event_tx: str) -> None:
-        if await self.db.fetchval(sql.RELEASE_DECIDED, tx.hash, tx.epoch, event_tx, self.owner) is None:
+        if not await self._releases().submit((tx.hash, tx.epoch, event_tx)):
             raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before release")
+
+    def _transitions(self) -> GroupCommit[tuple[Any, ...], bool]:
+        if self._transition_writer is None:
+            self._transition_writer = GroupCommit(self._write_transitions, name="consensus-transitions")
+        return self._transition_writer
+
+    def _releases(self) -> GroupCommit[tuple[str, int, str], bool]:
+        if self._release_writer is None:
+            self._release_writer = GroupCommit(self._write_releases, name="consensus-releases")
+        return self._release_writer
+
+    async def _write_transitions(self, batch: Sequence[tuple[Any, ...]]) -> list[bool]:
+        columns = [list(c) for c in zip(*batch, strict=True)]
+        rows = await self.db.fetch(sql.TRANSITION, *columns, self.lease_s, self.owner)
+        moved = {r["hash"] for r in rows}
+        return [row[0] in moved for row in batch]
+
+    async def _write_releases(self, batch: Sequence[tuple[str, int, str]]) -> list[bool]:
+        hashes, epochs, events = (list(c) for c in zip(*batch, strict=True))
+        rows = await self.db.fetch(sql.RELEASE_DECIDED, hashes, epochs, events, self.owner)
+        released = {r["hash"] for r in rows}
+        return [h in released for h in hashes]
+
+    async def close(self) -> None:
+        for writer in (self._transition_writer, self._release_writer):
+            if writer is not None:
+                await writer.close()
 
     async def abandon(self, tx: Claimed, reason: str | None) -> str | None:
         ev = tx.events

@@ -1,0 +1,225 @@
+"""Consensus throughput against anvil: ``python bench/consensus.py``.
+
+Two figures, on one fresh anvil (finality window 0):
+
+- **raw**: the node's rate of signed sends from one process: ``--raw`` value transfers signed and sent
+  one after another through runner.chain (the same capped keep-alive session and nonce manager the
+  worker uses, a second dev account), until the last one's receipt; sends/s.
+- **consensus**: ``--txs`` transactions over ``--contracts`` contracts (key-value ops), inserted up
+  front, then ONE ``runner worker --drain`` process (RUNNER_FINALITY_WINDOW=0,
+  RUNNER_CONSENSUS_CONCURRENCY=``--concurrency``) takes them all to FINALIZED. Reported: finalized
+  transactions/s over the consensus window (first activation to last finalization, from the rows) and
+  over the whole worker process (start-up, deployment and drain included); chain transactions sent; the
+  worker's peak TCP connections to the node (ESTABLISHED sockets it owns, from /proc/net/tcp).
+
+Each round uses a fresh database and a fresh anvil; the median of ``--rounds`` is reported, with the
+ratio consensus/raw (target >= 50%). The database is RUNNER_BENCH_DATABASE_URL or the embedded
+PostgreSQL under RUNNER_BENCH_HOME; anvil comes from node_modules (``npm ci``). Results go to
+bench/results/consensus.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.insert(0, str(_BENCH.parent))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import asyncpg  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    RESULTS,
+    RUNNER_CLI,
+    SCRATCH,
+    Server,
+    base_env,
+    fresh_name,
+    git_commit,
+    log,
+    machine,
+    median,
+    start_server,
+)
+from config import load_settings  # noqa: E402
+from jobs.consensus.model import new_submission, to_checksum_address  # noqa: E402
+from runner.chain import close_chain, open_chain  # noqa: E402
+from tests.chain_fixtures import Anvil, anvil_binary, established_to, free_port  # noqa: E402
+
+RAW_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"  # anvil account 1 (public)
+SENDER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+
+
+@dataclass
+class Round:
+    raw_sends_per_s: float
+    finalized_per_s_window: float
+    finalized_per_s_process: float
+    worker_wall_s: float
+    chain_txs: int
+    peak_node_connections: int
+    statuses: dict[str, int]
+
+    @property
+    def ratio(self) -> float:
+        return self.finalized_per_s_window / self.raw_sends_per_s
+
+
+async def raw_rate(url: str, count: int) -> float:
+    settings = load_settings(database_url="postgresql://unused@127.0.0.1/unused", chain_url=url,
+                             chain_private_key=RAW_KEY)
+    chain = await open_chain(settings)
+    try:
+        await chain.send_transaction(to=chain.address, data=b"", gas=21_000)  # warm the session and nonce
+        started = time.perf_counter()
+        last = ""
+        for i in range(count):
+            last = await chain.send_transaction(to=chain.address, data=b"", gas=21_000, value=i)
+        await chain.wait_receipt(last, 60)
+        return count / (time.perf_counter() - started)
+    finally:
+        await close_chain(chain)
+
+
+def plan(txs: int, contracts: int) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for i in range(txs):
+        to = to_checksum_address("0x" + f"{0xB0000 + i % contracts:040x}")
+        n = i // contracts
+        data: dict[str, Any] = {"op": "set", "key": f"k{n % 5}", "value": n}
+        if n == 0:
+            data = {"op": "mint", "amount": 10_000}
+        elif n % 3 == 0:
+            data = {"op": "transfer", "to": SENDER, "amount": 1}
+        out.append((to, data))
+    return out
+
+
+def worker_env(db_url: str, chain_url: str, concurrency: int) -> dict[str, str]:
+    return base_env(RUNNER_DATABASE_URL=db_url, RUNNER_CHAIN_URL=chain_url, RUNNER_FINALITY_WINDOW="0",
+                    RUNNER_CONSENSUS_CONCURRENCY=str(concurrency), RUNNER_HTTP_ENABLED="false",
+                    RUNNER_LOG_LEVEL="warning", RUNNER_LOG_FORMAT="json")
+
+
+class Watch:
+    def __init__(self, port: int, pid: int) -> None:
+        self.port, self.pid, self.peak = port, pid, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, established_to(self.port, self.pid))
+            time.sleep(0.01)
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
+async def one_round(server: Server, args: argparse.Namespace, index: int) -> Round:
+    binary = anvil_binary()
+    if binary is None:
+        raise SystemExit("anvil is not installed: run `npm ci` at the repository root")
+    node = Anvil(binary, free_port())
+    node.start()
+    name = fresh_name("consensus")
+    db_url = await server.create(name)
+    logs = SCRATCH / f"consensus-{index}"
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        raw = await raw_rate(node.url, args.raw)
+        env = worker_env(db_url, node.url, args.concurrency)
+        subprocess.run([str(RUNNER_CLI), "migrate"], env=env, check=True, capture_output=True)
+        connection = await asyncpg.connect(db_url)
+        try:
+            subs = [new_submission(SENDER, to, data) for to, data in plan(args.txs, args.contracts)]
+            await connection.execute(
+                "INSERT INTO runner_consensus_transactions (hash, from_address, to_address, input) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]::jsonb[])",
+                [s.hash for s in subs], [s.from_address for s in subs], [s.to_address for s in subs],
+                [json.dumps(s.input) for s in subs])
+            settings = load_settings(database_url="postgresql://unused@127.0.0.1/unused", chain_url=node.url)
+            reader = await open_chain(settings)
+            sent_before = await reader.w3.eth.get_transaction_count(reader.address)
+            started = time.perf_counter()
+            with open(logs / "worker.log", "w") as sink:
+                proc = subprocess.Popen([str(RUNNER_CLI), "worker", "--drain"], env=env, stdout=sink,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                watch = Watch(node.port, proc.pid)
+                code = await asyncio.to_thread(proc.wait)
+                wall = time.perf_counter() - started
+                peak = watch.finish()
+            if code != 0:
+                raise SystemExit(f"worker exited {code}; see {logs / 'worker.log'}")
+            chain_txs = await reader.w3.eth.get_transaction_count(reader.address) - sent_before
+            await close_chain(reader)
+            window = await connection.fetchval(
+                "SELECT extract(epoch FROM max(finalized_at) - min(activated_at)) FROM runner_consensus_transactions")
+            statuses = {r["status"]: r["n"] for r in await connection.fetch(
+                "SELECT coalesce(outcome, status) AS status, count(*) AS n FROM runner_consensus_transactions "
+                "WHERE status = 'FINALIZED' GROUP BY 1")}
+            unfinished = await connection.fetchval(
+                "SELECT count(*) FROM runner_consensus_transactions WHERE status <> 'FINALIZED'")
+            if unfinished:
+                raise SystemExit(f"{unfinished} transactions not finalized")
+        finally:
+            await connection.close()
+        result = Round(raw_sends_per_s=raw, finalized_per_s_window=args.txs / float(window),
+                       finalized_per_s_process=args.txs / wall, worker_wall_s=wall, chain_txs=chain_txs,
+                       peak_node_connections=peak, statuses=statuses)
+        log(f"round {index}: raw {raw:.0f} sends/s; consensus {result.finalized_per_s_window:.0f} finalized/s "
+            f"(window), {result.finalized_per_s_process:.0f}/s (whole process, {wall:.1f}s); {chain_txs} chain "
+            f"txs; peak node connections {peak}; ratio {100 * result.ratio:.0f}%")
+        return result
+    finally:
+        node.stop()
+        await server.drop(name)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--txs", type=int, default=2000)
+    parser.add_argument("--contracts", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--raw", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one small round (a smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.txs, args.contracts, args.raw, args.rounds = 200, 20, 300, 1
+    server = start_server()
+    try:
+        rounds = [await one_round(server, args, i) for i in range(args.rounds)]
+    finally:
+        server.stop_if_started_here()
+    summary = {
+        "raw_sends_per_s": median([r.raw_sends_per_s for r in rounds]),
+        "finalized_per_s_window": median([r.finalized_per_s_window for r in rounds]),
+        "finalized_per_s_process": median([r.finalized_per_s_process for r in rounds]),
+        "ratio_window_to_raw": median([r.ratio for r in rounds]),
+        "peak_node_connections": max(r.peak_node_connections for r in rounds),
+        "chain_txs_per_round": [r.chain_txs for r in rounds],
+    }
+    report = {"command": " ".join(["python", "bench/consensus.py", *sys.argv[1:]]), "config": vars(args),
+              "machine": machine(), "commit": git_commit(), "summary": summary,
+              "rounds": [asdict(r) | {"ratio": r.ratio} for r in rounds]}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "consensus.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
