@@ -19,34 +19,31 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from eth_utils import keccak, to_checksum_address
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from config import Settings
-from jobs.consensus.model import FINALIZED, STATUSES, default_sender, new_submission
-from jobs.consensus.store import ConsensusStore
 from runner import metrics
-from runner.app import App
-from runner.cli import fail, run_async, settings_or_exit
 from runner.errors import RunnerError, UsageError
-from runner.http import HttpServer, HttpServerError
-from runner.logs import configure_logging, redact_dsn
-from runner.migrate import migrate
 from runner.plugins import Plugin
-from runner.queue import NewJob
-from runner.worker import Worker
+
+# Every `runner` command loads this plugin to register `demo`: what only the demo needs (alembic, the
+# worker, the HTTP server, eth-utils, rich's live display) is imported when the demo runs.
+if TYPE_CHECKING:
+    from rich.console import Console, Group
+    from rich.table import Table
+
+    from config import Settings
+    from runner.app import App
+    from runner.http import HttpServer
+    from runner.worker import Worker
 
 SOURCE_TABLE = "public.runner_demo_source"
 COPY_TABLE = "public.runner_demo_copy"
 REFRESH_S = 0.25
 DEFAULT_TIMEOUT_S = 900.0
 TX_TABLE = "runner_consensus_transactions"
+FINALIZED = "FINALIZED"
 RUNNER_CONNECTION = "default"  # backfill's name for the runner's own database
 
 CREATE_SOURCE = f"""
@@ -90,6 +87,8 @@ async def sample_consensus_metrics(app: App) -> None:
     """runner_consensus_transactions{status} and runner_consensus_nonfinal_age_window_ratio."""
     if not app.settings.consensus_enabled:
         return
+    from jobs.consensus.model import STATUSES
+
     rows = await app.db.fetch(SAMPLE_CONSENSUS)
     counts = {r["status"]: r["n"] for r in rows}
     for status in STATUSES:
@@ -151,6 +150,8 @@ class Summary:
 
 def contract_addresses(count: int) -> list[str]:
     """Deterministic targets for the key-value contract (consensus keeps one state per address)."""
+    from eth_utils import keccak, to_checksum_address
+
     return [to_checksum_address(keccak(f"runner-demo-contract-{i}".encode())[12:]) for i in range(count)]
 
 
@@ -163,6 +164,8 @@ async def prepare_source(app: App, rows: int) -> None:
 
 
 async def enqueue_backfill(app: App) -> int:
+    from runner.queue import NewJob
+
     payload = {"source": RUNNER_CONNECTION, "source_table": SOURCE_TABLE, "dest": RUNNER_CONNECTION,
                "dest_table": COPY_TABLE, "key": "id", "create_table": True}
     kind = app.registry.get("backfill")
@@ -175,6 +178,9 @@ async def enqueue_backfill(app: App) -> int:
 async def submit_transactions(app: App, count: int, contracts: int) -> list[str]:
     if count == 0:
         return []
+    from jobs.consensus.model import default_sender, new_submission
+    from jobs.consensus.store import ConsensusStore
+
     sender = default_sender(app.settings)
     targets = contract_addresses(contracts)
     submissions = [
@@ -187,6 +193,8 @@ async def submit_transactions(app: App, count: int, contracts: int) -> list[str]
 
 async def start_http(app: App, worker: Worker) -> HttpServer | None:
     """The configured port, or any free one when it is taken (another worker may be running)."""
+    from runner.http import HttpServer, HttpServerError
+
     if not app.settings.http_enabled:
         return None
     try:
@@ -197,6 +205,8 @@ async def start_http(app: App, worker: Worker) -> HttpServer | None:
 
 class LiveView:
     def __init__(self, size: DemoSize, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         self.size = size
         self.console = console
         self.progress = Progress(
@@ -207,6 +217,9 @@ class LiveView:
         self.tx_task = self.progress.add_task("transactions finalized", total=size.transactions or 1)
 
     def render(self, seen: Observed, app: App, chain_kind: str, url: str | None) -> Group:
+        from rich.console import Group
+        from rich.table import Table
+
         self.progress.update(self.rows_task, completed=seen.rows_done if self.size.rows else 1)
         self.progress.update(self.tx_task, completed=seen.finalized if self.size.transactions else 1)
         stats = app.db.stats()
@@ -248,6 +261,10 @@ async def rows_copied(app: App) -> int:
 
 async def run_worker(app: App, size: DemoSize, job_id: int | None, hashes: list[str], console: Console,
                      chain_kind: str) -> tuple[Observed, str | None, bool]:
+    from rich.live import Live
+
+    from runner.worker import Worker
+
     worker = Worker(app, drain=True, serve_http=False)  # served below, falling back to a free port
     http = await start_http(app, worker)
     url = http.url if http else None
@@ -281,6 +298,10 @@ async def run_worker(app: App, size: DemoSize, job_id: int | None, hashes: list[
 
 
 async def demo(settings: Settings, size: DemoSize, console: Console) -> Summary:
+    from runner.app import App
+    from runner.logs import redact_dsn
+    from runner.migrate import migrate
+
     where = "RUNNER_DATABASE_URL" if settings.database_url else f"the embedded PostgreSQL in {settings.home}"
     console.print(f"database: {where} (starting it if needed)")
     app = await App.open(settings)
@@ -317,6 +338,8 @@ async def demo(settings: Settings, size: DemoSize, console: Console) -> Summary:
 
 
 def summary_table(summary: Summary) -> Table:
+    from rich.table import Table
+
     table = Table(title="runner demo", show_header=False)
     table.add_row("rows copied", f"{summary.rows_copied:,} of {summary.rows_expected:,}"
                   f" (backfill job {summary.backfill_status})")
@@ -363,6 +386,11 @@ def demo_command(
     timeout: Annotated[float, typer.Option(help="Seconds before the demo gives up")] = DEFAULT_TIMEOUT_S,
 ) -> None:
     """The tour: embedded PostgreSQL, in-process chain, a backfill and consensus, live, then a summary."""
+    from rich.console import Console
+
+    from runner.cli import fail, run_async, settings_or_exit
+    from runner.logs import configure_logging
+
     settings = settings_or_exit()
     if "RUNNER_LOG_LEVEL" not in os.environ:
         configure_logging(settings.log_format, "warning")  # keep the live view readable
