@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     retry_backoff_base: float = Field(1.0, ge=0)
     retry_backoff_max: float = Field(300.0, ge=0)
     default_max_attempts: int = Field(5, gt=0)
+    retention: float = Field(7 * 24 * 3600.0, ge=0)  # finished jobs are deleted after this; 0 keeps them
+    cleanup_interval: float = Field(60.0, gt=0)
 
     # --- logs and HTTP --------------------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -182,6 +182,10 @@ class JobQueue:
         rows = await self.db.fetch(sql.RESCUE_STALE, max_recoveries, limit)
         return [RescuedJob(r["id"], r["kind"], r["status"]) for r in rows]
 
+    async def job_delete_finished(self, older_than_s: float, limit: int = 10_000) -> int:
+        status = await self.db.execute(sql.DELETE_FINISHED_BEFORE, older_than_s, limit)
+        return int(status.split()[-1])
+
     async def worker_unregister(self, worker_id: str) -> None:
         await self.db.execute(sql.UNREGISTER_WORKER, worker_id)
 

@@ -97,6 +97,15 @@ WHERE j.id = d.id AND j.lease_epoch = d.lease_epoch AND j.status = 'running'
 RETURNING j.id, j.kind, j.status
 """
 
+# Retention: finished jobs older than the retention window go, in bounded batches.
+DELETE_FINISHED_BEFORE = """
+DELETE FROM runner_jobs WHERE id IN (
+    SELECT id FROM runner_jobs
+    WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < now() - $1 * interval '1 second'
+    LIMIT $2
+)
+"""
+
 DELETE_DEAD_WORKERS = """
 DELETE FROM runner_workers WHERE last_heartbeat_at < now() - $1 * interval '1 second'
 """

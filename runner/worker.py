@@ -17,6 +17,7 @@ from runner.executor import Executor
 from runner.http import HttpServer, Liveness, LoopStatus, WorkerState
 from runner.logs import get_logger
 from runner.loops.canceller import CancelWatcher
+from runner.loops.cleaner import Cleaner
 from runner.loops.completer import Completer
 from runner.loops.depth import DepthSampler
 from runner.loops.drain import DrainWatcher
@@ -64,6 +65,7 @@ class Worker:
         listen_dsn = settings.listen_database_url.get_secret_value() if settings.listen_database_url else None
         self.listener = Listener(app.db, self.queues, self.fetcher.wake.set, self.canceller.notified, listen_dsn)
         self.depth = DepthSampler(app.queue, settings.depth_sample_interval)
+        self.cleaner = Cleaner(app.queue, settings)
         self.plugin_services: list[Service] = [
             service for plugin in app.plugins if plugin.services for service in plugin.services(app)
         ]
@@ -75,7 +77,7 @@ class Worker:
     @property
     def services(self) -> list[Service]:
         core: list[Service] = [self.listener, self.fetcher, self.completer, self.heartbeat, self.rescuer,
-                               self.canceller, self.depth]
+                               self.canceller, self.depth, self.cleaner]
         return core + self.plugin_services + ([self.drain] if self.drain else [])
 
     def request_stop(self) -> None:

@@ -246,3 +246,13 @@ async def test_pool_exhaustion_gives_up_with_a_typed_error(settings: Settings) -
             assert await connection.fetchval("SELECT 1") == 1
     finally:
         await app.close()
+
+
+async def test_retention_deletes_only_old_finished_jobs(app: App) -> None:
+    ids = await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(4)])
+    await app.db.execute("UPDATE runner_jobs SET status = 'succeeded', finished_at = now() - interval '2 days' "
+                         "WHERE id = ANY($1)", ids[:2])
+    await app.db.execute("UPDATE runner_jobs SET status = 'failed', finished_at = now() WHERE id = $1", ids[2])
+    assert await app.queue.job_delete_finished(older_than_s=86400) == 2
+    remaining = await app.db.fetch("SELECT id, status FROM runner_jobs ORDER BY id")
+    assert [(r["id"], r["status"]) for r in remaining] == [(ids[2], "failed"), (ids[3], "pending")]

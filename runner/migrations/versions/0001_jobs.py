@@ -66,7 +66,12 @@ def upgrade() -> None:
         unique=True,
         postgresql_where=sa.text(f"dedupe_key IS NOT NULL AND {UNFINISHED}"),
     )
-    op.create_index("runner_jobs_status_idx", "runner_jobs", ["status", "kind"])
+    op.create_index(
+        "runner_jobs_finished_idx",
+        "runner_jobs",
+        ["finished_at"],
+        postgresql_where=sa.text("status IN ('succeeded', 'failed', 'cancelled')"),
+    )
     op.create_table(
         "runner_workers",
         sa.Column("id", sa.Text, primary_key=True),
