@@ -38,6 +38,7 @@ def contract_address(i: int) -> str:
 @asynccontextmanager
 async def consensus_app(**env: str) -> AsyncIterator[App]:
     """An App with the chain open and ConsensusMain deployed; env overrides apply (runner_env is active)."""
+    env = {"RUNNER_CONSENSUS_ENABLED": "true", **env}  # whatever the suite's default is
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -232,6 +232,25 @@ async def test_a_codeless_stored_address_means_deploy_again(runner_env: dict[str
     assert await conn.fetchval("SELECT count(*) FROM runner_consensus_deployments") == 1
 
 
+async def test_a_contract_gone_from_the_node_is_detected_and_deployed_again(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """A batch sent to an address without ConsensusMain is mined without its events (a node reset to a
+    fresh chain looks like this): the worker notices, deploys again, and finishes with every event."""
+    async with consensus_app(RUNNER_FINALITY_WINDOW="0") as app:
+        engine = engine_of(app)
+        real = engine.contract
+        gone = cm.ConsensusMain(engine.chain, contract_address(404), real.deploy_block)
+        engine.contract = engine.emitter.contract = gone
+        await submit(app, contract_address(1), {"op": "set", "key": "a", "value": 1})
+        await drain(app)
+        assert engine.contract == real and engine.emitter.contract == real
+        txs = await rows(conn)
+        assert [(t["status"], t["outcome"]) for t in txs] == [("FINALIZED", "ACCEPTED")]
+        assert "released after a chain error: ConsensusMain at" in txs[0]["reason"]
+        check_events(txs, await real.logs())
+
+
 # --- the command line ------------------------------------------------------------------------------
 def test_submission_checks() -> None:
     to = contract_address(1)
@@ -282,7 +301,7 @@ def test_submit_then_worker_drain_finalizes_on_the_in_process_chain(runner_env: 
     pending = json.loads(run_cli(runner_env, "tx", hashes[0], "--json").stdout)
     assert pending["status"] == "PENDING" and pending["to_address"] == to
 
-    result = run_cli(runner_env, "worker", "--drain", RUNNER_FINALITY_WINDOW="0.2")
+    result = run_cli(runner_env, "worker", "--drain", RUNNER_FINALITY_WINDOW="0.2", RUNNER_CONSENSUS_ENABLED="true")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ConsensusMain deployed" in result.stderr
     for tx_hash in hashes:

@@ -27,6 +27,11 @@ class EmitterClosed(ChainError):
     pass
 
 
+class ContractMissing(ChainError):
+    """The batch was mined without its events: no ConsensusMain behind the address any more (the node
+    was reset to a fresh chain). The engine deploys again."""
+
+
 class EventEmitter:
     def __init__(self, contract: ConsensusMain, *, receipt_timeout_s: float, max_inflight: int = 2) -> None:
         self.contract = contract
@@ -81,7 +86,10 @@ class EventEmitter:
             tx_hash = await chain.send_transaction(to=self.contract.address, data=encode_batch(events),
                                                    gas=batch_gas(len(events)))
             sent = time.monotonic()
-            await chain.wait_receipt(tx_hash, self.receipt_timeout_s)
+            receipt = await chain.wait_receipt(tx_hash, self.receipt_timeout_s)
+            if receipt.logs != len(events):
+                raise ContractMissing(f"ConsensusMain at {self.contract.address} emitted {receipt.logs} of "
+                                      f"{len(events)} events in {tx_hash}")
         except BaseException as error:
             failure = error if isinstance(error, Exception) else EmitterClosed("event emission was cancelled")
             for _, future in batch:

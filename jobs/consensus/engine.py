@@ -20,8 +20,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from jobs.consensus import contract as cm
-from jobs.consensus.contract import ConsensusMain
-from jobs.consensus.emitter import EventEmitter
+from jobs.consensus.contract import ConsensusMain, ensure_deployed
+from jobs.consensus.emitter import ContractMissing, EventEmitter
 from jobs.consensus.executor import ContractExecutor, Execution, TxView
 from jobs.consensus.machine import TxTask, decided_event
 from jobs.consensus.model import IN_MACHINE, short_hash, validator_set
@@ -59,6 +59,7 @@ class Engine:
         self.paused_until = 0.0
         self.pending: PendingLoop | None = None
         self.finality: FinalityLoop | None = None
+        self._redeploying = asyncio.Lock()
 
     # --- tasks ----------------------------------------------------------------------------------
     def start(self, tx: Claimed) -> TxTask:
@@ -77,6 +78,7 @@ class Engine:
         except ChainError as error:
             self._pause(error)
             await self._quietly(self.store.abandon(tx, f"released after a chain error: {error}"[:500]))
+            await self._quietly(self.after_chain_error(error))
         except Exception as error:  # a bug or a database outage: count it as a recovery (capped)
             log.error("consensus task failed", tx=short_hash(tx.hash), status=tx.status, error=repr(error))
             await self._quietly(self.store.recover_own([(tx.hash, tx.epoch)], self.settings.max_recoveries,
@@ -97,6 +99,20 @@ class Engine:
         pause = min(MAX_PAUSE_S, 0.5 * 2 ** min(self.chain_failures, 5))
         self.paused_until = time.monotonic() + pause
         log.warning("chain error; pausing claims", error=str(error)[:300], pause_s=pause)
+
+    async def after_chain_error(self, error: BaseException) -> None:
+        if isinstance(error, ContractMissing):
+            await self.redeploy()
+
+    async def redeploy(self) -> None:
+        """Deploy ConsensusMain again when the node lost it (one task does it; the others find it done)."""
+        async with self._redeploying:
+            if await self.chain.code_at(self.contract.address):
+                return
+            contract = await ensure_deployed(self.chain, self.store, self.emitter.receipt_timeout_s)
+            self.contract = contract
+            self.emitter.contract = contract
+            log.warning("ConsensusMain deployed again after the node lost it", address=contract.address)
 
     def paused(self) -> bool:
         return time.monotonic() < self.paused_until
@@ -127,9 +143,10 @@ class Engine:
         events = [decided_event(tx, tx.status, (tx.result or {}).get("receipt_hash")) for tx in txs]
         try:
             hashes = await self.settle(txs, "decided", events)
-        except ChainError:
+        except ChainError as error:
             for tx in txs:
                 await self._quietly(self.store.abandon(tx, None))
+            await self._quietly(self.after_chain_error(error))
             raise
         for tx, event_tx in zip(txs, hashes, strict=True):
             await self._quietly(self.store.release_decided(tx, event_tx or ""))
@@ -145,8 +162,9 @@ class Engine:
                                                                                 or 0)) for tx in txs]
         try:
             hashes = await self.settle(txs, "finalized", events)
-        except ChainError:
+        except ChainError as error:
             await self.store.release_finalized([t.hash for t in txs], [t.epoch for t in txs], None)
+            await self._quietly(self.after_chain_error(error))
             raise
         for tx, event_tx in zip(txs, hashes, strict=True):
             await self.store.release_finalized([tx.hash], [tx.epoch], event_tx)
@@ -257,8 +275,9 @@ class FinalityLoop(Service):
                       for r in batch.rows]
             try:
                 event_tx = await engine.emitter.emit(events)
-            except ChainError:
+            except ChainError as error:
                 await engine.store.release_finalized(batch.hashes, batch.epochs, None)
+                await engine._quietly(engine.after_chain_error(error))
                 raise
             await engine.store.release_finalized(batch.hashes, batch.epochs, event_tx)
             metrics.CONSENSUS_TRANSITIONS.labels("FINALIZED").inc(len(batch.hashes))
