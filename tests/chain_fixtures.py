@@ -55,8 +55,12 @@ class Anvil:
         args = [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port), "--silent"]
         if self.state is not None:
             args += ["--state", str(self.state)]  # load at start, dump at exit: blocks, logs, nonces survive
-        sink = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if self.log is not None:
+            with open(self.log, "ab") as sink:  # the child keeps its own descriptor
+                self.proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        else:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -92,13 +92,6 @@ async def has_pending_work(app: App) -> bool:
     return await _store(app).has_work()
 
 
-async def readiness(app: App) -> None:
-    """/readyz: ConsensusMain still has code on the node (the chain itself is checked by the core)."""
-    engine: Engine | None = app.resources.get("consensus")
-    if engine is not None and not await engine.chain.code_at(engine.contract.address):
-        raise RunnerError(f"no ConsensusMain code at {engine.contract.address} (the node was reset?)")
-
-
 async def status(app: App) -> dict[str, Any]:
     counts = await _store(app).counts()
     return {"transactions": counts, "total": sum(counts.values())}
@@ -118,6 +111,5 @@ plugin = ConsensusPlugin(
     has_pending_work=has_pending_work,
     open_resources=open_resources,
     close_resources=close_resources,
-    readiness=readiness,
     status=status,
 )
