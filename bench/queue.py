@@ -35,6 +35,7 @@ sys.path.insert(0, str(_BENCH.parent))
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -342,6 +343,7 @@ class Bench:
             "jobs": len(latencies_ms),
             "rate": cfg.p2_rate,
             "producer_elapsed_s": produced.last_json().get("elapsed_s"),
+            "achieved_rate": len(latencies_ms) / (produced.last_json().get("elapsed_s") or math.inf),
             **{f"p{q}_ms": percentile(latencies_ms, q) for q in (50, 95, 99)},
             "max_ms": max(latencies_ms),
             "mean_ms": sum(latencies_ms) / len(latencies_ms),
@@ -371,6 +373,8 @@ class Bench:
             "jobs": jobs,
             "concurrency": concurrency,
             "pool_max": pool_max,
+            # rows in 'running' as PostgreSQL sees them: for a moment after a wave of jobs ends this counts
+            # the finished ones not yet flushed by the completer as well as the next wave just claimed
             "peak_running_jobs": sampler.peak_running(),
             "peak_connections": sampler.peak(),
             "peak_connections_by_app": sampler.peak(by_app=True) if system.app_prefix else None,
@@ -414,12 +418,21 @@ def summarise(rounds: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, d
     return summary
 
 
-def targets(summary: dict[str, dict[str, dict[str, float]]], config: Config) -> list[dict[str, Any]]:
+def paired_p1_ratios(rounds: dict[str, dict[str, list[dict[str, Any]]]]) -> list[float]:
+    """runner / pgqueuer P1 drain rate within each round (same minutes, same machine load)."""
+    ours, theirs = rounds.get("runner", {}).get("p1", []), rounds.get("pgqueuer", {}).get("p1", [])
+    return [a["drain_jobs_per_s"] / b["drain_jobs_per_s"] for a, b in zip(ours, theirs, strict=False)]
+
+
+def targets(summary: dict[str, dict[str, dict[str, float]]], config: Config,
+            paired: list[float]) -> list[dict[str, Any]]:
     runner = summary.get("runner", {})
     checks: list[dict[str, Any]] = []
     if "p1" in runner and "p1" in summary.get("pgqueuer", {}):
         ratio = runner["p1"]["drain_jobs_per_s"] / summary["pgqueuer"]["p1"]["drain_jobs_per_s"]
-        checks.append({"target": "P1 drain >= 2x pgqueuer", "value": f"{ratio:.2f}x", "met": ratio >= 2})
+        within = ", ".join(f"{r:.2f}x" for r in paired)
+        checks.append({"target": "P1 drain >= 2x pgqueuer", "value": f"{ratio:.2f}x (medians); per round {within}",
+                       "met": ratio >= 2 and median(paired) >= 2})
     if "p2" in runner:
         p50, p99 = runner["p2"]["p50_ms"], runner["p2"]["p99_ms"]
         checks.append({"target": "P2 p50 <= 5 ms", "value": f"{p50:.1f} ms", "met": p50 <= 5})
@@ -531,7 +544,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "versions": package_versions(),
             "runner_commit": git_commit(),
             "summary": summary,
-            "targets": targets(summary, config),
+            "targets": targets(summary, config, paired_p1_ratios(rounds)),
+            "p1_ratio_per_round": paired_p1_ratios(rounds),
             "background_busy_cores_max": max(r["background_busy_cores"] for phases_ in rounds.values()
                                              for results in phases_.values() for r in results),
             "rounds": rounds,
