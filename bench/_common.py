@@ -189,6 +189,34 @@ async def wait_for_quiet(threshold_cores: float, timeout_s: float) -> float:
     return busy
 
 
+def _proc_cpu_s(pid: int, children_too: bool = False) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    # after the ")" : state=0 ... utime=11 stime=12 cutime=13 cstime=14 (proc(5) numbering minus 3)
+    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children_too else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_s(server: Server) -> float | None:
+    """CPU seconds the embedded PostgreSQL has used so far: the postmaster, its live children, and (through
+    the postmaster's cutime/cstime) every backend that has exited. None for an external server."""
+    if server.embedded is None:
+        return None
+    try:
+        postmaster = int((server.embedded.data_dir / "postmaster.pid").read_text().split()[0])
+        total = _proc_cpu_s(postmaster, children_too=True)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    with open(f"/proc/{entry}/stat") as handle:
+                        ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+                    if ppid == postmaster:
+                        total += _proc_cpu_s(int(entry))
+        return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Proc:
     """A subprocess timed from just before fork to the moment it is reaped (whole process), with its
     exact peak RSS and CPU time from wait4's rusage."""

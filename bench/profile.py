@@ -44,6 +44,7 @@ from bench._common import (  # noqa: E402
     git_commit,
     log,
     run,
+    server_cpu_s,
 )
 from runner.embedded import EmbeddedPostgres  # noqa: E402
 
@@ -99,9 +100,11 @@ async def drain(server: Server, jobs: int, name: str, py_spy: list[str] | None) 
     argv: list[Any] = [RUNNER_CLI, "worker", "--drain"]
     if py_spy:
         argv = [PY_SPY, "record", *py_spy, "--", *argv]
-    busy0 = cpu_busy_s()
+    busy0, server0 = cpu_busy_s(), server_cpu_s(server)
     result = (await Proc(argv, env(url), SCRATCH / "logs" / f"profile-{name}.log").start().wait(1800)).check()
     busy = cpu_busy_s() - busy0
+    await asyncio.sleep(0.2)  # the worker's backends are reaped by the postmaster
+    server_s = (server_cpu_s(server) or 0.0) - (server0 or 0.0)
     connection = await asyncpg.connect(server.admin_url)
     try:
         rows = await connection.fetch(
@@ -112,6 +115,7 @@ async def drain(server: Server, jobs: int, name: str, py_spy: list[str] | None) 
     succeeded = await fetchval(url, "SELECT count(*) FROM runner_jobs WHERE status = 'succeeded'")
     await server.drop(name)
     return {"wall_s": result.wall_s, "worker_cpu_s": result.user_s + result.sys_s, "machine_busy_s": busy,
+            "server_cpu_s": server_s,
             "succeeded": succeeded, "statements": [dict(r) for r in rows]}
 
 
@@ -218,9 +222,10 @@ def main() -> None:
         f"- drain wall {plain['wall_s']:.2f} s = **{args.jobs / plain['wall_s']:,.0f} jobs/s** (whole process); "
         f"{plain['succeeded']:,} succeeded",
         f"- worker CPU (user+sys) {plain['worker_cpu_s']:.2f} s = {100 * plain['worker_cpu_s'] / plain['wall_s']:.0f}% "
-        f"of one core; whole machine busy {plain['machine_busy_s']:.2f} CPU-s of "
-        f"{2 * plain['wall_s']:.2f} available (2 cores); PostgreSQL and the rest "
-        f"≈ {plain['machine_busy_s'] - plain['worker_cpu_s']:.2f} CPU-s",
+        f"of one core ({1000 * plain['worker_cpu_s'] / args.jobs:.3f} ms per job); PostgreSQL (all its processes) "
+        f"{plain['server_cpu_s']:.2f} CPU-s ({1000 * plain['server_cpu_s'] / args.jobs:.3f} ms per job); "
+        f"whole machine busy {plain['machine_busy_s']:.2f} CPU-s of {2 * plain['wall_s']:.2f} available "
+        f"(2 cores; the rest is other processes)",
         f"- statements executed: {calls:,} ({calls / args.jobs:.3f} per job), server execution time "
         f"{db_ms / 1000:.2f} s ({db_ms / 10 / plain['wall_s']:.0f}% of the wall; parse, commit/WAL flush and "
         "network are not in it)",

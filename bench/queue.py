@@ -67,6 +67,7 @@ from bench._common import (  # noqa: E402
     package_versions,
     percentile,
     run,
+    server_cpu_s,
     start_server,
     wait_for_connection,
     wait_for_quiet,
@@ -275,10 +276,13 @@ class Bench:
         name, url = await self.fresh(system, "p1")
         try:
             enq = await self.enqueue(system, url, "noop", n, 0.0, self.log_path(system, "p1", round_, "enqueue"))
-            busy0 = cpu_busy_s()
+            busy0, server0 = cpu_busy_s(), server_cpu_s(self.server)
             proc = Proc(system.drain_argv(url), system.worker_env(url), self.log_path(system, "p1", round_, "drain"))
             drained = (await proc.start().wait(timeout_s=1800)).check()
             busy = cpu_busy_s() - busy0
+            await asyncio.sleep(0.2)  # let the postmaster reap the worker's backends (their CPU moves to it)
+            server1 = server_cpu_s(self.server)
+            server_s = server1 - server0 if server0 is not None and server1 is not None else None
             succeeded = await fetchval(url, system.succeeded_sql)
             remaining = await fetchval(url, system.remaining_sql)
         finally:
@@ -301,6 +305,9 @@ class Bench:
             "enqueue_jobs_per_s": n / enq.wall_s,
             "enqueue_call_s": enq.last_json().get("enqueue_s"),
             "worker_cpu_s": drained.user_s + drained.sys_s,
+            "worker_cpu_ms_per_job": 1000 * (drained.user_s + drained.sys_s) / n,
+            "server_cpu_s": server_s,
+            "server_cpu_ms_per_job": 1000 * server_s / n if server_s is not None else None,
             "machine_busy_cpu_s": busy,
             "worker_maxrss_mib": drained.maxrss_mib,
         }
@@ -395,7 +402,8 @@ class Bench:
 
 # --- summary ----------------------------------------------------------------------------------------
 MEDIAN_KEYS = {
-    "p1": ("drain_jobs_per_s", "enqueue_jobs_per_s", "drain_s", "worker_cpu_s", "machine_busy_cpu_s",
+    "p1": ("drain_jobs_per_s", "enqueue_jobs_per_s", "drain_s", "worker_cpu_s", "worker_cpu_ms_per_job",
+           "server_cpu_s", "server_cpu_ms_per_job", "machine_busy_cpu_s",
            "worker_maxrss_mib", "startup_s", "loop_s", "loop_jobs_per_s", "shutdown_s"),
     "p2": ("p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms"),
     "p3": ("peak_connections", "peak_connections_by_app", "peak_running_jobs", "worker_maxrss_mib"),
