@@ -19,7 +19,7 @@ from runner.errors import PayloadError
 DEFAULT_CONNECTION = "default"
 DEFAULT_SCHEMA = "public"
 DEFAULT_BATCH_SIZE = 10_000
-MAX_BATCH_SIZE = 1_000_000
+MAX_BATCH_SIZE = 100_000  # a worker holds up to 4 batches of a job in memory (2 queued, 1 read, 1 written)
 COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
 NULL_TESTS = ("is_null", "not_null")
 OPS = (*COMPARISONS, "in", *NULL_TESTS)
