@@ -46,6 +46,7 @@ from bench._common import (  # noqa: E402
     machine,
     median,
     run,
+    server_cpu_s,
     start_server,
     wait_for_quiet,
 )
@@ -116,7 +117,7 @@ async def one_run(server: Server, workers: int, jobs: int, max_connections: int,
         jsonl.write_text('{"seconds": 0}\n' * jobs)
         await run([RUNNER_CLI, "enqueue", "record", "--jsonl", jsonl], env(url), logs / f"scale{workers}-enqueue.log")
         ids = [f"scale{workers}-r{round_}-w{i}" for i in range(workers)]
-        busy0 = cpu_busy_s()
+        busy0, server0 = cpu_busy_s(), server_cpu_s(server)
         async with PerWorkerSampler(server, name) as sampler:
             started = time.perf_counter()
             procs = [
@@ -129,6 +130,9 @@ async def one_run(server: Server, workers: int, jobs: int, max_connections: int,
             results = [(await p.wait(timeout_s=1800)).check() for p in procs]
             elapsed = time.perf_counter() - started
         busy = cpu_busy_s() - busy0
+        await asyncio.sleep(0.2)  # the workers' backends are reaped by the postmaster
+        server1 = server_cpu_s(server)
+        server_s = server1 - server0 if server0 is not None and server1 is not None else None
         connection = await asyncpg.connect(url)
         try:
             executions = await connection.fetchval("SELECT count(*) FROM runner_executions")
@@ -156,6 +160,7 @@ async def one_run(server: Server, workers: int, jobs: int, max_connections: int,
         "duplicate_executions": duplicates,
         "executions_by_worker": {k.removeprefix("scale"): v for k, v in by_worker.items()},
         "worker_cpu_s": sum(r.user_s + r.sys_s for r in results),
+        "server_cpu_s": server_s,
         "machine_busy_cpu_s": busy,
         "worker_wall_s": [round(r.wall_s, 2) for r in results],
     }
@@ -167,14 +172,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"median of {report['rounds']} round(s); server max_connections {report['max_connections']}.",
         "",
         "| workers | jobs/s | pool max per worker (formula) | connection budget N x (pool + 1) "
-        "| peak server connections | peak per worker | executions | duplicate executions |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak server connections | peak per worker | executions | duplicate executions "
+        "| CPU-s workers / PostgreSQL / wall |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["summary"]:
         lines.append(
             f"| {row['workers']} | {row['jobs_per_s']:,.0f} | {row['pool_max_per_worker']} "
             f"| {row['connection_budget']} | {row['peak_connections_total']} | {row['peak_connections_per_worker']} "
-            f"| {row['executions']:,} | {row['duplicate_executions']} |")
+            f"| {row['executions']:,} | {row['duplicate_executions']} "
+            f"| {row['worker_cpu_s']:.1f} / {row['server_cpu_s']:.1f} / {row['elapsed_s']:.1f} |")
     m = report["machine"]
     lines += ["", f"Machine: {m['nproc']} cores, {m['ram_gib']} GiB RAM, PostgreSQL {report['server_version']} "
                   "on the same host.", "", f"Command: `{report['command']}`"]
@@ -214,6 +221,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "peak_connections_per_worker": max(r["peak_connections_per_worker"] for r in rows),
             "executions": min(r["executions"] for r in rows),
             "duplicate_executions": max(r["duplicate_executions"] for r in rows),
+            "worker_cpu_s": median([r["worker_cpu_s"] for r in rows]),
+            "server_cpu_s": median([r["server_cpu_s"] for r in rows if r["server_cpu_s"] is not None] or [0.0]),
+            "elapsed_s": median([r["elapsed_s"] for r in rows]),
         })
     return {
         "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
