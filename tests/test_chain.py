@@ -211,7 +211,7 @@ async def test_in_process_chain_lives_with_the_process(runner_env: dict[str, str
         await close_chain(again)
 
 
-async def test_default_session_contrast_helper_is_a_real_aiohttp_session(node_chain: Chain) -> None:
+async def test_the_cached_session_caps_and_keeps_connections_alive(node_chain: Chain) -> None:
     session = node_chain.provider.session
     assert isinstance(session, aiohttp.ClientSession)
     assert session.connector is not None and session.connector.limit == 4
