@@ -60,8 +60,9 @@ class Service:
             metrics.LOOP_ERRORS.labels(self.name).inc()
             log.warning("loop iteration failed", loop=self.name, error=repr(error),
                         failures_in_a_row=self.failures_in_a_row)
-            # Back off while the database is down instead of spinning.
-            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(self.failures_in_a_row, 6)))
+            # Back off while the database is down instead of spinning, but never past one interval: a
+            # heartbeat that backs off longer than its period would let live leases expire.
+            await asyncio.sleep(min(5.0, self.interval_s, 0.1 * 2 ** min(self.failures_in_a_row, 6)))
 
     async def _wait(self) -> None:
         delay = self.interval_s * (1 + random.uniform(-self.jitter, self.jitter))
