@@ -4,7 +4,9 @@ Two figures, on one fresh anvil (finality window 0):
 
 - **raw**: the node's rate of signed sends from one process: ``--raw`` value transfers signed and sent
   one after another through runner.chain (the same capped keep-alive session and nonce manager the
-  worker uses, a second dev account), until the last one's receipt; sends/s.
+  worker uses, a second dev account), until the last one's receipt; sends/s. Measured just before and
+  just after the consensus run, and averaged, so load on the machine drifting during a round skews
+  the ratio less.
 - **consensus**: ``--txs`` transactions over ``--contracts`` contracts (key-value ops), inserted up
   front, then ONE ``runner worker --drain`` process (RUNNER_FINALITY_WINDOW=0,
   RUNNER_CONSENSUS_CONCURRENCY=``--concurrency``) takes them all to FINALIZED. Reported: finalized
@@ -12,7 +14,7 @@ Two figures, on one fresh anvil (finality window 0):
   over the whole worker process (start-up, deployment and drain included); chain transactions sent; the
   worker's peak TCP connections to the node (ESTABLISHED sockets it owns, from /proc/net/tcp).
 
-Each round uses a fresh database and a fresh anvil; the median of ``--rounds`` is reported, with the
+Each round uses a fresh database and a fresh anvil; the median of ``--rounds`` (5) is reported, with the
 ratio consensus/raw (target >= 50%). The database is RUNNER_BENCH_DATABASE_URL or the embedded
 PostgreSQL under RUNNER_BENCH_HOME; anvil comes from node_modules (``npm ci``). Results go to
 bench/results/consensus.json.
@@ -63,6 +65,8 @@ SENDER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 @dataclass
 class Round:
     raw_sends_per_s: float
+    raw_before: float
+    raw_after: float
     finalized_per_s_window: float
     finalized_per_s_process: float
     worker_wall_s: float
@@ -140,7 +144,7 @@ async def one_round(server: Server, args: argparse.Namespace, index: int) -> Rou
     logs = SCRATCH / f"consensus-{index}"
     logs.mkdir(parents=True, exist_ok=True)
     try:
-        raw = await raw_rate(node.url, args.raw)
+        raw_before = await raw_rate(node.url, args.raw)
         env = worker_env(db_url, node.url, args.concurrency)
         subprocess.run([str(RUNNER_CLI), "migrate"], env=env, check=True, capture_output=True)
         connection = await asyncpg.connect(db_url)
@@ -177,10 +181,14 @@ async def one_round(server: Server, args: argparse.Namespace, index: int) -> Rou
                 raise SystemExit(f"{unfinished} transactions not finalized")
         finally:
             await connection.close()
-        result = Round(raw_sends_per_s=raw, finalized_per_s_window=args.txs / float(window),
+        raw_after = await raw_rate(node.url, args.raw)
+        raw = (raw_before + raw_after) / 2
+        result = Round(raw_sends_per_s=raw, raw_before=raw_before, raw_after=raw_after,
+                       finalized_per_s_window=args.txs / float(window),
                        finalized_per_s_process=args.txs / wall, worker_wall_s=wall, chain_txs=chain_txs,
                        peak_node_connections=peak, statuses=statuses)
-        log(f"round {index}: raw {raw:.0f} sends/s; consensus {result.finalized_per_s_window:.0f} finalized/s "
+        log(f"round {index}: raw {raw:.0f} sends/s ({raw_before:.0f} before, {raw_after:.0f} after); "
+            f"consensus {result.finalized_per_s_window:.0f} finalized/s "
             f"(window), {result.finalized_per_s_process:.0f}/s (whole process, {wall:.1f}s); {chain_txs} chain "
             f"txs; peak node connections {peak}; ratio {100 * result.ratio:.0f}%")
         return result
@@ -195,7 +203,7 @@ async def main() -> None:
     parser.add_argument("--contracts", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--raw", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one small round (a smoke run)")
     args = parser.parse_args()
     if args.quick:
