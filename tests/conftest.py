@@ -28,6 +28,8 @@ FAST_ENV = {
     "RUNNER_RETRY_BACKOFF_MAX": "0.2",
     "RUNNER_LOG_FORMAT": "json",
     "RUNNER_HTTP_ENABLED": "false",
+    # The in-process chain adds seconds to every worker start; consensus tests turn it on explicitly.
+    "RUNNER_CONSENSUS_ENABLED": "false",
 }
 
 
