@@ -31,10 +31,11 @@ def bars(ax: Any, systems: list[str], values: list[float | None], title: str, un
     ax.margins(y=0.15)
 
 
-def target(ax: Any, value: float, label: str) -> None:
+def target(ax: Any, value: float, label: str, left: bool = False) -> None:
     ax.axhline(value, color="crimson", linestyle="--", linewidth=1)
-    ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7,
-                color="crimson")
+    ax.set_ylim(top=max(ax.get_ylim()[1], value * 1.25))
+    ax.annotate(label, (0.01 if left else 0.99, value), xycoords=("axes fraction", "data"),
+                ha="left" if left else "right", va="bottom", fontsize=7, color="crimson")
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
          f"P1 drain, {config['p1_jobs']:,} no-op jobs, 1 process", "jobs/s (higher is better)")
     pgq = get("pgqueuer", "p1", "drain_jobs_per_s")
     if pgq:
-        target(ax, 2 * pgq, "target: 2x pgqueuer")
+        target(ax, 2 * pgq, "target: 2x pgqueuer", left=True)
     bars(axes[0][1], systems, [get(s, "p1", "enqueue_jobs_per_s") for s in systems],
          "P1 enqueue (bulk, whole process)", "jobs/s (higher is better)")
 
@@ -79,7 +80,7 @@ def main() -> None:
     bars(ax, systems, [get(s, "p3", "max_connections_any_round") for s in systems],
          f"P3 peak server connections, pool max {config['p3_pool_max']}, {config['p3_concurrency']} sleeping jobs",
          "connections (lower is better)")
-    target(ax, config["p3_pool_max"] + 1, "pool max + 1 listener")
+    target(ax, config["p3_pool_max"] + 1, "target: pool max + 1 listener", left=True)
     ax = axes[1][1]
     bars(ax, systems, [get(s, "p7", "worker_maxrss_mib") for s in systems],
          f"P7 peak RSS, {config['p7_concurrency']:,} sleeping jobs", "MiB (lower is better)")
