@@ -79,7 +79,7 @@ class Settings(BaseSettings):
 
     # --- worker ---------------------------------------------------------------------------------
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
-    concurrency: int = Field(100, gt=0, le=10_000)  # async handlers hold no connection while they run
+    concurrency: int = Field(200, gt=0, le=10_000)  # async handlers hold no connection while they run
     queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"], min_length=1)
     claim_batch_size: int = Field(200, gt=0)
     poll_interval: float = Field(1.0, gt=0)

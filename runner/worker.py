@@ -73,6 +73,9 @@ class Worker:
             DrainWatcher(app, self.executor, self.completer, self.fetcher, self.queues, self.request_stop)
             if drain else None
         )
+        if self.drain is not None:
+            # A short claim may mean the queue is empty: check at once rather than on the next tick.
+            self.fetcher.on_short_claim = self.drain.wake.set
 
     @property
     def services(self) -> list[Service]:

@@ -131,6 +131,7 @@ def test_demo_needs_consensus_for_transactions(runner_env: dict[str, str]) -> No
 async def test_operate_plugin_samples_consensus_gauges(
     runner_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, app: App, conn: asyncpg.Connection
 ) -> None:
+    app.settings = app.settings.model_copy(update={"consensus_enabled": True})  # the suite's default is off
     store = ConsensusStore(app.db, app.settings.worker_id, app.settings.lease_timeout)
     sender, target = contract_addresses(2)
     hashes = await store.insert([new_submission(sender, target, {"op": "set", "key": f"k{i}", "value": i})

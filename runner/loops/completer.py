@@ -32,9 +32,12 @@ class Completer(Service):
         self.settings = settings
         self._buffer: deque[JobOutcome] = deque()
         self.flushed = asyncio.Event()
+        self.empty = asyncio.Event()  # set whenever every submitted outcome has been written
+        self.empty.set()
 
     def submit(self, outcome: JobOutcome) -> None:
         self._buffer.append(outcome)
+        self.empty.clear()
         self.wake.set()
 
     def pending_leases(self) -> list[tuple[int, int]]:
@@ -49,6 +52,7 @@ class Completer(Service):
             await asyncio.sleep(self.settings.completion_flush_interval)  # let a batch gather
         while self._buffer:
             await self._flush_batch()
+        self.empty.set()
 
     async def _flush_batch(self) -> None:
         batch = [self._buffer.popleft() for _ in range(min(MAX_BATCH, len(self._buffer)))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,16 @@ class DrainWatcher(Service):
         self.request_stop = request_stop
 
     async def run_once(self) -> None:
-        if self.executor.active or self.completer.pending() or self.fetcher.backlog:
+        if self.fetcher.backlog:
+            return
+        # Wait (briefly) for the last jobs and their completions rather than a whole interval.
+        if not await self.executor.wait_idle(self.interval_s):
+            return
+        try:
+            await asyncio.wait_for(self.completer.empty.wait(), self.interval_s)
+        except TimeoutError:
+            return
+        if self.executor.active or self.completer.pending():
             return
         if await self.app.queue.job_has_runnable_or_running(self.queues):
             return

@@ -5,7 +5,7 @@ Woken by NOTIFY on enqueue, by a freed slot while a backlog remains, or by the p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from config import Settings
 from runner.executor import Executor
@@ -25,6 +25,7 @@ class Fetcher(Service):
         self.backlog = True  # until a claim comes back short, assume more is waiting
         self.last_claimed = -1
         executor.on_slot_freed = self._slot_freed
+        self.on_short_claim: Callable[[], None] = lambda: None  # the drain watcher listens here
 
     def _slot_freed(self) -> None:
         if self.backlog and not self.stopped.is_set():
@@ -46,5 +47,7 @@ class Fetcher(Service):
             self.executor.start(job)
         self.last_claimed = len(jobs)
         self.backlog = len(jobs) == limit
+        if not self.backlog:
+            self.on_short_claim()
         if self.backlog and self.executor.free_slots() > 0:
             self.wake.set()
