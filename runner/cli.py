@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -118,6 +120,8 @@ def worker_command(
     drain: Annotated[bool, typer.Option(help="Exit 0 once nothing is runnable or running")] = False,
 ) -> None:
     """Run jobs (and the consensus loops) until SIGTERM, or until drained."""
+    # Import the HTTP server's stack in the background while settings load and the pool connects.
+    threading.Thread(target=importlib.import_module, args=("runner.http",), daemon=True).start()
     positive("--concurrency", concurrency)
     settings = settings_or_exit(concurrency=concurrency, queues=queue or None)
 

@@ -81,7 +81,7 @@ class EmbeddedPostgres:
                 self._initdb()
             if not self.is_running():
                 self._start()
-            self._ensure_database()
+                self._ensure_database()  # only after a start: a running server already has it
         return self.url()
 
     def is_running(self) -> bool:

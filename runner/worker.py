@@ -11,10 +11,10 @@ import asyncio
 import signal
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from runner.app import App
 from runner.executor import Executor
-from runner.http import HttpServer, Liveness, LoopStatus, WorkerState
 from runner.logs import get_logger
 from runner.loops.canceller import CancelWatcher
 from runner.loops.cleaner import Cleaner
@@ -27,6 +27,9 @@ from runner.loops.listener import Listener
 from runner.loops.rescuer import Rescuer
 from runner.queue import WorkerIdentity
 from runner.service import Service
+
+if TYPE_CHECKING:  # runner.http pulls in aiohttp (0.15 s): imported when the server starts
+    from runner.http import HttpServer, Liveness, WorkerState
 
 log = get_logger("runner.worker")
 CANCEL_WAIT_S = 10.0
@@ -89,6 +92,8 @@ class Worker:
         self.stop_requested.set()
 
     def liveness(self) -> Liveness:
+        from runner.http import Liveness, LoopStatus
+
         """Each loop is alive while its task runs (a cancelled or ended loop is dead); served on /healthz."""
         now = time.monotonic()
         loops = []
@@ -111,6 +116,8 @@ class Worker:
 
     async def run(self) -> None:
         if self.serve_http:
+            from runner.http import HttpServer
+
             self.http = await HttpServer(self.app, self).start()
         try:
             await self._run()
