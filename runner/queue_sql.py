@@ -191,9 +191,12 @@ SELECT id, kind, lease_owner, progress_done, progress_total, started_at, attempt
 FROM runner_jobs WHERE status = 'running' ORDER BY id LIMIT $1
 """
 
+# Work a draining worker still waits for: runnable jobs, running ones, and retries in their backoff
+# (pending after an attempt). Jobs only delayed at enqueue are not waited for.
 HAS_RUNNABLE_OR_RUNNING = """
 SELECT EXISTS (
     SELECT 1 FROM runner_jobs
-    WHERE queue = ANY($1::text[]) AND ((status = 'pending' AND run_at <= now()) OR status = 'running')
+    WHERE queue = ANY($1::text[])
+      AND ((status = 'pending' AND (run_at <= now() OR attempts > 0)) OR status = 'running')
 )
 """

@@ -256,3 +256,14 @@ async def test_retention_deletes_only_old_finished_jobs(app: App) -> None:
     assert await app.queue.job_delete_finished(older_than_s=86400) == 2
     remaining = await app.db.fetch("SELECT id, status FROM runner_jobs ORDER BY id")
     assert [(r["id"], r["status"]) for r in remaining] == [(ids[2], "failed"), (ids[3], "pending")]
+
+
+async def test_drain_waits_for_a_retry_in_its_backoff(app: App) -> None:
+    slow_retry = app.settings.model_copy(update={"retry_backoff_base": 0.5, "retry_backoff_max": 0.5})
+    [job_id] = await app.queue.job_enqueue_many([NewJob("fail", {"message": "again"}, max_attempts=2)])
+    [delayed] = await app.queue.job_enqueue_many([NewJob("noop", {}, delay_s=3600)])
+    retry_app = App(slow_retry, app.dsn, app.db, app.queue, app.plugins, app.registry)
+    await run_worker(retry_app)
+    row = await app.queue.job_get(job_id)
+    assert (row["status"], row["attempts"]) == ("failed", 2)  # both attempts ran before the drain ended
+    assert (await app.queue.job_get(delayed))["status"] == "pending"  # a delayed job is not waited for
