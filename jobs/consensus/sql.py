@@ -174,12 +174,12 @@ WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4 AND t.s
 RETURNING t.hash, t.status, t.recovery_count, t.reason
 """
 
-# Decided transactions whose decided event is owed and nobody holds (a crash between the decision and
-# its event, or the recovery cap): take them to settle the event.
-CLAIM_OWED_DECIDED = f"""
+def _claim_owed(owed: str) -> str:
+    """Claim unheld transactions whose event is owed (``owed`` is a fixed predicate, never user input)."""
+    return f"""
 WITH owed AS (
     SELECT hash FROM {T}
-    WHERE status IN {DECIDED} AND decided_event_tx IS NULL
+    WHERE {owed}
       AND (lease_owner IS NULL OR lease_expires_at < now())
     ORDER BY seq
     LIMIT $1
@@ -191,21 +191,13 @@ FROM owed WHERE t.hash = owed.hash
 RETURNING {CLAIMED_COLUMNS}
 """
 
+
+# Decided transactions whose decided event is owed and nobody holds (a crash between the decision and
+# its event, or the recovery cap): take them to settle the event.
+CLAIM_OWED_DECIDED = _claim_owed(f"status IN {DECIDED} AND decided_event_tx IS NULL")
+
 # FINALIZED transactions whose finalized event is owed (the finalizer died or the chain was down).
-CLAIM_OWED_FINALIZED = f"""
-WITH owed AS (
-    SELECT hash FROM {T}
-    WHERE status = 'FINALIZED' AND finalized_event_tx IS NULL
-      AND (lease_owner IS NULL OR lease_expires_at < now())
-    ORDER BY seq
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
-    lease_epoch = t.lease_epoch + 1
-FROM owed WHERE t.hash = owed.hash
-RETURNING {CLAIMED_COLUMNS}
-"""
+CLAIM_OWED_FINALIZED = _claim_owed("status = 'FINALIZED' AND finalized_event_tx IS NULL")
 
 # --- finality: one finalizer at a time (advisory lock), in a transaction -------------------------------
 FINALITY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
