@@ -25,6 +25,9 @@ _SOURCE_URL = re.compile(r"^RUNNER_SOURCE_([A-Z0-9_]+)_URL$")
 POOL_BUDGET_SHARE = 0.8  # leave 20% of max_connections for admins, migrations and other clients
 POOL_MAX_CAP = 20  # past this, one asyncio process gains nothing but server-side contention
 LISTENER_CONNECTIONS = 1
+# Connections of the pool only the control plane (heartbeat, completions, rescue, cancel checks) may use,
+# so a worker whose handlers saturate the pool still renews its leases.
+CONTROL_CONNECTIONS = 2
 
 
 class SettingsError(ValueError):
@@ -47,11 +50,17 @@ class PoolBudget:
     budget_share: float
     listener_connections: int
     cap: int
+    control_reserved: int  # of max_size, only for the control plane; handlers get the rest
+
+    @property
+    def jobs_max(self) -> int:
+        return self.max_size - self.control_reserved
 
     def formula(self) -> str:
         return (
             f"min({self.cap}, floor({self.db_max_connections} x {self.budget_share} / "
-            f"{self.worker_replicas}) - {self.listener_connections})"
+            f"{self.worker_replicas}) - {self.listener_connections}) = {self.max_size}: "
+            f"{self.control_reserved} control + {self.jobs_max} jobs"
         )
 
 
@@ -65,6 +74,9 @@ class Settings(BaseSettings):
     db_connect_timeout: float = Field(30.0, gt=0)
     statement_timeout: float = Field(30.0, gt=0)
     statement_cache_size: int = Field(256, ge=0)  # 0 behind PgBouncer in transaction mode
+    # A frozen owner's open transaction is ended by the server after this (default: half the lease), so
+    # its row locks never outlive its lease. 0 turns it off.
+    idle_in_transaction_timeout: float | None = Field(None, ge=0)
 
     # --- pool budget ----------------------------------------------------------------------------
     pool_min_size: int | None = Field(None, ge=0)
@@ -93,6 +105,9 @@ class Settings(BaseSettings):
     retry_backoff_base: float = Field(1.0, ge=0)
     retry_backoff_max: float = Field(300.0, ge=0)
     default_max_attempts: int = Field(5, gt=0)
+    # A handler running longer than this is cancelled and the attempt fails (a kind may declare its own).
+    job_timeout: float = Field(3600.0, ge=0)  # 0: no limit
+    pool_exhausted_retry_delay: float = Field(1.0, ge=0)  # a job whose handler hit PoolExhausted reruns after this
     retention: float = Field(7 * 24 * 3600.0, ge=0)  # finished jobs are deleted after this; 0 keeps them
     cleanup_interval: float = Field(60.0, gt=0)
 
@@ -141,6 +156,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "RUNNER_POOL_RETRY_INITIAL_BACKOFF must not exceed RUNNER_POOL_RETRY_MAX_BACKOFF"
             )
+        if self.idle_in_transaction_timeout is not None and self.idle_in_transaction_timeout >= self.lease_timeout:
+            raise ValueError(
+                "RUNNER_IDLE_IN_TRANSACTION_TIMEOUT must be below RUNNER_LEASE_TIMEOUT, so a frozen owner's "
+                f"transaction ends before its lease (got {self.idle_in_transaction_timeout} and {self.lease_timeout})"
+            )
         self.pool_budget()  # raises when the derived pool is too small to run
         return self
 
@@ -155,7 +175,9 @@ class Settings(BaseSettings):
                     f"{self.worker_replicas} leaves a pool of {max_size}; at least 2 are needed"
                 )
         else:
-            max_size = self.pool_max_size or 1
+            max_size = self.pool_max_size
+            if max_size < 2:
+                raise ValueError("RUNNER_POOL_MAX_SIZE must be at least 2 (one for the control plane, one for jobs)")
         min_size = self.pool_min_size if self.pool_min_size is not None else min(2, max_size)
         return PoolBudget(
             min_size=min_size,
@@ -166,7 +188,13 @@ class Settings(BaseSettings):
             budget_share=POOL_BUDGET_SHARE,
             listener_connections=LISTENER_CONNECTIONS,
             cap=POOL_MAX_CAP,
+            control_reserved=min(CONTROL_CONNECTIONS, max_size - 1),
         )
+
+    def idle_in_transaction_timeout_s(self) -> float:
+        if self.idle_in_transaction_timeout is not None:
+            return self.idle_in_transaction_timeout
+        return self.lease_timeout / 2
 
     def source_url(self, name: str) -> str | None:
         """The DSN of a named connection from ``RUNNER_SOURCE_<NAME>_URL`` (never stored in a job)."""

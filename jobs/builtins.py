@@ -2,9 +2,11 @@
 
 - ``noop``: does nothing.
 - ``sleep``: ``{"seconds": float}``.
-- ``record``: sleeps like ``sleep`` then logs its execution in ``runner_executions`` (fenced: the row is
-  written in the same transaction as a lease-checked progress write, so a job that lost its lease records
-  nothing). Proves exactly-once execution in tests and in bench/scale.py.
+- ``record``: sleeps like ``sleep`` then writes its effect, a row in ``runner_executions``, in the same
+  transaction as its completion (``ctx.complete_in``): the effect exists exactly once per succeeded job,
+  whatever stalls, kills or rescues happen around it. With ``"log_start": true`` it also logs
+  ``record started`` at its start (at-least-once by nature: a rescued job starts again). Used by the
+  exactly-once tests and bench/scale.py.
 - ``fail``: raises ``{"message": str}``; with ``"fatal": true`` it fails at once without retries.
 """
 
@@ -50,11 +52,13 @@ async def sleep(ctx: JobContext) -> None:
 
 
 async def record(ctx: JobContext) -> None:
+    if ctx.payload.get("log_start"):
+        ctx.log.info("record started", lease_epoch=ctx.job.lease_epoch)
     await asyncio.sleep(_seconds(ctx.payload))
     async with ctx.db.transaction() as connection:
-        await ctx.progress_in(connection, done=1, total=1)
         await connection.execute(
             INSERT_EXECUTION, ctx.job_id, ctx.job.lease_epoch, ctx.attempt, ctx.app.settings.worker_id)
+        await ctx.complete_in(connection)
 
 
 async def fail(ctx: JobContext) -> None:

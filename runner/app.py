@@ -51,7 +51,9 @@ class App:
         )
         await db.open(settings.db_connect_timeout)
         plugins = load_plugins()
-        app = cls(settings, dsn, db, JobQueue(db), plugins, build_registry(plugins))
+        registry = build_registry(plugins)
+        queue = JobQueue(db, max_attempts_for=lambda kind: registry.max_attempts(kind, settings.default_max_attempts))
+        app = cls(settings, dsn, db, queue, plugins, registry)
         if with_resources:
             try:
                 await app.open_resources()

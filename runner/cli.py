@@ -202,8 +202,7 @@ def enqueue_command(
         raise fail(str(error), 2) from None
     if jsonl and (dedupe_key or wait):
         raise fail("--dedupe-key and --wait apply to a single job, not --jsonl", 2)
-    attempts = max_attempts or settings.default_max_attempts
-    jobs = [NewJob(kind, p, queue, priority, delay, attempts, dedupe_key) for p in payloads]
+    jobs = [NewJob(kind, p, queue, priority, delay, max_attempts, dedupe_key) for p in payloads]
 
     async def body(app: App) -> int:
         if jsonl:

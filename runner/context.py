@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 
-from runner.errors import JobCancelled, LeaseLost
+from runner.errors import JobCancelled, LeaseLost, UsageError
 from runner.logs import get_logger
 from runner.queue import ClaimedJob
 
@@ -24,12 +24,17 @@ class JobContext:
 
     Handlers borrow connections with ``async with ctx.db.connection()`` only around database work, so a
     connection is never held while the handler computes, sleeps or waits on the chain.
+
+    Exactly once: write the job's effect and ``await ctx.complete_in(connection)`` in one transaction on the
+    runner's database; both commit or neither does. Anything a handler does outside such a transaction
+    (other databases, HTTP calls, the chain) is at-least-once: a stalled worker's job can run again.
     """
 
     job: ClaimedJob
     app: App
     worker_id: str
     _cancelled: bool = False  # a plain flag: an Event per job cost more than a no-op job
+    completed_in_transaction: bool = False  # complete_in ran; its transaction's result is final
 
     @cached_property
     def log(self) -> structlog.stdlib.BoundLogger:
@@ -66,6 +71,19 @@ class JobContext:
 
     def request_cancel(self) -> None:
         self._cancelled = True
+
+    async def complete_in(self, connection: asyncpg.Connection) -> None:
+        """Mark this job succeeded inside ``connection``'s open transaction, fenced by the lease epoch.
+
+        The completion commits with whatever else that transaction wrote, or not at all. Raises
+        :class:`LeaseLost` when another worker now owns the job (let it propagate: the transaction rolls
+        back). Once called, the transaction decides the job's end; the handler returning writes nothing more.
+        """
+        if not connection.is_in_transaction():
+            raise UsageError("ctx.complete_in needs a connection inside a transaction (async with conn.transaction())")
+        if not await self.app.queue.job_complete_in_transaction(connection, self.job.id, self.job.lease_epoch):
+            raise LeaseLost(f"job {self.job.id}: lease epoch {self.job.lease_epoch} is no longer current")
+        self.completed_in_transaction = True
 
     async def progress(self, done: int, total: int | None = None) -> None:
         await self.save(done=done, total=total)

@@ -3,17 +3,24 @@
 Every connection runner uses comes from :meth:`Database.connection`, which retries a pool-acquire
 timeout (the pool is exhausted) and transient connection errors with tenacity, then raises
 :class:`PoolExhausted`. The only other connection is the LISTEN connection (:meth:`Database.listen_connection`).
+
+The pool has two lanes. ``jobs`` (handlers, claims, maintenance) may hold at most ``max - reserved``
+connections; ``control`` (heartbeats, completions, rescues, cancel checks) may use any free connection
+and always has ``reserved`` of them, so a pool saturated by handlers never delays a lease renewal.
+A failure to reset a connection after its statement succeeded never replaces that statement's result:
+the connection is terminated and the result stands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 from tenacity import (
@@ -64,6 +71,16 @@ class RetryPolicy:
         )
 
 
+Lane = Literal["jobs", "control"]
+ResetHook = Callable[[asyncpg.Connection], Awaitable[None]]
+
+# Server-side keepalives end a session whose client host vanished; client-side ones (set on the socket in
+# _init_connection) notice a server that did. Seconds.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
+
+
 @dataclass(frozen=True)
 class PoolStats:
     min_size: int
@@ -72,12 +89,39 @@ class PoolStats:
     idle: int
     in_use: int
     waiters: int
+    control_reserved: int = 0
+    jobs_in_use: int = 0
+
+
+def session_settings(settings: Settings, application: str) -> dict[str, str]:
+    """Server settings every pool of runner's sets: timeouts that end what a frozen client left open."""
+    return {
+        "application_name": application_name(application),
+        "statement_timeout": str(int(settings.statement_timeout * 1000)),
+        "idle_in_transaction_session_timeout": str(int(settings.idle_in_transaction_timeout_s() * 1000)),
+        "tcp_keepalives_idle": str(KEEPALIVE_IDLE_S),
+        "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_S),
+        "tcp_keepalives_count": str(KEEPALIVE_COUNT),
+    }
+
+
+def _enable_client_keepalive(connection: asyncpg.Connection) -> None:
+    transport = getattr(connection, "_transport", None)  # asyncpg exposes no public socket accessor
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # unix sockets need none
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
     # jsonb arrives as Python objects; we send pre-serialised text where it matters for speed
     await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await connection.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    _enable_client_keepalive(connection)
 
 
 def application_name(worker_id: str) -> str:
@@ -97,6 +141,8 @@ class Database:
         retry: RetryPolicy,
         server_settings: dict[str, str],
         statement_cache_size: int = 256,
+        control_reserved: int = 0,
+        reset: ResetHook | None = None,
     ) -> None:
         self.dsn = dsn
         self.name = name
@@ -105,11 +151,16 @@ class Database:
         self.retry = retry
         self.server_settings = server_settings
         self.statement_cache_size = statement_cache_size
+        self.control_reserved = control_reserved
+        self._reset = reset  # extra work on release, after asyncpg's own reset (tests inject faults here)
         self._pool: asyncpg.Pool | None = None
+        self._jobs_lane = asyncio.Semaphore(max_size - control_reserved)
+        self._jobs_in_use = 0
         self._waiters = 0
         self.exhaustion_retries = 0
         self.give_ups = 0
         self.peak_in_use = 0
+        self.release_failures = 0
         metrics.POOL_MAX.labels(name).set(max_size)
         # labelled children resolved once: acquire and release are on every job's path
         self._m_acquire_wait = metrics.POOL_ACQUIRE_WAIT.labels(name)
@@ -119,7 +170,7 @@ class Database:
         self._m_waiters = metrics.POOL_WAITERS.labels(name)
 
     @classmethod
-    def for_runner(cls, settings: Settings, dsn: str) -> Database:
+    def for_runner(cls, settings: Settings, dsn: str, *, reset: ResetHook | None = None) -> Database:
         budget = settings.pool_budget()
         return cls(
             dsn,
@@ -127,11 +178,10 @@ class Database:
             min_size=budget.min_size,
             max_size=budget.max_size,
             retry=RetryPolicy.from_settings(settings),
-            server_settings={
-                "application_name": application_name(settings.worker_id),
-                "statement_timeout": str(int(settings.statement_timeout * 1000)),
-            },
+            server_settings=session_settings(settings, settings.worker_id),
             statement_cache_size=settings.statement_cache_size,
+            control_reserved=budget.control_reserved,
+            reset=reset,
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -163,6 +213,7 @@ class Database:
             server_settings=self.server_settings,
             statement_cache_size=self.statement_cache_size,
             max_inactive_connection_lifetime=60.0,
+            reset=self._reset,
         )
 
     async def close(self) -> None:
@@ -179,31 +230,31 @@ class Database:
 
     # --- the one acquire ------------------------------------------------------------------------
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, lane: Lane = "jobs") -> AsyncIterator[asyncpg.Connection]:
         """Borrow a connection for database work only; it goes back when the block ends."""
-        connection = await self._acquire()
+        connection = await self._acquire(lane)
         try:
             yield connection
         finally:
-            await self._release(connection)
+            await self._release(connection, lane)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self.connection() as connection, connection.transaction():
+    async def transaction(self, lane: Lane = "jobs") -> AsyncIterator[asyncpg.Connection]:
+        async with self.connection(lane) as connection, connection.transaction():
             yield connection
 
-    async def _acquire(self) -> asyncpg.Connection:
+    async def _acquire(self, lane: Lane) -> asyncpg.Connection:
         pool = self._require_pool()
         started = time.monotonic()
         self._waiters += 1
         try:
             try:  # the common case costs one acquire; tenacity steps in only after a failure
-                connection = await pool.acquire(timeout=self.retry.acquire_timeout)
+                connection = await self._acquire_once(pool, lane)
             except TRANSIENT_ERRORS as first_error:
                 if self.retry.attempts <= 1:
                     raise self._give_up(first_error) from first_error
                 self._count_first_failure(first_error)
-                connection = await self._acquire_retrying(pool)
+                connection = await self._acquire_retrying(pool, lane)
         except RetryError as error:
             cause = error.last_attempt.exception()
             raise self._give_up(cause) from cause
@@ -211,6 +262,20 @@ class Database:
             self._waiters -= 1
         self._m_acquire_wait.observe(time.monotonic() - started)
         self._sample()
+        return connection
+
+    async def _acquire_once(self, pool: asyncpg.Pool, lane: Lane) -> asyncpg.Connection:
+        if lane == "control":
+            return await pool.acquire(timeout=self.retry.acquire_timeout)
+        deadline = time.monotonic() + self.retry.acquire_timeout
+        async with asyncio.timeout(self.retry.acquire_timeout):
+            await self._jobs_lane.acquire()
+        try:
+            connection = await pool.acquire(timeout=max(0.001, deadline - time.monotonic()))
+        except BaseException:
+            self._jobs_lane.release()
+            raise
+        self._jobs_in_use += 1
         return connection
 
     def _give_up(self, cause: BaseException | None) -> PoolExhausted:
@@ -222,18 +287,30 @@ class Database:
             f"{self.retry.attempts} attempts: {cause!r}"
         )
 
-    async def _release(self, connection: asyncpg.Connection) -> None:
-        pool = self._pool
-        if pool is None:
-            connection.terminate()
-            return
-        await pool.release(connection)
-        self._sample()
+    async def _release(self, connection: asyncpg.Connection, lane: Lane) -> None:
+        try:
+            pool = self._pool
+            if pool is None:
+                connection.terminate()
+                return
+            try:
+                await pool.release(connection)
+            except Exception as error:
+                # asyncpg has terminated the connection (the pool opens a new one); whatever the block
+                # ran has already happened, so its result must not be replaced by this error.
+                self.release_failures += 1
+                metrics.POOL_RELEASE_FAILURES.labels(self.name).inc()
+                log.warning("connection reset failed on release; terminated", pool=self.name, error=repr(error))
+            self._sample()
+        finally:
+            if lane == "jobs":
+                self._jobs_in_use -= 1
+                self._jobs_lane.release()
 
-    async def _acquire_retrying(self, pool: asyncpg.Pool) -> asyncpg.Connection:
+    async def _acquire_retrying(self, pool: asyncpg.Pool, lane: Lane) -> asyncpg.Connection:
         async for attempt in self._retrying():
             with attempt:
-                return await pool.acquire(timeout=self.retry.acquire_timeout)
+                return await self._acquire_once(pool, lane)
         raise AssertionError("unreachable: tenacity either returns or raises RetryError")
 
     def _count_first_failure(self, error: BaseException) -> None:
@@ -275,7 +352,8 @@ class Database:
         pool = self._pool
         size = pool.get_size() if pool else 0
         idle = pool.get_idle_size() if pool else 0
-        return PoolStats(self.min_size, self.max_size, size, idle, size - idle, self._waiters)
+        return PoolStats(self.min_size, self.max_size, size, idle, size - idle, self._waiters,
+                         self.control_reserved, self._jobs_in_use)
 
     def _sample(self) -> None:
         stats = self.stats()
@@ -286,20 +364,20 @@ class Database:
         self._m_waiters.set(stats.waiters)
 
     # --- conveniences: each borrows a connection for exactly one statement ------------------------
-    async def execute(self, query: str, *args: Any) -> str:
-        async with self.connection() as connection:
+    async def execute(self, query: str, *args: Any, lane: Lane = "jobs") -> str:
+        async with self.connection(lane) as connection:
             return await connection.execute(query, *args)  # type: ignore[no-any-return]
 
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.connection() as connection:
+    async def fetch(self, query: str, *args: Any, lane: Lane = "jobs") -> list[asyncpg.Record]:
+        async with self.connection(lane) as connection:
             return await connection.fetch(query, *args)  # type: ignore[no-any-return]
 
-    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        async with self.connection() as connection:
+    async def fetchrow(self, query: str, *args: Any, lane: Lane = "jobs") -> asyncpg.Record | None:
+        async with self.connection(lane) as connection:
             return await connection.fetchrow(query, *args)
 
-    async def fetchval(self, query: str, *args: Any) -> Any:
-        async with self.connection() as connection:
+    async def fetchval(self, query: str, *args: Any, lane: Lane = "jobs") -> Any:
+        async with self.connection(lane) as connection:
             return await connection.fetchval(query, *args)
 
     # --- the single LISTEN connection -----------------------------------------------------------

@@ -39,6 +39,17 @@ class LeaseLost(RunnerError):
     """A fenced write changed nothing: another worker now owns the job, so this one must drop it."""
 
 
+class RetryLater(RunnerError):
+    """Raised by a handler to end this attempt as failed and run again after ``delay_s`` (one attempt used;
+    past max_attempts the job fails with this message)."""
+
+    def __init__(self, delay_s: float, reason: str = "retry requested by the handler") -> None:
+        if delay_s < 0:
+            raise ValueError("RetryLater delay_s must be >= 0")
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
 class JobCancelled(RunnerError):
     """The job was cancelled by a user while it ran."""
 

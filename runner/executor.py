@@ -1,6 +1,8 @@
 """Runs claimed jobs as tasks, up to the worker's concurrency, and hands their outcomes to the completer.
 
-The executor never holds a database connection: handlers borrow one per database step.
+The executor never holds a database connection: handlers borrow one per database step. Each attempt runs
+under its kind's timeout; a handler that ignores its cancellation stops being renewed, so its lease
+expires and the rescuer takes the job — no lease is renewed forever.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import structlog
 
 from runner import metrics
 from runner.context import JobContext
-from runner.errors import JobCancelled, LeaseLost, PayloadError, RunnerError
+from runner.errors import JobCancelled, LeaseLost, PayloadError, PoolExhausted, RetryLater, RunnerError
 from runner.logs import get_logger, redact
+from runner.policy import Backoff
 from runner.queue import ClaimedJob, JobOutcome, Outcome
 
 if TYPE_CHECKING:
     from runner.app import App
     from runner.loops.completer import Completer
+    from runner.plugins import JobKind
 
 log = get_logger("runner.executor")
 
@@ -33,6 +37,7 @@ _OUTCOME_OF_STOP: dict[StopReason, Outcome | None] = {
     "lease_lost": None,  # someone else owns it now: write nothing
 }
 MAX_ERROR_CHARS = 4000
+NOT_COMMITTED = "ctx.complete_in was called but its transaction did not commit"
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,15 @@ class RunningJob:
     context: JobContext
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
+    started: bool = False
+    renew_until: float | None = None  # monotonic; past it the heartbeat lets the lease go
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    outcome: Outcome | None
+    error: str | None = None
+    delay_s: float | None = None  # None: the kind's backoff decides
 
 
 def describe_error(error: BaseException) -> str:
@@ -68,6 +82,8 @@ class Executor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._kind_metrics: dict[str, KindMetrics] = {}
+        settings = app.settings
+        self.default_backoff = Backoff(settings.retry_backoff_base, settings.retry_backoff_max)
 
     def _metrics(self, kind: str) -> KindMetrics:
         found = self._kind_metrics.get(kind)
@@ -81,8 +97,26 @@ class Executor:
         return self.concurrency - len(self.active)
 
     def leases(self) -> list[tuple[int, int]]:
-        held = [(r.job.id, r.job.lease_epoch) for r in self.active.values()]
+        now = time.monotonic()
+        held = [(r.job.id, r.job.lease_epoch) for r in self.active.values()
+                if r.renew_until is None or now < r.renew_until]
         return held + self.completer.pending_leases()
+
+    def abandon_overdue(self) -> list[int]:
+        """Jobs not renewed for a whole lease (their handler ignored its timeout) have surely lost it: stop
+        tracking them as ours, so their slots and any later writes count as lost."""
+        now = time.monotonic()
+        lease_s = self.app.settings.lease_timeout
+        overdue = [job_id for job_id, r in self.active.items()
+                   if r.stop_reason is None and r.renew_until is not None and now > r.renew_until + lease_s]
+        for job_id in overdue:
+            if self.stop_job(job_id, "lease_lost"):
+                log.warning("handler ignored its timeout; lease left to expire", job_id=job_id)
+        return overdue
+
+    def timeout_of(self, kind: JobKind | None) -> float | None:
+        seconds = kind.timeout_s if kind is not None and kind.timeout_s is not None else self.app.settings.job_timeout
+        return seconds or None
 
     def start(self, job: ClaimedJob) -> None:
         running = RunningJob(job, JobContext(job=job, app=self.app, worker_id=self.worker_id))
@@ -90,6 +124,8 @@ class Executor:
         self._idle.clear()
         self._metrics(job.kind).claimed.inc()
         metrics.JOBS_RUNNING.set(len(self.active))
+        if job.cancel_requested:  # cancelled while nobody ran it: end it without running
+            running.stop_reason = "cancelled"
         running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
 
     def stop_job(self, job_id: int, reason: StopReason, epoch: int | None = None) -> bool:
@@ -99,7 +135,8 @@ class Executor:
         if running.stop_reason is None:
             running.stop_reason = reason
             running.context.request_cancel()
-            running.task.cancel(reason)
+            if running.started:  # a task cancelled before its first step would skip _execute entirely
+                running.task.cancel(reason)
         return True
 
     def stop_all(self, reason: StopReason) -> None:
@@ -115,47 +152,88 @@ class Executor:
 
     async def _execute(self, running: RunningJob) -> None:
         job = running.job
+        running.started = True
         structlog.contextvars.bind_contextvars(
             job_id=job.id, kind=job.kind, attempt=job.attempts + 1, worker_id=self.worker_id)
         started = time.monotonic()
-        outcome: Outcome | None
-        error: str | None = None
         try:
-            kind = self.app.registry.get(job.kind)
-            await kind.handler(running.context)
-            outcome = "succeeded"
-        except asyncio.CancelledError:
-            if running.stop_reason is None:
-                raise  # the worker itself is being torn down: the lease will expire and be rescued
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            outcome = _OUTCOME_OF_STOP[running.stop_reason]
-            error = "cancelled by request" if outcome == "cancelled" else None
-        except JobCancelled as cancelled:
-            outcome, error = "cancelled", describe_error(cancelled)
-        except LeaseLost:
-            outcome = None
-        except (PayloadError, RunnerError) as failure:
-            outcome, error = ("fatal" if isinstance(failure, PayloadError) else "error"), describe_error(failure)
-        except Exception as failure:
-            outcome, error = "error", describe_error(failure)
+            if running.stop_reason is not None:  # stopped before it began
+                result = AttemptResult(_OUTCOME_OF_STOP[running.stop_reason],
+                                       "cancelled by request" if running.stop_reason == "cancelled" else None)
+            else:
+                result = await self._attempt(running)
         finally:
             self.active.pop(job.id, None)
             metrics.JOBS_RUNNING.set(len(self.active))
             if not self.active:
                 self._idle.set()
             self.on_slot_freed()
-        self._report(running, outcome, error, time.monotonic() - started)
+        self._report(running, result, time.monotonic() - started)
 
-    def _report(self, running: RunningJob, outcome: Outcome | None, error: str | None, elapsed: float) -> None:
+    async def _attempt(self, running: RunningJob) -> AttemptResult:
+        job = running.job
+        kind = self.app.registry.kinds.get(job.kind)
+        timeout_s = self.timeout_of(kind)
+        if timeout_s is not None:  # a handler still running one lease after its timeout is not renewed
+            running.renew_until = time.monotonic() + timeout_s + self.app.settings.lease_timeout
+        scope = asyncio.timeout(timeout_s)
+        try:
+            async with scope:
+                await self.app.registry.get(job.kind).handler(running.context)
+            return AttemptResult("succeeded")
+        except asyncio.CancelledError:
+            if running.stop_reason is None:
+                raise  # the worker itself is being torn down: the shutdown hand-back releases the lease
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            outcome = _OUTCOME_OF_STOP[running.stop_reason]
+            return AttemptResult(outcome, "cancelled by request" if outcome == "cancelled" else None)
+        except TimeoutError as error:
+            if scope.expired():
+                return AttemptResult("error", f"timed out after {timeout_s:g}s (the {job.kind} kind's timeout)")
+            return AttemptResult("error", describe_error(error))
+        except PoolExhausted:
+            # Not the job's fault: back to pending shortly, no attempt used.
+            metrics.JOBS_RELEASED.labels(job.kind, "pool_exhausted").inc()
+            running.context.log.warning("pool exhausted in handler; job released",
+                                        delay_s=self.app.settings.pool_exhausted_retry_delay)
+            return AttemptResult("released", None, self.app.settings.pool_exhausted_retry_delay)
+        except RetryLater as retry:
+            return AttemptResult("error", describe_error(retry), retry.delay_s)
+        except JobCancelled as cancelled:
+            return AttemptResult("cancelled", describe_error(cancelled))
+        except LeaseLost:
+            return AttemptResult(None)
+        except (PayloadError, RunnerError) as failure:
+            return AttemptResult("fatal" if isinstance(failure, PayloadError) else "error", describe_error(failure))
+        except Exception as failure:
+            return AttemptResult("error", describe_error(failure))
+
+    def _report(self, running: RunningJob, result: AttemptResult, elapsed: float) -> None:
         job = running.job
         kind_metrics = self._metrics(job.kind)
         kind_metrics.duration.observe(elapsed)
-        if outcome is None:
+        settled = running.context.completed_in_transaction
+        outcome, error = result.outcome, result.error
+        if outcome is None and not settled:
             kind_metrics.lease_lost.inc()
             running.context.log.warning("lease lost; job dropped without writing", lease_epoch=job.lease_epoch)
             return
-        if outcome in ("error", "fatal"):
+        if settled and outcome in (None, "succeeded"):
+            # Refused when that transaction committed (the usual case); written when it rolled back.
+            outcome, error = "error", NOT_COMMITTED
+        assert outcome is not None
+        if outcome in ("error", "fatal") and not settled:
             running.context.log.warning("job failed", outcome=outcome, error=error)
-        self.completer.submit(JobOutcome(job.id, job.lease_epoch, job.kind, outcome, error))
+        self.completer.submit(JobOutcome(
+            job.id, job.lease_epoch, job.kind, outcome, error, self._delay(job, outcome, result.delay_s), settled))
+
+    def _delay(self, job: ClaimedJob, outcome: Outcome, requested: float | None) -> float:
+        if requested is not None:
+            return requested
+        if outcome != "error":
+            return 0.0
+        kind = self.app.registry.kinds.get(job.kind)
+        backoff = kind.retry_backoff if kind is not None and kind.retry_backoff is not None else self.default_backoff
+        return backoff.delay_s(job.attempts)

@@ -279,6 +279,10 @@ class HttpServer:
             "peak_in_use": db.peak_in_use,
             "exhaustion_retries": db.exhaustion_retries,
             "give_ups": db.give_ups,
+            "release_failures": db.release_failures,
+            # handlers may hold at most jobs_max; the rest stay for heartbeats, completions and rescues
+            "lanes": {"control_reserved": stats.control_reserved, "jobs_max": stats.max_size - stats.control_reserved,
+                      "jobs_in_use": stats.jobs_in_use},
             "budget": {
                 "formula": budget.formula(),
                 "derived": budget.derived,
@@ -289,6 +293,7 @@ class HttpServer:
                 "budget_share": budget.budget_share,
                 "listener_connections": budget.listener_connections,
                 "cap": budget.cap,
+                "control_reserved": budget.control_reserved,
             },
         }
 

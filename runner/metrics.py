@@ -18,11 +18,17 @@ POOL_ACQUIRE_WAIT = Histogram(
 POOL_EXHAUSTION_RETRIES = Counter(
     "runner_pool_exhaustion_retries_total", "Acquire attempts retried after a timeout or transient error", ["pool"]
 )
+POOL_RELEASE_FAILURES = Counter(
+    "runner_pool_release_failures_total", "Connections terminated because their reset failed on release", ["pool"]
+)
 POOL_GIVE_UPS = Counter("runner_pool_give_ups_total", "Acquires that gave up with PoolExhausted", ["pool"])
 
 JOBS_CLAIMED = Counter("runner_jobs_claimed_total", "Jobs claimed by this worker", ["kind"])
 JOBS_FINISHED = Counter("runner_jobs_finished_total", "Jobs finished, by outcome", ["kind", "outcome"])
 JOBS_RECOVERED = Counter("runner_jobs_recovered_total", "Stale jobs recovered by this worker", ["kind", "to"])
+JOBS_RELEASED = Counter(
+    "runner_jobs_released_total", "Jobs handed back to pending without using an attempt, by reason", ["kind", "reason"]
+)
 JOBS_LEASE_LOST = Counter("runner_jobs_lease_lost_total", "Jobs dropped because their lease was lost", ["kind"])
 JOB_DURATION = Histogram(
     "runner_job_duration_seconds",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.errors import UnknownKind
+from runner.policy import Backoff
 
 if TYPE_CHECKING:
     import typer
@@ -28,10 +29,24 @@ ENTRY_POINT_GROUP = "runner.plugins"
 
 @dataclass(frozen=True)
 class JobKind:
+    """A kind of job and its run policy. Unset policy fields fall back to the RUNNER_* settings."""
+
     name: str
     handler: Handler
     # Checked at enqueue (and by the handler again at run time); raises UsageError on a bad payload.
     validate: PayloadValidator | None = None
+    # Seconds one attempt may run before it is cancelled and fails as timed out; 0: no limit.
+    timeout_s: float | None = None
+    # Attempts a new job of this kind gets when the enqueuer names none.
+    max_attempts: int | None = None
+    # Delay between attempts after a failure (a handler can also raise RetryLater(delay_s)).
+    retry_backoff: Backoff | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not None and self.timeout_s < 0:
+            raise ValueError(f"job kind {self.name!r}: timeout_s must be >= 0")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"job kind {self.name!r}: max_attempts must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,10 @@ class Registry:
         if kind.name in self.kinds:
             raise ValueError(f"job kind {kind.name!r} registered twice")
         self.kinds[kind.name] = kind
+
+    def max_attempts(self, name: str, default: int) -> int:
+        kind = self.kinds.get(name)
+        return kind.max_attempts if kind is not None and kind.max_attempts is not None else default
 
     def get(self, name: str) -> JobKind:
         try:

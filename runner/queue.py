@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ class NewJob:
     queue: str = "default"
     priority: int = 0
     delay_s: float = 0.0
-    max_attempts: int = 5
+    max_attempts: int | None = None  # None: the kind's own policy, else RUNNER_DEFAULT_MAX_ATTEMPTS
     dedupe_key: str | None = None
 
 
@@ -43,6 +43,7 @@ class ClaimedJob:
     progress_done: int
     progress_total: int | None
     checkpoint: dict[str, Any] | None
+    cancel_requested: bool = False
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> ClaimedJob:
@@ -56,6 +57,10 @@ class JobOutcome:
     kind: str
     outcome: Outcome
     error: str | None = None
+    delay_s: float = 0.0  # when it goes back to pending: seconds before it may run again
+    # The handler called ctx.complete_in: if that transaction committed, this outcome is refused (the job
+    # is no longer running) and that refusal is the expected end, not a lost lease.
+    settled_in_transaction: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,18 @@ class WrittenOutcome:
     kind: str
     status: str
     outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionResult:
+    written: list[WrittenOutcome]
+    busy: set[int]  # still ours but locked by someone else: write again later
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    held: set[int]  # still ours (renewed, or skipped because someone holds the row locked)
+    renewed: set[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +100,10 @@ class WorkerIdentity:
 
 
 class JobQueue:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_attempts_for: Callable[[str], int] | None = None) -> None:
         self.db = db
+        # The attempts a new job of a kind gets when the caller names none (the kind's policy, then settings).
+        self.max_attempts_for = max_attempts_for or (lambda _kind: 5)
 
     # --- producers ------------------------------------------------------------------------------
     async def job_enqueue_many(
@@ -97,7 +116,7 @@ class JobQueue:
             [json.dumps(j.payload) for j in jobs],
             [j.priority for j in jobs],
             [j.delay_s for j in jobs],
-            [j.max_attempts for j in jobs],
+            [j.max_attempts if j.max_attempts is not None else self.max_attempts_for(j.kind) for j in jobs],
             [j.dedupe_key for j in jobs],
         )
         if connection is not None:
@@ -119,15 +138,15 @@ class JobQueue:
 
     # --- the worker's hot path ------------------------------------------------------------------
     async def job_claim(
-        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float, kinds: Sequence[str]
     ) -> list[ClaimedJob]:
-        rows = await self.db.fetch(sql.CLAIM, list(queues), limit, worker_id, lease_s)
+        rows = await self.db.fetch(sql.CLAIM, list(queues), limit, worker_id, lease_s, list(kinds))
         return [ClaimedJob.from_record(row) for row in rows]
 
     async def job_heartbeat(
         self, leases: Sequence[tuple[int, int]], worker: WorkerIdentity, lease_s: float
-    ) -> set[int]:
-        """Renew the given (id, epoch) leases and the worker row; return the ids still held."""
+    ) -> HeartbeatResult:
+        """Renew the given (id, epoch) leases and the worker row, skipping rows someone holds locked."""
         row = await self.db.fetchrow(
             sql.HEARTBEAT,
             [job_id for job_id, _ in leases],
@@ -138,23 +157,33 @@ class JobQueue:
             worker.pid,
             ",".join(worker.queues),
             worker.concurrency,
+            lane="control",
         )
         assert row is not None
-        return set(row["renewed"])
+        return HeartbeatResult(set(row["held"]), set(row["renewed"]))
 
-    async def job_complete_many(
-        self, outcomes: Sequence[JobOutcome], backoff_base_s: float, backoff_max_s: float
-    ) -> list[WrittenOutcome]:
+    async def job_complete_many(self, outcomes: Sequence[JobOutcome]) -> CompletionResult:
         rows = await self.db.fetch(
             sql.COMPLETE,
             [o.job_id for o in outcomes],
             [o.lease_epoch for o in outcomes],
             [o.outcome for o in outcomes],
             [o.error for o in outcomes],
-            backoff_base_s,
-            backoff_max_s,
+            [o.delay_s for o in outcomes],
+            lane="control",
         )
-        return [WrittenOutcome(r["id"], r["kind"], r["status"], r["outcome"]) for r in rows]
+        written = [WrittenOutcome(r["id"], r["kind"], r["status"], r["outcome"]) for r in rows if not r["busy"]]
+        return CompletionResult(written, {r["id"] for r in rows if r["busy"]})
+
+    async def job_complete_in_transaction(self, connection: asyncpg.Connection, job_id: int, lease_epoch: int) -> bool:
+        """Mark the job succeeded inside the caller's transaction; False when the lease is no longer ours."""
+        status = await connection.execute(sql.COMPLETE_IN_TRANSACTION, job_id, lease_epoch)
+        return bool(status.endswith(" 1"))
+
+    async def job_release_owned_except(self, worker_id: str, keep: Sequence[int]) -> list[RescuedJob]:
+        """Hand back (no attempt used) the running jobs owned by this worker that it does not run."""
+        rows = await self.db.fetch(sql.RELEASE_OWNED_EXCEPT, worker_id, list(keep), lane="control")
+        return [RescuedJob(r["id"], r["kind"], r["status"]) for r in rows]
 
     async def job_save_progress(
         self,
@@ -175,11 +204,11 @@ class JobQueue:
         return status.endswith(" 1")
 
     async def job_cancel_requested_among(self, job_ids: Sequence[int]) -> list[int]:
-        rows = await self.db.fetch(sql.CANCEL_REQUESTED_AMONG, list(job_ids))
+        rows = await self.db.fetch(sql.CANCEL_REQUESTED_AMONG, list(job_ids), lane="control")
         return [row["id"] for row in rows]
 
     async def job_rescue_stale(self, max_recoveries: int, limit: int = 1000) -> list[RescuedJob]:
-        rows = await self.db.fetch(sql.RESCUE_STALE, max_recoveries, limit)
+        rows = await self.db.fetch(sql.RESCUE_STALE, max_recoveries, limit, lane="control")
         return [RescuedJob(r["id"], r["kind"], r["status"]) for r in rows]
 
     async def job_delete_finished(self, older_than_s: float, limit: int = 10_000) -> int:
@@ -187,13 +216,13 @@ class JobQueue:
         return int(status.split()[-1])
 
     async def worker_unregister(self, worker_id: str) -> None:
-        await self.db.execute(sql.UNREGISTER_WORKER, worker_id)
+        await self.db.execute(sql.UNREGISTER_WORKER, worker_id, lane="control")
 
     async def worker_delete_dead(self, older_than_s: float) -> None:
         await self.db.execute(sql.DELETE_DEAD_WORKERS, older_than_s)
 
-    async def job_has_runnable_or_running(self, queues: Sequence[str]) -> bool:
-        return bool(await self.db.fetchval(sql.HAS_RUNNABLE_OR_RUNNING, list(queues)))
+    async def job_has_runnable_or_running(self, queues: Sequence[str], kinds: Sequence[str]) -> bool:
+        return bool(await self.db.fetchval(sql.HAS_RUNNABLE_OR_RUNNING, list(queues), list(kinds)))
 
     # --- operators ------------------------------------------------------------------------------
     async def job_get(self, job_id: int) -> dict[str, Any]:

@@ -30,44 +30,55 @@ FIND_UNFINISHED_BY_DEDUPE_KEY = """
 SELECT id FROM runner_jobs WHERE dedupe_key = $1 AND status IN ('pending', 'running')
 """
 
-# The claim: one statement, walking runner_jobs_claim_idx in claim order, skipping rows others hold.
+# The claim: one statement, walking runner_jobs_claim_idx in claim order, skipping rows others hold, and
+# only kinds this worker can run (the rest wait for a worker that has them). cancel_requested is kept:
+# a cancel asked for while nobody ran the job still holds when it is claimed.
 CLAIM = """
 WITH candidates AS (
     SELECT id FROM runner_jobs
-    WHERE status = 'pending' AND run_at <= now() AND queue = ANY($1::text[])
+    WHERE status = 'pending' AND run_at <= now() AND queue = ANY($1::text[]) AND kind = ANY($5::text[])
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
 UPDATE runner_jobs j
 SET status = 'running', lease_owner = $3, lease_expires_at = now() + $4 * interval '1 second',
-    lease_epoch = j.lease_epoch + 1, started_at = now(), cancel_requested = false
+    lease_epoch = j.lease_epoch + 1, started_at = now()
 FROM candidates c
 WHERE j.id = c.id
 RETURNING j.id, j.kind, j.queue, j.payload, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
-          j.progress_done, j.progress_total, j.checkpoint
+          j.progress_done, j.progress_total, j.checkpoint, j.cancel_requested
 """
 
-# Renews the leases of every job this worker runs and its worker row, in one round trip. Jobs missing
-# from the result have been rescued by someone else: the caller drops them.
+# Renews the leases of every job this worker runs and its worker row, in one round trip, never waiting on
+# a row lock: a row someone holds locked (an operator's SELECT FOR UPDATE, a handler's complete_in) is
+# skipped, not lost, and reported as held. Jobs missing from `held` have been rescued: the caller drops them.
 HEARTBEAT = """
-WITH renewed AS (
+WITH wanted AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS t(id, epoch)
+), lockable AS (
+    SELECT j.id FROM runner_jobs j JOIN wanted w ON w.id = j.id
+    WHERE j.lease_epoch = w.epoch AND j.status = 'running'
+    FOR UPDATE OF j SKIP LOCKED
+), renewed AS (
     UPDATE runner_jobs j SET lease_expires_at = now() + $3 * interval '1 second'
-    FROM unnest($1::bigint[], $2::bigint[]) AS t(id, epoch)
-    WHERE j.id = t.id AND j.lease_epoch = t.epoch AND j.status = 'running'
+    FROM lockable l WHERE j.id = l.id
     RETURNING j.id
 ), worker AS (
     INSERT INTO runner_workers (id, host, pid, queues, concurrency) VALUES ($4, $5, $6, $7, $8)
     ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
     RETURNING id
 )
-SELECT coalesce((SELECT array_agg(id) FROM renewed), '{}'::bigint[]) AS renewed,
+SELECT coalesce((SELECT array_agg(j.id) FROM runner_jobs j JOIN wanted w ON w.id = j.id
+                 WHERE j.lease_epoch = w.epoch AND j.status = 'running'), '{}'::bigint[]) AS held,
+       coalesce((SELECT array_agg(id) FROM renewed), '{}'::bigint[]) AS renewed,
        (SELECT count(*) FROM worker) AS worker_rows
 """
 
 UNREGISTER_WORKER = "DELETE FROM runner_workers WHERE id = $1"
 
-# Stale-job recovery. SKIP LOCKED plus the re-checked WHERE make it safe when every worker runs it.
+# Stale-job recovery. SKIP LOCKED plus the re-checked WHERE make it safe when every worker runs it. A job
+# whose cancel was asked for ends cancelled rather than running again.
 RESCUE_STALE = """
 WITH stale AS (
     SELECT id FROM runner_jobs
@@ -77,24 +88,40 @@ WITH stale AS (
     FOR UPDATE SKIP LOCKED
 ), decided AS (
     SELECT j.id, j.lease_epoch,
-           (j.recoveries >= $1 OR j.attempts + 1 >= j.max_attempts) AS give_up
+           CASE WHEN j.cancel_requested THEN 'cancelled'
+                WHEN j.recoveries >= $1 OR j.attempts + 1 >= j.max_attempts THEN 'failed'
+                ELSE 'pending' END AS new_status
     FROM runner_jobs j JOIN stale s ON s.id = j.id
 )
 UPDATE runner_jobs j
-SET status = CASE WHEN d.give_up THEN 'failed' ELSE 'pending' END,
+SET status = d.new_status,
     recoveries = j.recoveries + 1,
     attempts = j.attempts + 1,
     last_error = 'lease of ' || coalesce(j.lease_owner, '?') || ' expired at '
                  || to_char(j.lease_expires_at, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF')
-                 || CASE WHEN d.give_up AND j.recoveries >= $1
+                 || CASE WHEN d.new_status = 'cancelled' THEN '; cancelled by request'
+                         WHEN d.new_status = 'failed' AND j.recoveries >= $1
                          THEN '; recovery limit ' || $1 || ' reached'
-                         WHEN d.give_up THEN '; max_attempts ' || j.max_attempts || ' reached'
+                         WHEN d.new_status = 'failed' THEN '; max_attempts ' || j.max_attempts || ' reached'
                          ELSE '' END,
     lease_owner = NULL, lease_expires_at = NULL, run_at = now(),
-    finished_at = CASE WHEN d.give_up THEN now() END
+    finished_at = CASE WHEN d.new_status <> 'pending' THEN now() END
 FROM decided d
 WHERE j.id = d.id AND j.lease_epoch = d.lease_epoch AND j.status = 'running'
 RETURNING j.id, j.kind, j.status
+"""
+
+# Hands back, without using an attempt, the running jobs this worker owns but does not run: after a claim
+# whose result was lost (a timeout, a dropped connection) and at shutdown. The claim's epochs never reached
+# us, so the fence here is the owner (worker ids are unique per process) plus the ids still running here.
+RELEASE_OWNED_EXCEPT = """
+UPDATE runner_jobs
+SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,
+    finished_at = CASE WHEN cancel_requested THEN now() END,
+    last_error = CASE WHEN cancel_requested THEN 'cancelled by request' ELSE last_error END,
+    lease_owner = NULL, lease_expires_at = NULL, run_at = now()
+WHERE status = 'running' AND lease_owner = $1 AND NOT (id = ANY($2::bigint[]))
+RETURNING id, kind, status
 """
 
 # Retention: finished jobs older than the retention window go, in bounded batches.
@@ -111,33 +138,55 @@ DELETE FROM runner_workers WHERE last_heartbeat_at < now() - $1 * interval '1 se
 """
 
 # All outcomes of a batch in one statement. outcome: succeeded | cancelled | released | error | fatal.
+# delay: seconds until a job going back to pending may run again (the caller's retry policy).
+# A row someone holds locked is skipped (SKIP LOCKED) and reported `busy`: still ours, written next flush.
+# A job whose cancel was asked for does not go back to pending: it ends cancelled.
 COMPLETE = """
 WITH outcome AS (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[]) AS t(id, epoch, outcome, error)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[])
+             AS t(id, epoch, outcome, error, delay)
+), locked AS (
+    SELECT j.id, j.attempts, j.max_attempts, j.cancel_requested FROM runner_jobs j JOIN outcome o ON o.id = j.id
+    WHERE j.lease_epoch = o.epoch AND j.status = 'running'
+    FOR UPDATE OF j SKIP LOCKED
 ), decided AS (
-    SELECT j.id, o.epoch, o.outcome, o.error,
-           CASE o.outcome
-               WHEN 'succeeded' THEN 'succeeded'
-               WHEN 'cancelled' THEN 'cancelled'
-               WHEN 'released' THEN 'pending'
-               WHEN 'error' THEN CASE WHEN j.attempts + 1 < j.max_attempts THEN 'pending' ELSE 'failed' END
-               ELSE 'failed'
+    SELECT l.id, o.outcome, o.error, o.delay,
+           CASE
+               WHEN o.outcome = 'succeeded' THEN 'succeeded'
+               WHEN o.outcome = 'cancelled' THEN 'cancelled'
+               WHEN o.outcome = 'fatal' THEN 'failed'
+               WHEN o.outcome = 'error' AND l.attempts + 1 >= l.max_attempts THEN 'failed'
+               WHEN l.cancel_requested THEN 'cancelled'
+               ELSE 'pending'
            END AS new_status
-    FROM runner_jobs j JOIN outcome o ON o.id = j.id
+    FROM locked l JOIN outcome o ON o.id = l.id
+), written AS (
+    UPDATE runner_jobs j
+    SET status = d.new_status,
+        attempts = CASE WHEN d.outcome IN ('error', 'fatal') THEN j.attempts + 1 ELSE j.attempts END,
+        run_at = CASE WHEN d.new_status = 'pending' THEN now() + d.delay * interval '1 second' ELSE j.run_at END,
+        last_error = CASE WHEN d.outcome IN ('error', 'fatal', 'cancelled') THEN d.error
+                          WHEN d.new_status = 'cancelled' THEN 'cancelled by request'
+                          ELSE j.last_error END,
+        lease_owner = NULL, lease_expires_at = NULL,
+        finished_at = CASE WHEN d.new_status = 'pending' THEN NULL ELSE now() END
+    FROM decided d
+    WHERE j.id = d.id
+    RETURNING j.id, j.kind, j.status, d.outcome
 )
-UPDATE runner_jobs j
-SET status = d.new_status,
-    attempts = CASE WHEN d.outcome IN ('error', 'fatal') THEN j.attempts + 1 ELSE j.attempts END,
-    run_at = CASE WHEN d.outcome = 'error' AND d.new_status = 'pending'
-                  THEN now() + least($6::float8, $5::float8 * power(2, j.attempts))
-                               * (0.75 + random() * 0.5) * interval '1 second'
-                  ELSE j.run_at END,
-    last_error = CASE WHEN d.outcome IN ('error', 'fatal', 'cancelled') THEN d.error ELSE j.last_error END,
-    lease_owner = NULL, lease_expires_at = NULL,
-    finished_at = CASE WHEN d.new_status = 'pending' THEN NULL ELSE now() END
-FROM decided d
-WHERE j.id = d.id AND j.lease_epoch = d.epoch AND j.status = 'running'
-RETURNING j.id, j.kind, j.status, d.outcome
+SELECT id, kind, status, outcome, false AS busy FROM written
+UNION ALL
+SELECT j.id, j.kind, j.status, o.outcome, true AS busy
+FROM runner_jobs j JOIN outcome o ON o.id = j.id
+WHERE j.lease_epoch = o.epoch AND j.status = 'running' AND j.id NOT IN (SELECT id FROM written)
+"""
+
+# A handler's own transaction marks its job succeeded (ctx.complete_in): the effect and the completion
+# commit together. Fenced like every write; zero rows means the lease is gone and the caller rolls back.
+COMPLETE_IN_TRANSACTION = """
+UPDATE runner_jobs
+SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
+WHERE id = $1 AND lease_epoch = $2 AND status = 'running'
 """
 
 SAVE_PROGRESS = """
@@ -191,12 +240,13 @@ SELECT id, kind, lease_owner, progress_done, progress_total, started_at, attempt
 FROM runner_jobs WHERE status = 'running' ORDER BY id LIMIT $1
 """
 
-# Work a draining worker still waits for: runnable jobs, running ones, and retries in their backoff
-# (pending after an attempt). Jobs only delayed at enqueue are not waited for.
+# Work a draining worker still waits for, of the kinds it has: runnable jobs, running ones, and jobs that
+# ran before and wait to run again (a retry in its backoff, a release after PoolExhausted). Jobs only
+# delayed at enqueue are not waited for.
 HAS_RUNNABLE_OR_RUNNING = """
 SELECT EXISTS (
     SELECT 1 FROM runner_jobs
-    WHERE queue = ANY($1::text[])
-      AND ((status = 'pending' AND (run_at <= now() OR attempts > 0)) OR status = 'running')
+    WHERE queue = ANY($1::text[]) AND kind = ANY($2::text[])
+      AND ((status = 'pending' AND (run_at <= now() OR started_at IS NOT NULL)) OR status = 'running')
 )
 """

@@ -2,7 +2,9 @@
 
 SIGTERM/SIGINT: stop claiming; let running jobs finish for up to RUNNER_SHUTDOWN_GRACE seconds; cancel
 the rest (their leases go back to pending without using an attempt); write the last completions
-shielded; then stop the heartbeat and the other loops. A second signal skips the grace.
+shielded; then stop the heartbeat and the other loops. Last, every job still leased to this worker (a
+claim in flight when the signal came, a handler that would not stop) is handed back, no attempt used.
+A second signal skips the grace.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # runner.http pulls in aiohttp (0.15 s): imported when the se
 
 log = get_logger("runner.worker")
 CANCEL_WAIT_S = 10.0
+HAND_BACK_TIMEOUT_S = 5.0
 
 
 class Worker:
@@ -61,7 +64,7 @@ class Worker:
 
         self.completer = Completer(app.queue, settings)
         self.executor = Executor(app, self.concurrency, self.completer, settings.worker_id)
-        self.fetcher = Fetcher(app.queue, self.executor, settings, self.queues)
+        self.fetcher = Fetcher(app.queue, self.executor, settings, self.queues, list(app.registry.kinds))
         self.heartbeat = Heartbeat(app.queue, self.executor, settings, self.identity)
         self.rescuer = Rescuer(app.queue, settings, on_rescued=self.fetcher.wake.set)
         self.canceller = CancelWatcher(app.queue, self.executor, settings)
@@ -149,11 +152,22 @@ class Worker:
             if self.install_signal_handlers:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
+            await self._hand_back_all()
             try:
                 await asyncio.wait_for(self.app.queue.worker_unregister(self.identity.id), 5)
             except Exception as error:
                 log.warning("could not remove worker row", error=repr(error))
         log.info("worker stopped", worker_id=self.identity.id)
+
+    async def _hand_back_all(self) -> None:
+        try:
+            released = await asyncio.wait_for(
+                self.app.queue.job_release_owned_except(self.identity.id, []), HAND_BACK_TIMEOUT_S)
+        except Exception as error:  # the rescuer takes them after one lease
+            log.warning("could not hand back leases at shutdown", error=repr(error))
+            return
+        if released:
+            log.info("leases handed back at shutdown", count=len(released))
 
     async def _supervise(self) -> None:
         await self.stop_requested.wait()

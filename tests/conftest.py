@@ -14,6 +14,7 @@ import pytest
 from config import Settings, load_settings
 from runner.app import App
 from tests.pg import TestServer, start_test_server
+from tests.stress import Stress, cpu_hogs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,10 +35,13 @@ FAST_ENV = {
 
 
 @pytest.fixture(scope="session")
-async def pg_server() -> TestServer:
+async def pg_server() -> AsyncIterator[TestServer]:
     server = start_test_server()
-    await server.prepare_template()
-    return server
+    try:
+        await server.prepare_template()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -69,6 +73,13 @@ async def app(settings: Settings) -> AsyncIterator[App]:
     app = await App.open(settings)
     yield app
     await app.close()
+
+
+@pytest.fixture
+def stress(app: App, runner_env: dict[str, str]) -> Iterator[Stress]:
+    """Two CPU hogs for the test's length, a small pool for its workers, and pause_past_lease()."""
+    with cpu_hogs(2) as hogs:
+        yield Stress(app, runner_env, hogs)
 
 
 @pytest.fixture

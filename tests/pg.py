@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -64,15 +65,32 @@ class TestServer:
             raise RuntimeError("restart needs the embedded test server (RUNNER_TEST_DATABASE_URL is set)")
         self.embedded.restart()
 
+    def stop(self) -> None:
+        """Stop and delete a server this run made for itself (never one named by RUNNER_TEST_*)."""
+        if self.embedded is None or self.owned_dir is None:
+            return
+        self.embedded.stop()
+        shutil.rmtree(self.owned_dir, ignore_errors=True)
+
+    owned_dir: Path | None = None
+
 
 def start_test_server() -> TestServer:
+    """RUNNER_TEST_DATABASE_URL, else RUNNER_TEST_HOME (kept), else a server in a new folder of this run's
+    own, so two checkouts or two runs on one machine never share one."""
     url = os.environ.get("RUNNER_TEST_DATABASE_URL")
     if url:
         return TestServer(url, None)
-    home = Path(os.environ.get("RUNNER_TEST_HOME") or Path(tempfile.gettempdir()) / "runner-test-pg")
+    owned: Path | None = None
+    if os.environ.get("RUNNER_TEST_HOME"):
+        home = Path(os.environ["RUNNER_TEST_HOME"])
+    else:
+        owned = Path(tempfile.mkdtemp(prefix="runner-test-"))
+        owned.chmod(0o711)  # the server runs as an unprivileged user under root: it must enter the folder
+        home = owned / "pg"
     server = EmbeddedPostgres(home)
     server.ensure_started()
-    return TestServer(server.url("postgres"), server)
+    return TestServer(server.url("postgres"), server, owned)
 
 
 async def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):  # type: ignore[no-untyped-def]

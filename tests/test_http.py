@@ -184,7 +184,8 @@ async def test_pool_shows_the_derived_budget(
     # floor(50 x 0.8 / 4) - 1 listener connection = 9
     assert body["max"] == 9 and body["min"] == 2
     assert body["budget"]["derived"] is True
-    assert body["budget"]["formula"] == "min(20, floor(50 x 0.8 / 4) - 1)"
+    assert body["budget"]["formula"] == "min(20, floor(50 x 0.8 / 4) - 1) = 9: 2 control + 7 jobs"
+    assert body["lanes"] == {"control_reserved": 2, "jobs_max": 7, "jobs_in_use": 0}
     assert (body["budget"]["db_max_connections"], body["budget"]["worker_replicas"]) == (50, 4)
 
 

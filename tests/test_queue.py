@@ -8,12 +8,18 @@ import asyncpg
 import pytest
 
 from config import Settings
+from runner import queue_sql
 from runner.app import App
-from runner.queue import JobOutcome, NewJob, WorkerIdentity
+from runner.queue import ClaimedJob, JobOutcome, NewJob, WorkerIdentity
 from runner.worker import Worker
 from tests.pg import wait_until
 
 LEASE_S = 2.0
+
+
+async def claim(app: App, limit: int, worker: str = "w1", queues: tuple[str, ...] = ("default",),
+                kinds: list[str] | None = None) -> list[ClaimedJob]:
+    return await app.queue.job_claim(list(queues), limit, worker, LEASE_S, kinds or list(app.registry.kinds))
 
 
 async def run_worker(app: App, **kwargs: object) -> None:
@@ -21,22 +27,32 @@ async def run_worker(app: App, **kwargs: object) -> None:
 
 
 async def test_claim_order_is_priority_then_run_at_then_id(app: App) -> None:
-    low = await app.queue.job_enqueue_many([NewJob("noop", {}, priority=0) for _ in range(3)])
-    high = await app.queue.job_enqueue_many([NewJob("noop", {}, priority=5)])
-    delayed = await app.queue.job_enqueue_many([NewJob("noop", {}, priority=9, delay_s=3600)])
-    claimed = await app.queue.job_claim(["default"], 10, "w1", LEASE_S)
-    assert [j.id for j in sorted(claimed, key=lambda j: (-j.lease_epoch, 0))]  # claimed something
-    ids = {j.id for j in claimed}
-    assert ids == set(low + high) and delayed[0] not in ids
-    ordered = await app.db.fetch(
-        "SELECT id FROM runner_jobs WHERE id = ANY($1) ORDER BY priority DESC, run_at, id", list(ids))
-    assert ordered[0]["id"] == high[0]
+    # Ids run against the expected order, so ordering by id alone, or by run_at before priority, fails.
+    [a] = await app.queue.job_enqueue_many([NewJob("noop", {"n": "a"}, delay_s=-10)])
+    [b] = await app.queue.job_enqueue_many([NewJob("noop", {"n": "b"}, delay_s=-20)])
+    [c] = await app.queue.job_enqueue_many([NewJob("noop", {"n": "c"}, priority=5, delay_s=-1)])
+    [d] = await app.queue.job_enqueue_many([NewJob("noop", {"n": "d"})])
+    [z] = await app.queue.job_enqueue_many([NewJob("noop", {"n": "z"}, priority=-1, delay_s=-99)])
+    await app.db.execute("UPDATE runner_jobs SET run_at = (SELECT run_at FROM runner_jobs WHERE id = $1) "
+                         "WHERE id = $2", a, d)
+    [delayed] = await app.queue.job_enqueue_many([NewJob("noop", {}, priority=9, delay_s=3600)])
+    order = [job.id for _ in range(6) for job in await claim(app, 1)]
+    assert order == [c, b, a, d, z]  # priority DESC, then run_at, then id; the delayed job not yet
+    assert delayed not in order
+
+
+async def test_claim_takes_only_the_kinds_given(app: App) -> None:
+    [known] = await app.queue.job_enqueue_many([NewJob("noop", {})])
+    [unknown] = await app.queue.job_enqueue_many([NewJob("not-deployed-yet", {}, priority=9)])
+    assert [j.id for j in await claim(app, 10, kinds=["noop"])] == [known]
+    assert (await app.queue.job_get(unknown))["status"] == "pending"
+    assert [j.id for j in await claim(app, 10, kinds=["not-deployed-yet"])] == [unknown]
 
 
 async def test_claim_respects_limit_and_queue(app: App) -> None:
     await app.queue.job_enqueue_many([NewJob("noop", {}, queue="other") for _ in range(5)])
     await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(5)])
-    claimed = await app.queue.job_claim(["default"], 3, "w1", LEASE_S)
+    claimed = await claim(app, 3)
     assert len(claimed) == 3 and all(j.queue == "default" for j in claimed)
     assert all(j.lease_epoch == 1 for j in claimed)
 
@@ -52,33 +68,33 @@ async def test_dedupe_key_unique_among_unfinished_jobs(app: App) -> None:
 
 async def test_delayed_job_runs_only_when_due(app: App) -> None:
     [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {}, delay_s=1.0)])
-    assert await app.queue.job_claim(["default"], 10, "w1", LEASE_S) == []
+    assert await claim(app, 10) == []
     await asyncio.sleep(1.1)
-    assert [j.id for j in await app.queue.job_claim(["default"], 10, "w1", LEASE_S)] == [job_id]
+    assert [j.id for j in await claim(app, 10)] == [job_id]
 
 
 async def test_old_owner_writes_are_refused_after_a_rescue(app: App) -> None:
     [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {})])
-    [old] = await app.queue.job_claim(["default"], 1, "old-worker", LEASE_S)
+    [old] = await claim(app, 1, "old-worker")
     await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id)
     [rescued] = await app.queue.job_rescue_stale(max_recoveries=3)
     assert (rescued.job_id, rescued.status) == (job_id, "pending")
-    [new] = await app.queue.job_claim(["default"], 1, "new-worker", LEASE_S)
+    [new] = await claim(app, 1, "new-worker")
     assert new.lease_epoch == old.lease_epoch + 1
 
     # The old owner, still alive, tries to write progress, a checkpoint and a completion: nothing changes.
     assert not await app.queue.job_save_progress(job_id, old.lease_epoch, done=99, total=100, checkpoint={"k": 1})
     identity = WorkerIdentity("old-worker", ("default",), 1)
-    assert await app.queue.job_heartbeat([(job_id, old.lease_epoch)], identity, LEASE_S) == set()
-    written = await app.queue.job_complete_many([JobOutcome(job_id, old.lease_epoch, "noop", "succeeded")], 1, 1)
-    assert written == []
+    assert (await app.queue.job_heartbeat([(job_id, old.lease_epoch)], identity, LEASE_S)).held == set()
+    result = await app.queue.job_complete_many([JobOutcome(job_id, old.lease_epoch, "noop", "succeeded")])
+    assert (result.written, result.busy) == ([], set())
     row = await app.queue.job_get(job_id)
     assert (row["status"], row["lease_owner"], row["progress_done"], row["checkpoint"]) == (
         "running", "new-worker", 0, None)
 
     # The new owner's writes land.
     assert await app.queue.job_save_progress(job_id, new.lease_epoch, done=5, total=10, checkpoint={"k": 2})
-    [done] = await app.queue.job_complete_many([JobOutcome(job_id, new.lease_epoch, "noop", "succeeded")], 1, 1)
+    [done] = (await app.queue.job_complete_many([JobOutcome(job_id, new.lease_epoch, "noop", "succeeded")])).written
     assert done.status == "succeeded"
     row = await app.queue.job_get(job_id)
     assert (row["status"], row["checkpoint"], row["progress_done"], row["attempts"], row["recoveries"]) == (
@@ -129,17 +145,17 @@ async def test_fatal_failure_does_not_retry(app: App) -> None:
 
 async def test_failed_job_backoff_moves_run_at_into_the_future(app: App) -> None:
     [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {}, max_attempts=5)])
-    [job] = await app.queue.job_claim(["default"], 1, "w", LEASE_S)
-    await app.queue.job_complete_many([JobOutcome(job_id, job.lease_epoch, "noop", "error", "e")], 10.0, 60.0)
+    [job] = await claim(app, 1, "w")
+    await app.queue.job_complete_many([JobOutcome(job_id, job.lease_epoch, "noop", "error", "e", delay_s=10.0)])
     row = await app.db.fetchrow("SELECT status, attempts, run_at - now() AS wait FROM runner_jobs WHERE id=$1", job_id)
     assert row["status"] == "pending" and row["attempts"] == 1
-    assert 5 <= row["wait"].total_seconds() <= 15  # base 10 s x 2^0 with +/-25% jitter
+    assert 9 <= row["wait"].total_seconds() <= 10
 
 
 async def test_recovery_cap_ends_in_failed(app: App) -> None:
     [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {}, max_attempts=10)])
     for _ in range(3):  # max_recoveries = 2: two recoveries, the third lost lease fails it
-        await app.queue.job_claim(["default"], 1, "w", LEASE_S)
+        await claim(app, 1, "w")
         await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second'")
         await app.queue.job_rescue_stale(max_recoveries=2)
     row = await app.queue.job_get(job_id)
@@ -149,7 +165,7 @@ async def test_recovery_cap_ends_in_failed(app: App) -> None:
 
 async def test_rescue_is_safe_when_every_worker_runs_it_at_once(app: App) -> None:
     await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(300)])
-    await app.queue.job_claim(["default"], 300, "dead", LEASE_S)
+    await claim(app, 300, "dead")
     await app.db.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second'")
     results = await asyncio.gather(*[app.queue.job_rescue_stale(max_recoveries=3, limit=100) for _ in range(6)])
     rescued = [job.job_id for batch in results for job in batch]
@@ -160,7 +176,7 @@ async def test_rescue_is_safe_when_every_worker_runs_it_at_once(app: App) -> Non
 async def test_cancel_pending_job_at_once(app: App) -> None:
     [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {})])
     assert await app.queue.job_request_cancel(job_id) == "cancelled"
-    assert await app.queue.job_claim(["default"], 1, "w", LEASE_S) == []
+    assert await claim(app, 1, "w") == []
 
 
 async def test_cancel_running_job_reaches_the_handler(app: App) -> None:
@@ -190,13 +206,12 @@ async def test_cancel_check_catches_a_missed_notify(app: App) -> None:
 
 async def test_heartbeat_renews_leases_and_worker_row_in_one_statement(app: App) -> None:
     await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(3)])
-    claimed = await app.queue.job_claim(["default"], 3, "w", LEASE_S)
+    claimed = await claim(app, 3, "w")
     before = await app.db.fetchval("SELECT max(lease_expires_at) FROM runner_jobs")
-    await asyncio.sleep(0.05)
     identity = WorkerIdentity("w", ("default",), 3)
-    renewed = await app.queue.job_heartbeat([(j.id, j.lease_epoch) for j in claimed], identity, 60)
-    assert renewed == {j.id for j in claimed}
-    assert await app.db.fetchval("SELECT min(lease_expires_at) FROM runner_jobs") > before
+    result = await app.queue.job_heartbeat([(j.id, j.lease_epoch) for j in claimed], identity, 60)
+    assert result.renewed == result.held == {j.id for j in claimed}
+    assert await app.db.fetchval("SELECT min(lease_expires_at) FROM runner_jobs") > before  # 2 s lease -> 60 s
     assert await app.db.fetchval("SELECT count(*) FROM runner_workers WHERE id = 'w'") == 1
 
 
@@ -207,11 +222,11 @@ async def test_claim_is_an_index_scan_at_a_million_rows(app: App) -> None:
                now() - (g % 1000) * interval '1 second'
         FROM generate_series(1, 1000000) g""")
     await app.db.execute("ANALYZE runner_jobs")
-    async with app.db.connection() as connection:
+    async with app.db.connection() as connection:  # the claim itself, planned for these arguments
+        await connection.execute(f"PREPARE claim_plan AS {queue_sql.CLAIM}")
         plan = "\n".join(r[0] for r in await connection.fetch(
-            "EXPLAIN SELECT id FROM runner_jobs WHERE status = 'pending' AND run_at <= now() "
-            "AND queue = ANY($1::text[]) ORDER BY priority DESC, run_at, id LIMIT 200 FOR UPDATE SKIP LOCKED",
-            ["default"]))
+            "EXPLAIN EXECUTE claim_plan('{default}', 200, 'w', 30, '{noop,sleep}')"))
+        await connection.execute("DEALLOCATE claim_plan")
     assert "Index Scan using runner_jobs_claim_idx" in plan, plan
     assert "Sort" not in plan, plan
 
@@ -233,11 +248,13 @@ async def test_pool_exhaustion_gives_up_with_a_typed_error(settings: Settings) -
     from runner.errors import PoolExhausted
 
     tight = settings.model_copy(update={
-        "pool_max_size": 1, "pool_min_size": 1, "pool_acquire_timeout": 0.05, "pool_retry_attempts": 3})
+        "pool_max_size": 2, "pool_min_size": 1, "pool_acquire_timeout": 0.05, "pool_retry_attempts": 3})
     app = await App.open(tight)
     try:
         db: Database = app.db
         async with db.connection():
+            async with db.connection("control") as control:  # handlers hold every jobs connection;
+                assert await control.fetchval("SELECT 1") == 1  # the control lane's is still there
             with pytest.raises(PoolExhausted, match="after 3 attempts"):
                 async with db.connection():
                     pass

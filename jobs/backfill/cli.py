@@ -70,7 +70,7 @@ async def enqueue(app: App, spec: BackfillSpec, wait: bool) -> int:
     kind = app.registry.get(KIND)
     if kind.validate is not None:
         await kind.validate(payload, app)
-    job_id, _ = await app.queue.job_enqueue(NewJob(KIND, payload, max_attempts=app.settings.default_max_attempts))
+    job_id, _ = await app.queue.job_enqueue(NewJob(KIND, payload))
     print(job_id, flush=True)
     if not wait:
         return 0

@@ -16,7 +16,8 @@ The same pipeline serves one database (two pooled connections) and two: COPY bea
 with ``ON CONFLICT`` even there (bench/backfill.py).
 
 When the destination is the runner's database the batch and the checkpoint commit in one transaction
-(the checkpoint write is fenced by the lease epoch: a lost lease rolls the batch back). Otherwise every
+(the checkpoint write is fenced by the lease epoch: a lost lease rolls the batch back), and the last
+batch also completes the job (``ctx.complete_in``): rows, checkpoint and ``succeeded`` commit together. Otherwise every
 batch is idempotent by key, so replaying a batch after a crash between its commit and its checkpoint
 neither duplicates nor loses a row. Cancellation is checked before every batch is written. A transient
 database error (restart, failover, lost connection) pauses the step and retries it for up to
@@ -50,7 +51,10 @@ RETRY_FOR_S = 120.0
 TRANSIENT = (*TRANSIENT_ERRORS, PoolExhausted, DatabaseUnavailable, asyncpg.PostgresConnectionError,
              asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError,
              asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.DeadlockDetectedError,
-             asyncpg.exceptions.SerializationError)
+             asyncpg.exceptions.SerializationError,
+             # a statement or lock timeout: typically a frozen owner's transaction, which the server ends
+             # at idle_in_transaction_session_timeout; the retry then goes through
+             asyncpg.exceptions.QueryCanceledError, asyncpg.exceptions.LockNotAvailableError)
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class Backfill:
         await self._finish(time.monotonic() - started, self.at.done - done_before)
 
     async def _finish(self, elapsed: float, moved: int) -> None:
-        if self.at.done != self.at.total:
+        if self.at.done != self.at.total and not self.ctx.completed_in_transaction:
             self.ctx.log.warning("the source changed during the backfill", counted=self.at.total, copied=self.at.done)
             self.at.total = self.at.done
             await self.ctx.progress(self.at.done, self.at.total)
@@ -135,9 +139,14 @@ class Backfill:
                           seconds=round(elapsed, 3), rows_per_s=round(moved / elapsed) if elapsed > 0 else None)
 
     # --- progress -------------------------------------------------------------------------------
-    async def _checkpoint(self, upper: str, rows: int, connection: asyncpg.Connection | None) -> None:
-        await self.ctx.checkpoint({"last_key": upper}, done=self.at.done + rows, total=self.at.total,
-                                  connection=connection)
+    async def _checkpoint(
+        self, upper: str, rows: int, connection: asyncpg.Connection | None, last: bool = False
+    ) -> None:
+        done = self.at.done + rows
+        if last and done != self.at.total:  # the source changed while we copied: the total is what we moved
+            self.ctx.log.warning("the source changed during the backfill", counted=self.at.total, copied=done)
+            self.at.total = done
+        await self.ctx.checkpoint({"last_key": upper}, done=done, total=self.at.total, connection=connection)
 
     def _advance(self, upper: str, rows: int) -> None:
         self.at.last_key, self.at.done = upper, self.at.done + rows
@@ -145,7 +154,9 @@ class Backfill:
     async def _reload(self) -> None:
         """After a failed write: the committed checkpoint is the truth (the commit may have happened)."""
         job = await self.ctx.app.queue.job_get(self.ctx.job_id)
-        if job["status"] != "running" or job["lease_epoch"] != self.ctx.job.lease_epoch:
+        if job["status"] == "succeeded" and job["lease_epoch"] == self.ctx.job.lease_epoch and self.atomic:
+            self.ctx.completed_in_transaction = True  # the last batch committed with the completion
+        elif job["status"] != "running" or job["lease_epoch"] != self.ctx.job.lease_epoch:
             raise LeaseLost(f"job {self.ctx.job_id}: lease epoch {self.ctx.job.lease_epoch} is no longer current")
         last_key = (job["checkpoint"] or {}).get("last_key")
         self.at.last_key = None if last_key is None else str(last_key)
@@ -169,11 +180,15 @@ class Backfill:
         queue: asyncio.Queue[Batch | BaseException | None] = asyncio.Queue(maxsize=READ_AHEAD)
         reader = asyncio.create_task(self._read_ahead(queue), name=f"backfill-read-{self.ctx.job_id}")
         try:
-            while (item := await queue.get()) is not None:
+            item = await queue.get()
+            while item is not None:
                 if isinstance(item, BaseException):
                     raise item
+                # Look one batch ahead: the last one, when atomic, also completes the job.
+                following = await queue.get()
                 self.ctx.raise_if_cancelled()
-                await self._write("write batch", functools.partial(self._write_batch, item))
+                await self._write("write batch", functools.partial(self._write_batch, item, following is None))
+                item = following
         finally:
             reader.cancel()
             await asyncio.wait([reader])
@@ -205,7 +220,7 @@ class Backfill:
                 self.statements.copy_out(lower, upper), output=sink, format=self.plan.copy_format)
         return Batch(lower, upper, copied_rows(status), b"".join(chunks))
 
-    async def _write_batch(self, batch: Batch) -> None:
+    async def _write_batch(self, batch: Batch, last: bool = False) -> None:
         if self.at.last_key == batch.upper:
             return  # committed already: the failure came after the commit
         if self.at.last_key != batch.lower:
@@ -214,15 +229,15 @@ class Backfill:
         direct = self.route == "direct" or (
             self.route == "probe" and not await self._dest_has(batch.lower, batch.upper))
         try:
-            await self._commit_batch(batch, direct)
+            await self._commit_batch(batch, direct, last)
         except asyncpg.UniqueViolationError:
             if not direct:
                 raise
             self.ctx.log.info("destination keys appeared in the batch range; probing each batch from now on")
             self.route = "probe"
-            await self._commit_batch(batch, direct=False)
+            await self._commit_batch(batch, direct=False, last=last)
 
-    async def _commit_batch(self, batch: Batch, direct: bool) -> None:
+    async def _commit_batch(self, batch: Batch, direct: bool, last: bool = False) -> None:
         async with self.dest_db.transaction() as connection:
             if direct:
                 await self._copy(connection, batch, self.plan.spec.dest_table.name, self.plan.spec.dest_table.schema)
@@ -231,7 +246,9 @@ class Backfill:
                 await self._copy(connection, batch, STAGE, None)
                 await connection.execute(self.statements.insert_from_stage())
             if self.atomic:
-                await self._checkpoint(batch.upper, batch.rows, connection)
+                await self._checkpoint(batch.upper, batch.rows, connection, last)
+                if last:
+                    await self.ctx.complete_in(connection)
         if not self.atomic:
             await self._checkpoint(batch.upper, batch.rows, None)
         self._advance(batch.upper, batch.rows)

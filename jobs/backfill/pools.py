@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from jobs.backfill.spec import DEFAULT_CONNECTION
 from runner.app import App
-from runner.db import Database, RetryPolicy, application_name
+from runner.db import Database, RetryPolicy, session_settings
 from runner.errors import PayloadError
 from runner.logs import get_logger
 
@@ -85,11 +85,7 @@ class NamedPools:
             min_size=NAMED_POOL_MIN_SIZE,
             max_size=NAMED_POOL_MAX_SIZE,
             retry=RetryPolicy.from_settings(settings),
-            server_settings={
-                "application_name": application_name(f"{settings.worker_id}:{name}"),
-                "statement_timeout": str(int(settings.statement_timeout * 1000)),
-                **SESSION_SETTINGS,
-            },
+            server_settings={**session_settings(settings, f"{settings.worker_id}:{name}"), **SESSION_SETTINGS},
             statement_cache_size=settings.statement_cache_size,
         )
         await db.open(settings.db_connect_timeout)

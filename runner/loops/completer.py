@@ -1,4 +1,5 @@
-"""Status updates: completions and failures written in batches, one statement per flush."""
+"""Status updates: completions and failures written in batches, one statement per flush, on the pool's
+control lane. Outcomes stay leased (the heartbeat renews them) until written, the batch in flight too."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Completer(Service):
         self.queue = queue
         self.settings = settings
         self._buffer: deque[JobOutcome] = deque()
+        self._in_flight: list[JobOutcome] = []
         self.flushed = asyncio.Event()
         self.empty = asyncio.Event()  # set whenever every submitted outcome has been written
         self.empty.set()
@@ -42,35 +44,49 @@ class Completer(Service):
 
     def pending_leases(self) -> list[tuple[int, int]]:
         # Outcomes not yet written still hold their lease: the heartbeat keeps renewing them.
-        return [(o.job_id, o.lease_epoch) for o in self._buffer]
+        return [(o.job_id, o.lease_epoch) for o in (*self._buffer, *self._in_flight)]
 
     def pending(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + len(self._in_flight)
 
     async def run_once(self) -> None:
         if self.settings.completion_flush_interval and self._buffer:
             await asyncio.sleep(self.settings.completion_flush_interval)  # let a batch gather
+        busy: list[JobOutcome] = []
         while self._buffer:
-            await self._flush_batch()
+            busy += await self._flush_batch()
+        if busy:  # rows someone holds locked: try them on the next run, not in a hot loop
+            self._buffer.extend(busy)
+            return
         self.empty.set()
 
-    async def _flush_batch(self) -> None:
-        batch = [self._buffer.popleft() for _ in range(min(MAX_BATCH, len(self._buffer)))]
+    async def _flush_batch(self) -> list[JobOutcome]:
+        batch = self._in_flight = [self._buffer.popleft() for _ in range(min(MAX_BATCH, len(self._buffer)))]
         try:
-            written = await self.queue.job_complete_many(
-                batch, self.settings.retry_backoff_base, self.settings.retry_backoff_max)
+            result = await self.queue.job_complete_many(batch)
         except BaseException:
             self._buffer.extendleft(reversed(batch))  # keep them; the next run retries the write
             raise
+        finally:
+            self._in_flight = []
+        written = result.written
         for (kind, outcome), count in Counter((row.kind, _finish_label(row)) for row in written).items():
             metrics.JOBS_FINISHED.labels(kind, outcome).inc(count)
-        if len(written) < len(batch):
-            kept = {row.job_id for row in written}
+        busy = [o for o in batch if o.job_id in result.busy]
+        if len(written) + len(busy) < len(batch):
+            kept = {row.job_id for row in written} | result.busy
             for outcome in batch:
                 if outcome.job_id not in kept:
-                    metrics.JOBS_LEASE_LOST.labels(outcome.kind).inc()
-                    log.warning("completion refused: lease no longer held", job_id=outcome.job_id,
-                                lease_epoch=outcome.lease_epoch, outcome=outcome.outcome)
+                    self._refused(outcome)
+        return busy
+
+    def _refused(self, outcome: JobOutcome) -> None:
+        if outcome.settled_in_transaction:  # the handler's own transaction already completed it
+            metrics.JOBS_FINISHED.labels(outcome.kind, "succeeded").inc()
+            return
+        metrics.JOBS_LEASE_LOST.labels(outcome.kind).inc()
+        log.warning("completion refused: lease no longer held", job_id=outcome.job_id,
+                    lease_epoch=outcome.lease_epoch, outcome=outcome.outcome)
 
     async def on_stop(self) -> None:
         for attempt in range(STOP_FLUSH_ATTEMPTS):

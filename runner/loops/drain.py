@@ -42,7 +42,7 @@ class DrainWatcher(Service):
             return
         if self.executor.active or self.completer.pending():
             return
-        if await self.app.queue.job_has_runnable_or_running(self.queues):
+        if await self.app.queue.job_has_runnable_or_running(self.queues, self.fetcher.kinds):
             return
         for plugin in self.app.plugins:
             if plugin.has_pending_work is not None and await plugin.has_pending_work(self.app):

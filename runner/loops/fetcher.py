@@ -1,27 +1,37 @@
-"""Pending-job fetch: claims runnable jobs in batches, up to free concurrency.
+"""Pending-job fetch: claims runnable jobs of the kinds this worker has, in batches, up to free concurrency.
 
-Woken by NOTIFY on enqueue, by a freed slot while a backlog remains, or by the poll interval.
+Woken by NOTIFY on enqueue, by a freed slot while a backlog remains, or by the poll interval. A claim
+whose result never reached us (a timeout, a dropped connection) may still have committed: after any
+failed claim, the jobs this worker owns but does not run are handed back at once, no attempt used.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
 from config import Settings
+from runner import metrics
 from runner.executor import Executor
+from runner.logs import get_logger
 from runner.queue import JobQueue
 from runner.service import Service
+
+log = get_logger("runner.fetcher")
 
 
 class Fetcher(Service):
     name = "fetcher"
 
-    def __init__(self, queue: JobQueue, executor: Executor, settings: Settings, queues: Sequence[str]) -> None:
+    def __init__(
+        self, queue: JobQueue, executor: Executor, settings: Settings, queues: Sequence[str], kinds: Sequence[str]
+    ) -> None:
         super().__init__(interval_s=settings.poll_interval, timeout_s=30.0)
         self.queue = queue
         self.executor = executor
         self.settings = settings
         self.queues = list(queues)
+        self.kinds = sorted(kinds)
         self.backlog = True  # until a claim comes back short, assume more is waiting
         self.last_claimed = -1
         executor.on_slot_freed = self._slot_freed
@@ -37,7 +47,12 @@ class Fetcher(Service):
             self.backlog = True
             return
         limit = min(free, self.settings.claim_batch_size)
-        jobs = await self.queue.job_claim(self.queues, limit, self.settings.worker_id, self.settings.lease_timeout)
+        try:
+            jobs = await self.queue.job_claim(
+                self.queues, limit, self.settings.worker_id, self.settings.lease_timeout, self.kinds)
+        except BaseException:
+            await asyncio.shield(self.hand_back_unrun())
+            raise
         if self.stopped.is_set():  # shutting down between claim and start: give them straight back
             for job in jobs:
                 self.executor.start(job)
@@ -51,3 +66,16 @@ class Fetcher(Service):
             self.on_short_claim()
         if self.backlog and self.executor.free_slots() > 0:
             self.wake.set()
+
+    async def hand_back_unrun(self) -> None:
+        """Release every running job this worker owns but has no task or pending outcome for."""
+        keep = [job_id for job_id, _ in self.executor.leases()] + list(self.executor.active)
+        try:
+            released = await self.queue.job_release_owned_except(self.settings.worker_id, keep)
+        except Exception as error:  # the rescuer gets them after a lease; nothing is lost
+            log.warning("could not hand back unrun claims", error=repr(error))
+            return
+        for job in released:
+            metrics.JOBS_RELEASED.labels(job.kind, "unrun_claim").inc()
+        if released:
+            log.warning("unrun claims handed back", count=len(released), job_ids=[j.job_id for j in released][:20])
