@@ -9,7 +9,17 @@ largest per worker, from pg_stat_activity by application_name), the pool size th
 executions split between workers, and duplicate executions (job ids with more than one row), which must
 be 0.
 
-Options: ``--workers 1,2,4``, ``--jobs`` (default 20,000), ``--rounds`` (default 1; median reported).
+``--stress`` adds, for each worker count of ``--workers`` from 2 up, a run under stress (``--stress-only``:
+that run alone): 2 CPU hogs beside the workers for the whole run, N ``record`` jobs of 0.2 s that log
+``record started``, pools of 3 (RUNNER_POOL_MAX_SIZE=3, RUNNER_POOL_MIN_SIZE=1), a 3 s lease, and one
+worker stopped with SIGSTOP once it holds running jobs and continued (SIGCONT) once the database shows
+none of its jobs running any more (each lease expired and another worker's rescuer took it). Reported:
+starts and distinct jobs started (from the JSON logs), effects (rows in runner_executions), duplicate
+effects, succeeded jobs, rescues, the jobs the paused worker held and the exit codes. The script exits 1
+if a run has duplicate effects, effects or succeeded jobs other than N, or a worker exiting non-zero.
+
+Options: ``--workers 1,2,4``, ``--jobs`` (default 20,000), ``--rounds`` (default 1; median reported),
+``--stress``, ``--stress-only``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -54,6 +67,20 @@ from config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CA
 
 TEMPLATE = "bench_tpl_scale"
 SAMPLER_APP = "bench-scale-sampler"
+
+# The stress run (as tests/stress.py): CPU hogs, a small pool budget, a short lease, one worker paused.
+HOG = "while True: pass"
+STRESS_HOGS = 2
+STRESS_PAYLOAD = '{"seconds": 0.2, "log_start": true}'
+STRESS_ENV = {
+    "RUNNER_POOL_MAX_SIZE": "3",
+    "RUNNER_POOL_MIN_SIZE": "1",
+    "RUNNER_LOG_FORMAT": "json",
+    "RUNNER_HEARTBEAT_INTERVAL": "0.5",
+    "RUNNER_LEASE_TIMEOUT": "3",
+    "RUNNER_RESCUE_INTERVAL": "0.5",
+}
+RUNNING_OF = "SELECT count(*) FROM runner_jobs WHERE status = 'running' AND lease_owner = $1"
 
 
 def budget_pool_max(db_max_connections: int, replicas: int) -> int:
@@ -166,22 +193,211 @@ async def one_run(server: Server, workers: int, jobs: int, max_connections: int,
     }
 
 
+def log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of one event in a worker's log file."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        if f'"{event}"' not in line or not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("event") == event:
+                found.append(entry)
+    return found
+
+
+async def poll(condition: Any, timeout_s: float, what: str, interval_s: float = 0.02) -> None:
+    """Until ``await condition()`` is true (a database condition), checked every interval_s."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s:g}s")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class Pause:
+    """What the paused worker held when it was stopped, and how long it stayed stopped."""
+
+    worker_id: str
+    held: int | None = None
+    stopped_after_s: float | None = None
+    stopped_s: float | None = None
+    attempts: int = 0
+    error: str | None = None
+
+
+async def pause_past_lease(connection: asyncpg.Connection, proc: Proc, pause: Pause, started: float,
+                           timeout_s: float = 300) -> None:
+    """SIGSTOP the worker once it holds running jobs; SIGCONT it once none of its jobs is running any more
+    (each lease expired and another worker's rescuer took it). If it held nothing by the time it stopped
+    (its jobs finished between the check and the signal), it is continued and stopped again later."""
+    async def holds() -> bool:
+        return not proc.running() or await connection.fetchval(RUNNING_OF, pause.worker_id) >= 1
+
+    async def released() -> bool:
+        return await connection.fetchval(RUNNING_OF, pause.worker_id) == 0
+
+    try:
+        while True:
+            await poll(holds, timeout_s, f"{pause.worker_id} holding a running job")
+            if not proc.running():
+                raise RuntimeError(f"{pause.worker_id} exited before it could be paused")
+            os.kill(proc.pid, signal.SIGSTOP)
+            stopped = time.perf_counter()
+            pause.attempts += 1
+            try:
+                held = int(await connection.fetchval(RUNNING_OF, pause.worker_id))
+                if held:
+                    pause.held, pause.stopped_after_s = held, stopped - started
+                    log(f"  {pause.worker_id} stopped holding {held} running job(s); waiting for the rescues")
+                    await poll(released, timeout_s, f"{pause.worker_id}'s jobs rescued", interval_s=0.05)
+                    pause.stopped_s = time.perf_counter() - stopped
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            if pause.held is not None:
+                log(f"  {pause.worker_id} continued after {pause.stopped_s:.1f}s stopped")
+                return
+    except (TimeoutError, RuntimeError) as error:
+        pause.error = str(error)
+        log(f"  pause failed: {error}")
+
+
+async def stress_run(server: Server, workers: int, jobs: int, round_: int) -> dict[str, Any]:
+    name = fresh_name(f"stress{workers}")
+    url = await server.create(name, TEMPLATE)
+    logs = SCRATCH / "logs"
+    hogs: list[subprocess.Popen[bytes]] = []
+    procs: list[Proc] = []
+    try:
+        jsonl = SCRATCH / "work" / f"record-stress-{jobs}.jsonl"
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        jsonl.write_text((STRESS_PAYLOAD + "\n") * jobs)
+        await run([RUNNER_CLI, "enqueue", "record", "--jsonl", jsonl], env(url),
+                  logs / f"stress{workers}-enqueue.log")
+        ids = [f"stress{workers}-r{round_}-w{i}" for i in range(workers)]
+        paths = [logs / f"stress{workers}-r{round_}-{worker_id}.log" for worker_id in ids]
+        pause = Pause(ids[0])
+        pauser: asyncio.Task[None] | None = None
+        connection = await asyncpg.connect(url, server_settings={"application_name": SAMPLER_APP})
+        try:
+            hogs = [subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.DEVNULL)
+                    for _ in range(STRESS_HOGS)]
+            started = time.perf_counter()
+            procs = [Proc([RUNNER_CLI, "worker", "--drain"], env(url, RUNNER_WORKER_ID=worker_id, **STRESS_ENV),
+                          path).start()
+                     for worker_id, path in zip(ids, paths, strict=True)]
+            pauser = asyncio.create_task(pause_past_lease(connection, procs[0], pause, started))
+            results = [await p.wait(timeout_s=1800) for p in procs]
+            elapsed = time.perf_counter() - started
+            await pauser
+        finally:
+            for hog in hogs:
+                hog.kill()
+            for hog in hogs:
+                hog.wait()
+            if pauser is not None and not pauser.done():  # only after a failure above
+                pauser.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pauser
+            for p in procs:  # likewise: no worker outlives a failed run
+                p.signal(signal.SIGCONT)
+                p.signal(signal.SIGKILL)
+            await connection.close()
+        db = await asyncpg.connect(url)
+        try:
+            effects = await db.fetchval("SELECT count(*) FROM runner_executions")
+            duplicates = await db.fetchval(
+                "SELECT count(*) FROM (SELECT job_id FROM runner_executions GROUP BY job_id HAVING count(*) > 1) d")
+            statuses = {r["status"]: r["n"] for r in await db.fetch(
+                "SELECT status, count(*) AS n FROM runner_jobs GROUP BY status ORDER BY status")}
+            recovered = await db.fetchval("SELECT count(*) FROM runner_jobs WHERE recoveries > 0")
+        finally:
+            await db.close()
+    finally:
+        await server.drop(name)
+    starts = [entry.get("job_id") for path in paths for entry in log_events(path, "record started")]
+    rescues = sum(len(log_events(path, "stale job recovered")) for path in paths)
+    return {
+        "workers": workers,
+        "jobs": jobs,
+        "elapsed_s": elapsed,
+        "jobs_per_s": jobs / elapsed,
+        "starts": len(starts),
+        "distinct_started": len(set(starts)),
+        "effects": effects,
+        "duplicate_effects": duplicates,
+        "succeeded": statuses.get("succeeded", 0),
+        "statuses": statuses,
+        "rescues": rescues,
+        "jobs_recovered": recovered,
+        "paused_worker": pause.worker_id,
+        "paused_held": pause.held,
+        "paused_after_s": pause.stopped_after_s,
+        "paused_s": pause.stopped_s,
+        "pause_error": pause.error,
+        "exit_codes": [r.returncode for r in results],
+        "worker_cpu_s": sum(r.user_s + r.sys_s for r in results),
+        "worker_wall_s": [round(r.wall_s, 2) for r in results],
+        "hogs": STRESS_HOGS,
+        "settings": STRESS_ENV,
+        "payload": json.loads(STRESS_PAYLOAD),
+    }
+
+
+def stress_failures(row: dict[str, Any]) -> list[str]:
+    """Why a stress run failed (empty: it passed)."""
+    why = []
+    if row["duplicate_effects"]:
+        why.append(f"{row['duplicate_effects']} job(s) with more than one effect")
+    if row["effects"] != row["jobs"]:
+        why.append(f"{row['effects']} effects for {row['jobs']} jobs")
+    if row["succeeded"] != row["jobs"]:
+        why.append(f"{row['succeeded']} of {row['jobs']} jobs succeeded ({row['statuses']})")
+    if any(row["exit_codes"]):
+        why.append(f"worker exit codes {row['exit_codes']}")
+    if row["pause_error"] or not row["paused_held"]:
+        why.append(f"the pause did not happen: {row['pause_error']}")
+    return why
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"{report['started_at']}; runner {report['runner_commit']}; {report['jobs']:,} `record` jobs; "
         f"median of {report['rounds']} round(s); server max_connections {report['max_connections']}.",
-        "",
-        "| workers | jobs/s | pool max per worker (formula) | connection budget N x (pool + 1) "
-        "| peak server connections | peak per worker | executions | duplicate executions "
-        "| CPU-s workers / PostgreSQL / wall |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if report["summary"]:
+        lines += [
+            "",
+            "| workers | jobs/s | pool max per worker (formula) | connection budget N x (pool + 1) "
+            "| peak server connections | peak per worker | executions | duplicate executions "
+            "| CPU-s workers / PostgreSQL / wall |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
     for row in report["summary"]:
         lines.append(
             f"| {row['workers']} | {row['jobs_per_s']:,.0f} | {row['pool_max_per_worker']} "
             f"| {row['connection_budget']} | {row['peak_connections_total']} | {row['peak_connections_per_worker']} "
             f"| {row['executions']:,} | {row['duplicate_executions']} "
             f"| {row['worker_cpu_s']:.1f} / {row['server_cpu_s']:.1f} / {row['elapsed_s']:.1f} |")
+    if report.get("stress"):
+        lines += [
+            "",
+            f"Under stress (every run): {STRESS_HOGS} CPU hogs, `record` jobs of 0.2 s logging `record started`, "
+            "pools of 3 (min 1), heartbeat 0.5 s, lease 3 s, rescuer every 0.5 s; one worker stopped (SIGSTOP) "
+            "once it held running jobs and continued once none of them was running any more.",
+            "",
+            "| workers | jobs | seconds | jobs/s | starts | distinct jobs started | effects | duplicate effects "
+            "| succeeded | rescues | held by the paused worker | stopped s | exit codes |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+    for row in report.get("stress", []):
+        stopped = f"{row['paused_s']:.1f}" if row["paused_s"] is not None else "-"
+        lines.append(
+            f"| {row['workers']} | {row['jobs']:,} | {row['elapsed_s']:.1f} | {row['jobs_per_s']:,.0f} "
+            f"| {row['starts']:,} | {row['distinct_started']:,} | {row['effects']:,} | {row['duplicate_effects']} "
+            f"| {row['succeeded']:,} | {row['rescues']} | {row['paused_held'] if row['paused_held'] else '-'} "
+            f"| {stopped} | {' '.join(str(c) for c in row['exit_codes'])} |")
     m = report["machine"]
     lines += ["", f"Machine: {m['nproc']} cores, {m['ram_gib']} GiB RAM, PostgreSQL {report['server_version']} "
                   "on the same host.", "", f"Command: `{report['command']}`"]
@@ -197,20 +413,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await run([RUNNER_CLI, "migrate"], env(url), SCRATCH / "logs" / "scale-migrate.log")
         max_connections = int(await fetchval(server.admin_url, "SHOW max_connections"))
         version = await fetchval(server.admin_url, "SHOW server_version")
-        runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+        plain = [] if args.stress_only else counts
+        runs: dict[int, list[dict[str, Any]]] = {n: [] for n in plain}
         for round_ in range(args.rounds):
-            for n in counts if round_ % 2 == 0 else list(reversed(counts)):
+            for n in plain if round_ % 2 == 0 else list(reversed(plain)):
                 background = await wait_for_quiet(args.quiet_cores, args.quiet_wait)
                 log(f"round {round_ + 1}/{args.rounds}: {n} worker(s) (background load {background:.2f} cores)")
                 result = await one_run(server, n, args.jobs, max_connections, round_)
                 result["background_busy_cores"] = background
                 log(f"  {json.dumps(result)}")
                 runs[n].append(result)
+        stress: list[dict[str, Any]] = []
+        stressed = [n for n in counts if n >= 2] if args.stress or args.stress_only else []
+        for n in sorted(set(counts) - set(stressed)) if stressed else []:
+            log(f"no stress run with {n} worker: nobody would rescue the paused worker's jobs")
+        for round_ in range(args.rounds):
+            for n in stressed if round_ % 2 == 0 else list(reversed(stressed)):
+                background = await wait_for_quiet(args.quiet_cores, args.quiet_wait)
+                log(f"round {round_ + 1}/{args.rounds}: {n} worker(s) under stress "
+                    f"(background load {background:.2f} cores)")
+                result = await stress_run(server, n, args.jobs, round_)
+                result["round"] = round_ + 1
+                result["background_busy_cores"] = background
+                log(f"  {json.dumps(result)}")
+                stress.append(result)
         await server.drop(TEMPLATE)
     finally:
         server.stop_if_started_here()
     summary = []
-    for n in counts:
+    for n in plain:
         rows = runs[n]
         summary.append({
             "workers": n,
@@ -237,6 +468,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "runner_commit": git_commit(),
         "summary": summary,
         "runs": runs,
+        "stress": stress,
     }
 
 
@@ -249,7 +481,12 @@ def main() -> None:
     parser.add_argument("--quiet-cores", type=float, default=0.5,
                         help="before each run, wait until other processes use fewer cores than this")
     parser.add_argument("--quiet-wait", type=float, default=90.0, help="...but at most this many seconds")
+    parser.add_argument("--stress", action="store_true",
+                        help="after the plain runs, a run under stress for each --workers count from 2 up")
+    parser.add_argument("--stress-only", action="store_true", help="the runs under stress alone")
     args = parser.parse_args()
+    if (args.stress or args.stress_only) and not any(int(x) >= 2 for x in args.workers.split(",") if x):
+        parser.error("a run under stress needs --workers 2 or more (one paused, another to rescue its jobs)")
     report = asyncio.run(main_async(args))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +496,11 @@ def main() -> None:
     failed = [row for row in report["summary"] if row["duplicate_executions"] or row["executions"] != args.jobs]
     if failed:
         print(f"error: duplicate or missing executions: {failed}", file=sys.stderr)
+    stress_failed = [(row, why) for row in report["stress"] if (why := stress_failures(row))]
+    for row, why in stress_failed:
+        print(f"error: run under stress with {row['workers']} workers (round {row['round']}): {'; '.join(why)}",
+              file=sys.stderr)
+    if failed or stress_failed:
         raise SystemExit(1)
 
 

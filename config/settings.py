@@ -175,7 +175,7 @@ class Settings(BaseSettings):
                     f"{self.worker_replicas} leaves a pool of {max_size}; at least 2 are needed"
                 )
         else:
-            max_size = self.pool_max_size
+            max_size = self.pool_max_size or 0
             if max_size < 2:
                 raise ValueError("RUNNER_POOL_MAX_SIZE must be at least 2 (one for the control plane, one for jobs)")
         min_size = self.pool_min_size if self.pool_min_size is not None else min(2, max_size)

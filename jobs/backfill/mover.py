@@ -267,7 +267,8 @@ class Backfill:
     async def _copy(self, connection: asyncpg.Connection, batch: Batch, table: str, schema: str | None) -> None:
         # a memoryview, because asyncpg would take bytes for a file path
         await connection.copy_to_table(table, schema_name=schema, columns=self.statements.column_names,
-                                       source=memoryview(batch.data), format=self.plan.copy_format)
+                                       source=memoryview(batch.data),  # type: ignore[arg-type]  # stubs omit buffers
+                                       format=self.plan.copy_format)
 
 
 def copied_rows(status: str) -> int:

@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import asyncpg
 
@@ -35,7 +36,8 @@ class Plan:
     source: Table
     dest: Table | None  # None: missing, and create_table is set
     statements: Statements
-    copy_format: str  # binary, unless a column has a user-defined type (OIDs differ between databases)
+    # binary, unless a column has a user-defined type (OIDs differ between databases)
+    copy_format: Literal["binary", "text"]
     copy_direct: bool  # destination types equal the source's: an empty key range can take COPY directly
 
     @property

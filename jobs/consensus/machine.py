@@ -159,8 +159,8 @@ class TxTask:
             execution = await asyncio.wait_for(self._run_leader(view, faults),
                                                engine.settings.consensus_leader_timeout)
         except TimeoutError:
-            reason = f"leader {leader} did not answer within {engine.settings.consensus_leader_timeout:g}s"
-            await self._transition(LEADER_TIMEOUT, leader=leader, reason=reason)
+            timeout_reason = f"leader {leader} did not answer within {engine.settings.consensus_leader_timeout:g}s"
+            await self._transition(LEADER_TIMEOUT, leader=leader, reason=timeout_reason)
             await self._finish(LEADER_TIMEOUT, None)
             return
         self.progress()

@@ -75,9 +75,9 @@ class Completer(Service):
         busy = [o for o in batch if o.job_id in result.busy]
         if len(written) + len(busy) < len(batch):
             kept = {row.job_id for row in written} | result.busy
-            for outcome in batch:
-                if outcome.job_id not in kept:
-                    self._refused(outcome)
+            for refused in batch:
+                if refused.job_id not in kept:
+                    self._refused(refused)
         return busy
 
     def _refused(self, outcome: JobOutcome) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import asyncpg
 
@@ -66,13 +65,13 @@ class Listener(Service):
         log.info("listening", channels=[JOBS_CHANNEL, CANCEL_CHANNEL], reconnect=self.connects > 1)
         self.on_jobs()  # catch up on anything enqueued while we were not listening
 
-    def _jobs_notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _jobs_notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload in self.queues:
             self.on_jobs()
 
-    def _cancel_notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _cancel_notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
-            job_id = int(payload)
+            job_id = int(str(payload))
         except ValueError:
             return
         self.on_cancel(job_id)
