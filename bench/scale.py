@@ -273,7 +273,7 @@ async def stress_run(server: Server, workers: int, jobs: int, round_: int) -> di
         jsonl = SCRATCH / "work" / f"record-stress-{jobs}.jsonl"
         jsonl.parent.mkdir(parents=True, exist_ok=True)
         jsonl.write_text((STRESS_PAYLOAD + "\n") * jobs)
-        await run([RUNNER_CLI, "enqueue", "record", "--jsonl", jsonl], env(url),
+        await run([str(RUNNER_CLI), "enqueue", "record", "--jsonl", str(jsonl)], env(url),
                   logs / f"stress{workers}-enqueue.log")
         ids = [f"stress{workers}-r{round_}-w{i}" for i in range(workers)]
         paths = [logs / f"stress{workers}-r{round_}-{worker_id}.log" for worker_id in ids]
@@ -284,8 +284,8 @@ async def stress_run(server: Server, workers: int, jobs: int, round_: int) -> di
             hogs = [subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.DEVNULL)
                     for _ in range(STRESS_HOGS)]
             started = time.perf_counter()
-            procs = [Proc([RUNNER_CLI, "worker", "--drain"], env(url, RUNNER_WORKER_ID=worker_id, **STRESS_ENV),
-                          path).start()
+            procs = [Proc([str(RUNNER_CLI), "worker", "--drain"],
+                          env(url, RUNNER_WORKER_ID=worker_id, **STRESS_ENV), path).start()
                      for worker_id, path in zip(ids, paths, strict=True)]
             pauser = asyncio.create_task(pause_past_lease(connection, procs[0], pause, started))
             results = [await p.wait(timeout_s=1800) for p in procs]

@@ -215,6 +215,11 @@ class JobQueue:
         status = await self.db.execute(sql.DELETE_FINISHED_BEFORE, older_than_s, limit)
         return int(status.split()[-1])
 
+    async def worker_id_in_use(self, worker: WorkerIdentity, lease_s: float) -> str | None:
+        """'host:pid (heartbeat Ns ago)' of another live process using this worker id, or None."""
+        row = await self.db.fetchrow(sql.WORKER_ID_IN_USE, worker.id, worker.host, worker.pid, lease_s, lane="control")
+        return None if row is None else f"{row['host']}:{row['pid']} (heartbeat {float(row['age_s']):.1f}s ago)"
+
     async def worker_unregister(self, worker_id: str) -> None:
         await self.db.execute(sql.UNREGISTER_WORKER, worker_id, lane="control")
 

@@ -77,6 +77,12 @@ SELECT coalesce((SELECT array_agg(j.id) FROM runner_jobs j JOIN wanted w ON w.id
 
 UNREGISTER_WORKER = "DELETE FROM runner_workers WHERE id = $1"
 
+# Another live process with this worker id: leases are owned by worker id, so two would take each other's.
+WORKER_ID_IN_USE = """
+SELECT host, pid, extract(epoch FROM now() - last_heartbeat_at) AS age_s FROM runner_workers
+WHERE id = $1 AND (host, pid) <> ($2, $3) AND last_heartbeat_at > now() - $4 * interval '1 second'
+"""
+
 # Stale-job recovery. SKIP LOCKED plus the re-checked WHERE make it safe when every worker runs it. A job
 # whose cancel was asked for ends cancelled rather than running again.
 RESCUE_STALE = """

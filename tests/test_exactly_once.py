@@ -18,7 +18,7 @@ from runner.plugins import JobKind
 from runner.policy import Backoff
 from runner.queue import JobQueue, NewJob
 from runner.worker import Worker
-from tests.conftest import start_worker
+from tests.conftest import run_cli, start_worker
 from tests.pg import wait_until
 from tests.stress import Stress, log_lines
 
@@ -291,3 +291,18 @@ async def _finished(app: App, job_id: int) -> dict[str, object] | None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_second_live_worker_with_the_same_id_is_refused(
+    app: App, runner_env: dict[str, str], tmp_path: Path
+) -> None:
+    first = start_worker(runner_env, log_path=tmp_path / "first.log", RUNNER_WORKER_ID="dup")
+    try:
+        await wait_until(lambda: app.db.fetchval("SELECT count(*) = 1 FROM runner_workers WHERE id = 'dup'"), 60)
+        second = run_cli(runner_env, "worker", RUNNER_WORKER_ID="dup")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert await _wait_exit(first, 60) == 0
+    assert second.returncode == 2
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith("error: RUNNER_WORKER_ID 'dup' is in use by ") and "must be unique" in line
