@@ -145,7 +145,8 @@ class Executor:
 
     async def wait_idle(self, timeout_s: float | None) -> bool:
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

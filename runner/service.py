@@ -49,8 +49,11 @@ class Service:
             self.alive = False
 
     async def _run_once_guarded(self) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as the inner call
+        # finishes, and a loop whose cancel was lost never stops.
         try:
-            await asyncio.wait_for(self.run_once(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await self.run_once()
             self.last_success = time.monotonic()
             self.failures_in_a_row = 0
         except asyncio.CancelledError:
@@ -67,7 +70,8 @@ class Service:
     async def _wait(self) -> None:
         delay = self.interval_s * (1 + random.uniform(-self.jitter, self.jitter))
         try:
-            await asyncio.wait_for(self.wake.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self.wake.wait()
         except TimeoutError:
             pass
         self.wake.clear()

@@ -37,7 +37,8 @@ class DrainWatcher(Service):
         if not await self.executor.wait_idle(self.interval_s):
             return
         try:
-            await asyncio.wait_for(self.completer.empty.wait(), self.interval_s)
+            async with asyncio.timeout(self.interval_s):
+                await self.completer.empty.wait()
         except TimeoutError:
             return
         if self.executor.active or self.completer.pending():
