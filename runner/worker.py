@@ -119,6 +119,10 @@ class Worker:
         self.request_stop()
 
     async def run(self) -> None:
+        # Leases are owned by worker id: a second live process with ours would take its jobs at shutdown.
+        other = await self.app.queue.worker_id_in_use(self.identity, self.app.settings.lease_timeout)
+        if other is not None:
+            raise UsageError(f"RUNNER_WORKER_ID {self.identity.id!r} is in use by {other}; worker ids must be unique")
         if self.serve_http:
             from runner.http import HttpServer
 
@@ -136,9 +140,6 @@ class Worker:
                  lease_s=self.app.settings.lease_timeout, pool_min=budget.min_size, pool_max=budget.max_size,
                  pool_derived=budget.derived, pool_formula=budget.formula(),
                  db_max_connections=budget.db_max_connections, worker_replicas=budget.worker_replicas)
-        other = await self.app.queue.worker_id_in_use(self.identity, self.app.settings.lease_timeout)
-        if other is not None:
-            raise UsageError(f"RUNNER_WORKER_ID {self.identity.id!r} is in use by {other}; worker ids must be unique")
         await self.heartbeat.run_once()  # registers the worker row; fails fast on a broken database
         loop = asyncio.get_running_loop()
         if self.install_signal_handlers:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import asyncpg
@@ -306,3 +307,29 @@ async def test_a_second_live_worker_with_the_same_id_is_refused(
     assert second.returncode == 2
     [line] = second.stderr.strip().splitlines()
     assert line.startswith("error: RUNNER_WORKER_ID 'dup' is in use by ") and "must be unique" in line
+
+
+async def test_a_frozen_owners_open_transaction_ends_before_its_lease(app: App) -> None:
+    """Every pooled connection carries idle_in_transaction_session_timeout (below the lease) and TCP
+    keepalives, so a stalled owner's row locks never outlive its lease."""
+    [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {})])
+    timeout_s = app.settings.idle_in_transaction_timeout_s()
+    assert timeout_s < app.settings.lease_timeout
+    async with app.db.connection() as connection:
+        assert await connection.fetchval("SHOW tcp_keepalives_idle") == "10"
+        sock = connection._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        transaction = connection.transaction()
+        await transaction.start()
+        await connection.execute("UPDATE runner_jobs SET priority = 1 WHERE id = $1", job_id)
+        other = await asyncpg.connect(app.dsn)
+        try:  # the owner now sits idle in its transaction, holding the row lock, as a frozen process would
+            await other.execute(f"SET lock_timeout = '{int(timeout_s * 1000) + 5000}ms'")
+            await other.execute("UPDATE runner_jobs SET priority = 2 WHERE id = $1", job_id)  # waits, then goes
+        finally:
+            await other.close()
+        try:
+            await transaction.rollback()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            pass  # the server ended the session: that is the point
+    assert await app.db.fetchval("SELECT priority FROM runner_jobs WHERE id = $1", job_id) == 2
