@@ -5,7 +5,8 @@
 - ``record``: sleeps like ``sleep`` then writes its effect, a row in ``runner_executions``, in the same
   transaction as its completion (``ctx.complete_in``): the effect exists exactly once per succeeded job,
   whatever stalls, kills or rescues happen around it. With ``"log_start": true`` it also logs
-  ``record started`` at its start (at-least-once by nature: a rescued job starts again). Used by the
+  ``record started`` at its start (at-least-once by nature: a rescued job starts again); with
+  ``"db_seconds": s`` its transaction also holds its connection that long (pool pressure). Used by the
   exactly-once tests and bench/scale.py.
 - ``fail``: raises ``{"message": str}``; with ``"fatal": true`` it fails at once without retries.
 """
@@ -35,16 +36,17 @@ async def noop(ctx: JobContext) -> None:
     return None
 
 
-def _seconds(payload: dict[str, Any]) -> float:
-    seconds = payload.get("seconds", 0)
+def _seconds(payload: dict[str, Any], key: str = "seconds") -> float:
+    seconds = payload.get(key, 0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds) \
             or seconds < 0:
-        raise PayloadError(f"'seconds' must be a non-negative number, got {seconds!r}")
+        raise PayloadError(f"'{key}' must be a non-negative number, got {seconds!r}")
     return float(seconds)
 
 
 async def validate_seconds(payload: dict[str, Any], _app: App) -> None:
     _seconds(payload)
+    _seconds(payload, "db_seconds")
 
 
 async def sleep(ctx: JobContext) -> None:
@@ -55,7 +57,10 @@ async def record(ctx: JobContext) -> None:
     if ctx.payload.get("log_start"):
         ctx.log.info("record started", lease_epoch=ctx.job.lease_epoch)
     await asyncio.sleep(_seconds(ctx.payload))
+    db_seconds = _seconds(ctx.payload, "db_seconds")
     async with ctx.db.transaction() as connection:
+        if db_seconds:
+            await connection.execute("SELECT pg_sleep($1)", db_seconds)
         await connection.execute(
             INSERT_EXECUTION, ctx.job_id, ctx.job.lease_epoch, ctx.attempt, ctx.app.settings.worker_id)
         await ctx.complete_in(connection)
