@@ -53,13 +53,25 @@ RETURNING j.id, j.kind, j.queue, j.payload, j.attempts, j.max_attempts, j.recove
 # Renews the leases of every job this worker runs and its worker row, in one round trip, never waiting on
 # a row lock: a row someone holds locked (an operator's SELECT FOR UPDATE, a handler's complete_in) is
 # skipped, not lost, and reported as held. Jobs missing from `held` have been rescued: the caller drops them.
+# Each lease is looked up by primary key in a LATERAL subquery, its status tested outside it (OFFSET 0 and
+# FOR UPDATE keep that test from being pushed down): only the primary key can serve the lookup, never the
+# `running` partial index, which the planner favours when its statistics are stale (every claim and
+# completion moves rows in and out of it) and which it would then scan once per lease. Linear in the
+# leases whatever the plan, generic plans (which guess ten rows for unnest) included.
 HEARTBEAT = """
-WITH wanted AS (
+WITH wanted AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS t(id, epoch)
+), held AS MATERIALIZED (
+    SELECT j.id FROM wanted w, LATERAL (
+        SELECT id, status FROM runner_jobs WHERE id = w.id AND lease_epoch = w.epoch OFFSET 0
+    ) j
+    WHERE j.status = 'running'
 ), lockable AS (
-    SELECT j.id FROM runner_jobs j JOIN wanted w ON w.id = j.id
-    WHERE j.lease_epoch = w.epoch AND j.status = 'running'
-    FOR UPDATE OF j SKIP LOCKED
+    SELECT j.id FROM wanted w, LATERAL (
+        SELECT id, status FROM runner_jobs WHERE id = w.id AND lease_epoch = w.epoch
+        OFFSET 0 FOR UPDATE SKIP LOCKED
+    ) j
+    WHERE j.status = 'running'
 ), renewed AS (
     UPDATE runner_jobs j SET lease_expires_at = now() + $3 * interval '1 second'
     FROM lockable l WHERE j.id = l.id
@@ -69,8 +81,7 @@ WITH wanted AS (
     ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
     RETURNING id
 )
-SELECT coalesce((SELECT array_agg(j.id) FROM runner_jobs j JOIN wanted w ON w.id = j.id
-                 WHERE j.lease_epoch = w.epoch AND j.status = 'running'), '{}'::bigint[]) AS held,
+SELECT coalesce((SELECT array_agg(id) FROM held), '{}'::bigint[]) AS held,
        coalesce((SELECT array_agg(id) FROM renewed), '{}'::bigint[]) AS renewed,
        (SELECT count(*) FROM worker) AS worker_rows
 """
@@ -146,15 +157,12 @@ DELETE FROM runner_workers WHERE last_heartbeat_at < now() - $1 * interval '1 se
 # All outcomes of a batch in one statement. outcome: succeeded | cancelled | released | error | fatal.
 # delay: seconds until a job going back to pending may run again (the caller's retry policy).
 # A row someone holds locked is skipped (SKIP LOCKED) and reported `busy`: still ours, written next flush.
-# A job whose cancel was asked for does not go back to pending: it ends cancelled.
+# A job whose cancel was asked for does not go back to pending: it ends cancelled. Rows are looked up by
+# primary key in LATERAL subqueries, as in HEARTBEAT: linear in the batch whatever the plan.
 COMPLETE = """
-WITH outcome AS (
+WITH outcome AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[])
              AS t(id, epoch, outcome, error, delay)
-), locked AS (
-    SELECT j.id, j.attempts, j.max_attempts, j.cancel_requested FROM runner_jobs j JOIN outcome o ON o.id = j.id
-    WHERE j.lease_epoch = o.epoch AND j.status = 'running'
-    FOR UPDATE OF j SKIP LOCKED
 ), decided AS (
     SELECT l.id, o.outcome, o.error, o.delay,
            CASE
@@ -165,7 +173,12 @@ WITH outcome AS (
                WHEN l.cancel_requested THEN 'cancelled'
                ELSE 'pending'
            END AS new_status
-    FROM locked l JOIN outcome o ON o.id = l.id
+    FROM outcome o, LATERAL (
+        SELECT id, status, attempts, max_attempts, cancel_requested FROM runner_jobs
+        WHERE id = o.id AND lease_epoch = o.epoch
+        OFFSET 0 FOR UPDATE SKIP LOCKED
+    ) l
+    WHERE l.status = 'running'
 ), written AS (
     UPDATE runner_jobs j
     SET status = d.new_status,
@@ -182,9 +195,11 @@ WITH outcome AS (
 )
 SELECT id, kind, status, outcome, false AS busy FROM written
 UNION ALL
-SELECT j.id, j.kind, j.status, o.outcome, true AS busy
-FROM runner_jobs j JOIN outcome o ON o.id = j.id
-WHERE j.lease_epoch = o.epoch AND j.status = 'running' AND j.id NOT IN (SELECT id FROM written)
+SELECT o.id, b.kind, b.status, o.outcome, true AS busy
+FROM outcome o, LATERAL (
+    SELECT kind, status FROM runner_jobs WHERE id = o.id AND lease_epoch = o.epoch OFFSET 0
+) b
+WHERE b.status = 'running' AND o.id NOT IN (SELECT id FROM written)
 """
 
 # A handler's own transaction marks its job succeeded (ctx.complete_in): the effect and the completion
