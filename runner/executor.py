@@ -30,11 +30,12 @@ if TYPE_CHECKING:
 
 log = get_logger("runner.executor")
 
-StopReason = Literal["cancelled", "lease_lost", "shutdown"]
+StopReason = Literal["cancelled", "lease_lost", "shutdown", "timeout"]
 _OUTCOME_OF_STOP: dict[StopReason, Outcome | None] = {
     "cancelled": "cancelled",
     "shutdown": "released",  # back to pending, no attempt used
     "lease_lost": None,  # someone else owns it now: write nothing
+    "timeout": "error",  # the attempt failed; retried per the kind's policy
 }
 MAX_ERROR_CHARS = 4000
 NOT_COMMITTED = "ctx.complete_in was called but its transaction did not commit"
@@ -107,12 +108,15 @@ class Executor:
         tracking them as ours, so their slots and any later writes count as lost."""
         now = time.monotonic()
         lease_s = self.app.settings.lease_timeout
-        overdue = [job_id for job_id, r in self.active.items()
-                   if r.stop_reason is None and r.renew_until is not None and now > r.renew_until + lease_s]
-        for job_id in overdue:
-            if self.stop_job(job_id, "lease_lost"):
-                log.warning("handler ignored its timeout; lease left to expire", job_id=job_id)
-        return overdue
+        overdue = [r for r in self.active.values() if r.stop_reason in (None, "timeout")
+                   and r.renew_until is not None and now > r.renew_until + lease_s]
+        for running in overdue:
+            running.stop_reason = "lease_lost"
+            running.context.request_cancel()
+            if running.task is not None and running.started:
+                running.task.cancel("lease_lost")
+            log.warning("handler ignored its timeout; lease left to expire", job_id=running.job.id)
+        return [r.job.id for r in overdue]
 
     def timeout_of(self, kind: JobKind | None) -> float | None:
         seconds = kind.timeout_s if kind is not None and kind.timeout_s is not None else self.app.settings.job_timeout
@@ -171,16 +175,26 @@ class Executor:
             self.on_slot_freed()
         self._report(running, result, time.monotonic() - started)
 
+    def _time_out(self, running: RunningJob) -> None:
+        if running.stop_reason is None and running.task is not None:
+            running.stop_reason = "timeout"
+            running.context.request_cancel()
+            running.task.cancel("timeout")
+
     async def _attempt(self, running: RunningJob) -> AttemptResult:
         job = running.job
         kind = self.app.registry.kinds.get(job.kind)
+        if kind is None:  # claims ask only for kinds we have; a registry changed since is not the job's fault
+            return AttemptResult("released", None, self.app.settings.pool_exhausted_retry_delay)
         timeout_s = self.timeout_of(kind)
-        if timeout_s is not None:  # a handler still running one lease after its timeout is not renewed
+        timer: asyncio.TimerHandle | None = None
+        if timeout_s is not None:
+            # A plain timer, not asyncio.timeout(): half the cost on a path every job takes.
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._time_out, running)
+            # A handler still running one lease after its timeout is no longer renewed.
             running.renew_until = time.monotonic() + timeout_s + self.app.settings.lease_timeout
-        scope = asyncio.timeout(timeout_s)
         try:
-            async with scope:
-                await self.app.registry.get(job.kind).handler(running.context)
+            await kind.handler(running.context)
             return AttemptResult("succeeded")
         except asyncio.CancelledError:
             if running.stop_reason is None:
@@ -188,12 +202,10 @@ class Executor:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            outcome = _OUTCOME_OF_STOP[running.stop_reason]
-            return AttemptResult(outcome, "cancelled by request" if outcome == "cancelled" else None)
-        except TimeoutError as error:
-            if scope.expired():
+            reason = running.stop_reason
+            if reason == "timeout":
                 return AttemptResult("error", f"timed out after {timeout_s:g}s (the {job.kind} kind's timeout)")
-            return AttemptResult("error", describe_error(error))
+            return AttemptResult(_OUTCOME_OF_STOP[reason], "cancelled by request" if reason == "cancelled" else None)
         except PoolExhausted:
             # Not the job's fault: back to pending shortly, no attempt used.
             metrics.JOBS_RELEASED.labels(job.kind, "pool_exhausted").inc()
@@ -210,6 +222,9 @@ class Executor:
             return AttemptResult("fatal" if isinstance(failure, PayloadError) else "error", describe_error(failure))
         except Exception as failure:
             return AttemptResult("error", describe_error(failure))
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _report(self, running: RunningJob, result: AttemptResult, elapsed: float) -> None:
         job = running.job
