@@ -299,3 +299,22 @@ async def test_worker_process_serves_metrics_and_pool(runner_env: dict[str, str]
         process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, 30)
     assert code == 0, log_path.read_text()[-2000:]
+
+
+async def test_worker_with_its_port_taken_exits_with_one_line_before_claiming(
+    app: App, runner_env: dict[str, str]
+) -> None:
+    from runner.queue import NewJob
+    from tests.conftest import run_cli
+
+    [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {})])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(runner_env, "worker", RUNNER_HTTP_ENABLED="true", RUNNER_HTTP_PORT=str(port))
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "RUNNER_HTTP_PORT" in line
+    row = await app.queue.job_get(job_id)
+    assert (row["status"], row["lease_epoch"]) == ("pending", 0)  # nothing was claimed
