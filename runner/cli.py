@@ -120,10 +120,13 @@ def worker_command(
     drain: Annotated[bool, typer.Option(help="Exit 0 once nothing is runnable or running")] = False,
 ) -> None:
     """Run jobs (and the consensus loops) until SIGTERM, or until drained."""
-    # Import the HTTP server's stack in the background while settings load and the pool connects.
-    threading.Thread(target=importlib.import_module, args=("runner.http",), daemon=True).start()
     positive("--concurrency", concurrency)
     settings = settings_or_exit(concurrency=concurrency, queues=queue or None)
+    if settings.http_enabled:
+        # Import the HTTP server's stack in the background while the pool connects. Not a daemon thread:
+        # the interpreter joins it before finalizing, and a daemon thread caught mid-import at exit can
+        # crash the process.
+        threading.Thread(target=importlib.import_module, args=("runner.http",), name="import-http").start()
 
     async def body(app: App) -> None:
         await Worker(app, drain=drain).run()
@@ -393,8 +396,13 @@ def db_url() -> None:
         raise fail(str(error), error.exit_code) from None
 
 
-def main() -> None:
+def load_cli() -> typer.Typer:
+    """The CLI with every plugin's commands added."""
     for plugin in load_plugins():
         if plugin.commands is not None:
             plugin.commands(cli)
-    cli()
+    return cli
+
+
+def main() -> None:
+    load_cli()()

@@ -54,9 +54,5 @@ class JobCancelled(RunnerError):
     """The job was cancelled by a user while it ran."""
 
 
-class HttpServerError(RunnerError):
-    """The HTTP server could not listen (the port is taken, say)."""
-
-
 class EmbeddedPostgresError(RunnerError):
     pass

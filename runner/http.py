@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from runner import metrics
-from runner.errors import HttpServerError
+from runner.errors import RunnerError
 from runner.logs import get_logger, redact
 
 if TYPE_CHECKING:
@@ -44,6 +43,10 @@ LAG_SAMPLE_INTERVAL_S = 0.1
 LAG_WINDOW_S = 5.0
 STOP_TIMEOUT_S = 2.0
 JSON_TYPE = "application/json"
+
+
+class HttpServerError(RunnerError):
+    """The HTTP server could not listen (the port is taken, say)."""
 
 
 @dataclass(frozen=True)
@@ -134,10 +137,8 @@ class HttpServer:
         lag_interval_s: float = LAG_SAMPLE_INTERVAL_S,
         lag_window_s: float = LAG_WINDOW_S,
         lag_threshold_s: float | None = None,
-        sock: socket.socket | None = None,  # already bound and listening (runner.worker binds it early)
     ) -> None:
         self.app = app
-        self.sock = sock
         self.lag_threshold_s = lag_threshold_s if lag_threshold_s is not None else app.settings.loop_lag_threshold
         self.source = source
         self.host = host if host is not None else app.settings.http_host
@@ -167,8 +168,7 @@ class HttpServer:
     async def start(self) -> HttpServer:
         runner = web.AppRunner(self.web_app(), access_log=None, handle_signals=False, shutdown_timeout=STOP_TIMEOUT_S)
         await runner.setup()
-        site: web.BaseSite = (web.SockSite(runner, self.sock) if self.sock is not None
-                              else web.TCPSite(runner, self.host, self.requested_port))
+        site = web.TCPSite(runner, self.host, self.requested_port)
         try:
             await site.start()
         except OSError as error:

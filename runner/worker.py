@@ -10,15 +10,14 @@ A second signal skips the grace.
 from __future__ import annotations
 
 import asyncio
-import importlib
+import gc
 import signal
-import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from runner.app import App
-from runner.errors import HttpServerError, RunnerError, UsageError
+from runner.errors import UsageError
 from runner.executor import Executor
 from runner.logs import get_logger
 from runner.loops.canceller import CancelWatcher
@@ -39,29 +38,6 @@ if TYPE_CHECKING:  # runner.http pulls in aiohttp (0.15 s): imported when the se
 log = get_logger("runner.worker")
 CANCEL_WAIT_S = 10.0
 HAND_BACK_TIMEOUT_S = 5.0
-
-
-def bind_listen_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen at once (no aiohttp needed), so a port in use stops the worker before any claim."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-    except OSError as error:
-        raise HttpServerError(
-            f"cannot listen on {host}:{port} ({error.strerror or error}); set "
-            "RUNNER_HTTP_PORT (0 picks a free port) or RUNNER_HTTP_ENABLED=false"
-        ) from None
-    return sock
-
 
 
 class Worker:
@@ -86,7 +62,6 @@ class Worker:
         self._signals = 0
         self.state: WorkerState = "starting"
         self.http: HttpServer | None = None  # /healthz /readyz /metrics /pool when RUNNER_HTTP_ENABLED
-        self._http_error: RunnerError | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}  # id(service) -> its task, for liveness
 
         self.completer = Completer(app.queue, settings)
@@ -149,30 +124,21 @@ class Worker:
         other = await self.app.queue.worker_id_in_use(self.identity, self.app.settings.lease_timeout)
         if other is not None:
             raise UsageError(f"RUNNER_WORKER_ID {self.identity.id!r} is in use by {other}; worker ids must be unique")
-        settings = self.app.settings
-        sock = bind_listen_socket(settings.http_host, settings.http_port) if self.serve_http else None
+        if self.serve_http:
+            from runner.http import HttpServer
+
+            self.http = await HttpServer(self.app, self).start()
         try:
-            await self._run(sock)
+            await self._run()
         finally:
             self.state = "stopped"
             if self.http is not None:
                 await self.http.stop()
-            elif sock is not None:
-                sock.close()
-        if self._http_error is not None:
-            raise self._http_error
 
-    async def _start_http(self, sock: socket.socket) -> None:
-        """The HTTP server comes up beside the loops, not before them: importing aiohttp alone takes about
-        0.15 s. The port is already ours (bound before the first claim)."""
-        try:
-            http = await asyncio.to_thread(importlib.import_module, "runner.http")
-            self.http = await http.HttpServer(self.app, self, sock=sock).start()
-        except RunnerError as error:
-            self._http_error = error
-            self.request_stop()
-
-    async def _run(self, http_sock: socket.socket | None) -> None:
+    async def _run(self) -> None:
+        # Everything imported and opened so far lives as long as the process: keep the cyclic collector
+        # from rescanning it on every collection while jobs churn short-lived objects (and at exit).
+        gc.freeze()
         budget = self.app.settings.pool_budget()
         log.info("worker starting", worker_id=self.identity.id, queues=self.queues, concurrency=self.concurrency,
                  lease_s=self.app.settings.lease_timeout, pool_min=budget.min_size, pool_max=budget.max_size,
@@ -188,8 +154,6 @@ class Worker:
                 for service in self.services:
                     self._tasks[id(service)] = group.create_task(service.run(), name=service.name)
                 group.create_task(self._supervise(), name="supervisor")
-                if http_sock is not None:
-                    group.create_task(self._start_http(http_sock), name="http-start")
                 if self.state == "starting":
                     self.state = "running"
         finally:

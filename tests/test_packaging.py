@@ -76,7 +76,7 @@ def test_wheel_holds_every_package_file(wheel: Path) -> None:
     metadata = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
         entry_points = archive.read(metadata).decode()
-    assert "runner = runner.cli:main" in entry_points
+    assert "runner = runner._entry:main" in entry_points
     for plugin in ("builtins", "backfill", "consensus", "operate"):
         assert re.search(rf"^{plugin} = jobs\.", entry_points, re.M), plugin
 
