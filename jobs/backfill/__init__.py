@@ -32,9 +32,13 @@ def commands(cli: typer.Typer) -> None:
     register(cli)
 
 
+# A billion-row copy runs for hours, past RUNNER_JOB_TIMEOUT's hour; a timed-out attempt resumes from its
+# checkpoint, so a day bounds a stuck one without cutting real ones short.
+BACKFILL_TIMEOUT_S = 24 * 3600.0
+
 plugin = Plugin(
     name="backfill",
-    kinds=(JobKind("backfill", handle, validate),),
+    kinds=(JobKind("backfill", handle, validate, timeout_s=BACKFILL_TIMEOUT_S),),
     commands=commands,
     close_resources=close_named_pools,
 )
