@@ -69,7 +69,7 @@ async def test_dedupe_key_unique_among_unfinished_jobs(app: App) -> None:
 async def test_delayed_job_runs_only_when_due(app: App) -> None:
     [job_id] = await app.queue.job_enqueue_many([NewJob("noop", {}, delay_s=1.0)])
     assert await claim(app, 10) == []
-    await asyncio.sleep(1.1)
+    await wait_until(lambda: app.db.fetchval("SELECT run_at <= now() FROM runner_jobs WHERE id = $1", job_id), 10)
     assert [j.id for j in await claim(app, 10)] == [job_id]
 
 
@@ -114,7 +114,8 @@ async def test_live_worker_that_lost_its_lease_drops_the_job(app: App, settings:
             "UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id)
         assert [j.job_id for j in await app.queue.job_rescue_stale(max_recoveries=3)] == [job_id]
         await run_worker(app)  # worker B claims and finishes the job
-        await asyncio.sleep(3.0)  # A's handler wakes up and tries to record + complete
+        # A's handler wakes up, tries to record and complete, and is refused: then A runs nothing.
+        await wait_until(lambda: _true(not worker_a.executor.active), 30)
         worker_a.request_stop()
         await asyncio.wait_for(task_a, 30)
     finally:
@@ -229,6 +230,10 @@ async def test_claim_is_an_index_scan_at_a_million_rows(app: App) -> None:
         await connection.execute("DEALLOCATE claim_plan")
     assert "Index Scan using runner_jobs_claim_idx" in plan, plan
     assert "Sort" not in plan, plan
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _finished(app: App, job_id: int) -> dict[str, object] | None:

@@ -136,7 +136,9 @@ async def test_listen_reconnects_after_a_server_restart(app: App, pg_server: Tes
         await wait_until(lambda: app.db.fetchval("SELECT count(*) = 1 FROM runner_jobs WHERE status='succeeded'"))
         await asyncio.to_thread(pg_server.restart)
         await wait_until(lambda: _true(worker.listener.connects >= 2 and worker.listener.connected), 30)
-        await asyncio.sleep(0.5)  # let the catch-up claim after reconnect settle
+        # The reconnect's catch-up claim has run (so only NOTIFY can pick up the next job in time).
+        await wait_until(lambda: _true(not worker.fetcher.wake.is_set()
+                                       and worker.fetcher.last_success >= worker.listener.connected_at), 30)
         await _enqueue_retrying(app, NewJob("noop", {"after": "restart"}))
         await wait_until(lambda: app.db.fetchval(
             "SELECT count(*) = 2 FROM runner_jobs WHERE status = 'succeeded'"), 10)

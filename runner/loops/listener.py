@@ -7,6 +7,7 @@ It checks itself every interval and reconnects with backoff after a database res
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 import asyncpg
@@ -38,6 +39,7 @@ class Listener(Service):
         self.dsn = dsn
         self.connection: asyncpg.Connection | None = None
         self.connects = 0
+        self.connected_at = 0.0  # monotonic time of the last (re)connect
 
     @property
     def connected(self) -> bool:
@@ -62,6 +64,7 @@ class Listener(Service):
         connection.add_termination_listener(lambda _: self.wake.set())
         self.connection = connection
         self.connects += 1
+        self.connected_at = time.monotonic()
         log.info("listening", channels=[JOBS_CHANNEL, CANCEL_CHANNEL], reconnect=self.connects > 1)
         self.on_jobs()  # catch up on anything enqueued while we were not listening
 
