@@ -30,12 +30,13 @@ if TYPE_CHECKING:
 
 log = get_logger("runner.executor")
 
-StopReason = Literal["cancelled", "lease_lost", "shutdown", "timeout"]
+StopReason = Literal["cancelled", "lease_lost", "shutdown", "timeout", "undecodable"]
 _OUTCOME_OF_STOP: dict[StopReason, Outcome | None] = {
     "cancelled": "cancelled",
     "shutdown": "released",  # back to pending, no attempt used
     "lease_lost": None,  # someone else owns it now: write nothing
     "timeout": "error",  # the attempt failed; retried per the kind's policy
+    "undecodable": "fatal",  # no attempt can decode it: failed at once
 }
 MAX_ERROR_CHARS = 4000
 NOT_COMMITTED = "ctx.complete_in was called but its transaction did not commit"
@@ -65,6 +66,14 @@ class AttemptResult:
     outcome: Outcome | None
     error: str | None = None
     delay_s: float | None = None  # None: the kind's backoff decides
+
+
+def _stop_message(running: RunningJob) -> str | None:
+    if running.stop_reason == "cancelled":
+        return "cancelled by request"
+    if running.stop_reason == "undecodable":
+        return running.job.undecodable
+    return None
 
 
 def describe_error(error: BaseException) -> str:
@@ -130,6 +139,8 @@ class Executor:
         metrics.JOBS_RUNNING.set(len(self.active))
         if job.cancel_requested:  # cancelled while nobody ran it: end it without running
             running.stop_reason = "cancelled"
+        elif job.undecodable is not None:  # a poison payload fails alone, at once
+            running.stop_reason = "undecodable"
         running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
 
     def stop_job(self, job_id: int, reason: StopReason, epoch: int | None = None) -> bool:
@@ -163,8 +174,7 @@ class Executor:
         started = time.monotonic()
         try:
             if running.stop_reason is not None:  # stopped before it began
-                result = AttemptResult(_OUTCOME_OF_STOP[running.stop_reason],
-                                       "cancelled by request" if running.stop_reason == "cancelled" else None)
+                result = AttemptResult(_OUTCOME_OF_STOP[running.stop_reason], _stop_message(running))
             else:
                 result = await self._attempt(running)
         finally:

@@ -44,10 +44,22 @@ class ClaimedJob:
     progress_total: int | None
     checkpoint: dict[str, Any] | None
     cancel_requested: bool = False
+    undecodable: str | None = None  # why the payload or checkpoint could not be decoded: the job fails
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> ClaimedJob:
-        return cls(*row)  # CLAIM returns the columns in field order
+        """CLAIM returns the columns in field order, payload and checkpoint as JSON text."""
+        (job_id, kind, queue, payload_text, attempts, max_attempts, recoveries, epoch, done, total,
+         checkpoint_text, cancel_requested) = row
+        try:
+            payload = json.loads(payload_text)
+            checkpoint = None if checkpoint_text is None else json.loads(checkpoint_text)
+        except (ValueError, RecursionError) as error:  # too deep, a number too long, ...
+            reason = f"payload cannot be decoded: {type(error).__name__}: {str(error)[:200]}"
+            return cls(job_id, kind, queue, {}, attempts, max_attempts, recoveries, epoch, done, total, None,
+                       cancel_requested, reason)
+        return cls(job_id, kind, queue, payload, attempts, max_attempts, recoveries, epoch, done, total,
+                   checkpoint, cancel_requested)
 
 
 @dataclass(frozen=True, slots=True)

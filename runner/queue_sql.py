@@ -32,7 +32,8 @@ SELECT id FROM runner_jobs WHERE dedupe_key = $1 AND status IN ('pending', 'runn
 
 # The claim: one statement, walking runner_jobs_claim_idx in claim order, skipping rows others hold, and
 # only kinds this worker can run (the rest wait for a worker that has them). cancel_requested is kept:
-# a cancel asked for while nobody ran the job still holds when it is claimed.
+# a cancel asked for while nobody ran the job still holds when it is claimed. Payloads come back as text,
+# decoded per job: one that Python cannot decode fails alone instead of breaking the committed batch.
 CLAIM = """
 WITH candidates AS (
     SELECT id FROM runner_jobs
@@ -46,8 +47,8 @@ SET status = 'running', lease_owner = $3, lease_expires_at = now() + $4 * interv
     lease_epoch = j.lease_epoch + 1, started_at = now()
 FROM candidates c
 WHERE j.id = c.id
-RETURNING j.id, j.kind, j.queue, j.payload, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
-          j.progress_done, j.progress_total, j.checkpoint, j.cancel_requested
+RETURNING j.id, j.kind, j.queue, j.payload::text, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
+          j.progress_done, j.progress_total, j.checkpoint::text, j.cancel_requested
 """
 
 # Renews the leases of every job this worker runs and its worker row, in one round trip, never waiting on
