@@ -69,7 +69,8 @@ class Fetcher(Service):
 
     async def hand_back_unrun(self) -> None:
         """Release every running job this worker owns but has no task or pending outcome for."""
-        keep = [job_id for job_id, _ in self.executor.leases()] + list(self.executor.active)
+        # every job with a task here (renewed or not) and every outcome still waiting to be written
+        keep = [*self.executor.active, *(job_id for job_id, _ in self.executor.completer.pending_leases())]
         try:
             released = await self.queue.job_release_owned_except(self.settings.worker_id, keep)
         except Exception as error:  # the rescuer gets them after a lease; nothing is lost
