@@ -37,7 +37,6 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -64,12 +63,12 @@ from bench._common import (  # noqa: E402
     wait_for_quiet,
 )
 from config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CAP  # noqa: E402
+from tests.stress import cpu_hogs  # noqa: E402  (the tests' stress fixture and this run share the hogs)
 
 TEMPLATE = "bench_tpl_scale"
 SAMPLER_APP = "bench-scale-sampler"
 
 # The stress run (as tests/stress.py): CPU hogs, a small pool budget, a short lease, one worker paused.
-HOG = "while True: pass"
 STRESS_HOGS = 2
 STRESS_PAYLOAD = '{"seconds": 0.2, "log_start": true}'
 STRESS_ENV = {
@@ -162,9 +161,7 @@ async def one_run(server: Server, workers: int, jobs: int, max_connections: int,
         server_s = server1 - server0 if server0 is not None and server1 is not None else None
         connection = await asyncpg.connect(url)
         try:
-            executions = await connection.fetchval("SELECT count(*) FROM runner_executions")
-            duplicates = await connection.fetchval(
-                "SELECT count(*) FROM (SELECT job_id FROM runner_executions GROUP BY job_id HAVING count(*) > 1) d")
+            executions, duplicates = await effect_counts(connection)
             by_worker = {r["worker_id"]: r["n"] for r in await connection.fetch(
                 "SELECT worker_id, count(*) AS n FROM runner_executions GROUP BY worker_id ORDER BY worker_id")}
             succeeded = await connection.fetchval("SELECT count(*) FROM runner_jobs WHERE status = 'succeeded'")
@@ -263,11 +260,19 @@ async def pause_past_lease(connection: asyncpg.Connection, proc: Proc, pause: Pa
         log(f"  pause failed: {error}")
 
 
+async def effect_counts(connection: asyncpg.Connection) -> tuple[int, int]:
+    """Rows in runner_executions, and job ids with more than one (duplicate effects, which must be 0)."""
+    row = await connection.fetchrow(
+        "SELECT (SELECT count(*) FROM runner_executions) AS rows, count(*) AS duplicates "
+        "FROM (SELECT job_id FROM runner_executions GROUP BY job_id HAVING count(*) > 1) d")
+    assert row is not None
+    return int(row["rows"]), int(row["duplicates"])
+
+
 async def stress_run(server: Server, workers: int, jobs: int, round_: int) -> dict[str, Any]:
     name = fresh_name(f"stress{workers}")
     url = await server.create(name, TEMPLATE)
     logs = SCRATCH / "logs"
-    hogs: list[subprocess.Popen[bytes]] = []
     procs: list[Proc] = []
     try:
         jsonl = SCRATCH / "work" / f"record-stress-{jobs}.jsonl"
@@ -281,21 +286,16 @@ async def stress_run(server: Server, workers: int, jobs: int, round_: int) -> di
         pauser: asyncio.Task[None] | None = None
         connection = await asyncpg.connect(url, server_settings={"application_name": SAMPLER_APP})
         try:
-            hogs = [subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.DEVNULL)
-                    for _ in range(STRESS_HOGS)]
-            started = time.perf_counter()
-            procs = [Proc([str(RUNNER_CLI), "worker", "--drain"],
-                          env(url, RUNNER_WORKER_ID=worker_id, **STRESS_ENV), path).start()
-                     for worker_id, path in zip(ids, paths, strict=True)]
-            pauser = asyncio.create_task(pause_past_lease(connection, procs[0], pause, started))
-            results = [await p.wait(timeout_s=1800) for p in procs]
-            elapsed = time.perf_counter() - started
-            await pauser
+            with cpu_hogs(STRESS_HOGS):
+                started = time.perf_counter()
+                procs = [Proc([str(RUNNER_CLI), "worker", "--drain"],
+                              env(url, RUNNER_WORKER_ID=worker_id, **STRESS_ENV), path).start()
+                         for worker_id, path in zip(ids, paths, strict=True)]
+                pauser = asyncio.create_task(pause_past_lease(connection, procs[0], pause, started))
+                results = [await p.wait(timeout_s=1800) for p in procs]
+                elapsed = time.perf_counter() - started
+                await pauser
         finally:
-            for hog in hogs:
-                hog.kill()
-            for hog in hogs:
-                hog.wait()
             if pauser is not None and not pauser.done():  # only after a failure above
                 pauser.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -306,9 +306,7 @@ async def stress_run(server: Server, workers: int, jobs: int, round_: int) -> di
             await connection.close()
         db = await asyncpg.connect(url)
         try:
-            effects = await db.fetchval("SELECT count(*) FROM runner_executions")
-            duplicates = await db.fetchval(
-                "SELECT count(*) FROM (SELECT job_id FROM runner_executions GROUP BY job_id HAVING count(*) > 1) d")
+            effects, duplicates = await effect_counts(db)
             statuses = {r["status"]: r["n"] for r in await db.fetch(
                 "SELECT status, count(*) AS n FROM runner_jobs GROUP BY status ORDER BY status")}
             recovered = await db.fetchval("SELECT count(*) FROM runner_jobs WHERE recoveries > 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -101,6 +102,16 @@ def run_cli(
         [sys.executable, "-m", "runner", *args], env=cli_env(runner_env, **extra), cwd=ROOT,
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
+
+
+async def wait_exit(process: subprocess.Popen[str], timeout_s: float = 180) -> int:
+    return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout_s)
+
+
+async def finished_row(app: App, job_id: int) -> dict[str, object] | None:
+    """The job's row once it is succeeded, failed or cancelled; None before."""
+    row = await app.queue.job_get(job_id)
+    return row if row["status"] in ("succeeded", "failed", "cancelled") else None
 
 
 def start_worker(

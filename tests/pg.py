@@ -93,6 +93,11 @@ def start_test_server() -> TestServer:
     return TestServer(server.url("postgres"), server, owned)
 
 
+async def holds(value: bool) -> bool:
+    """A plain condition as wait_until's predicate: ``wait_until(lambda: holds(x.done))``."""
+    return value
+
+
 async def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):  # type: ignore[no-untyped-def]
     """Poll an async predicate until it returns a truthy value; return it, or fail on timeout."""
     deadline = asyncio.get_running_loop().time() + timeout_s

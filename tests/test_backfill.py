@@ -16,7 +16,7 @@ from runner.app import App
 from runner.errors import PayloadError
 from runner.queue import NewJob
 from runner.worker import Worker
-from tests.pg import TestServer, wait_until
+from tests.pg import TestServer, holds, wait_until
 
 COLUMNS_DDL = """
     id bigint PRIMARY KEY, qty integer, name text, created_at timestamptz NOT NULL,
@@ -261,7 +261,7 @@ async def test_named_pools_are_lazy_bounded_and_closed_when_idle(app: App, other
         assert db.max_size <= 4 and db.min_size == 0
         assert await db.fetchval("SELECT 1") == 1
         assert pools.open_names() == ["other"]
-    await wait_until(lambda: _true(pools.open_names() == []), 10)  # closed once idle
+    await wait_until(lambda: holds(pools.open_names() == []), 10)  # closed once idle
     with pytest.raises(PayloadError, match="RUNNER_SOURCE_NOPE_URL"):
         async with pools.use("nope"):
             pass
@@ -277,7 +277,3 @@ async def test_watch_exits_1_unless_the_job_succeeded(app: App, database_url: st
     assert await watch(app, job_id) == 1
     job = await run_backfill(app, payload)
     assert await watch(app, job["id"]) == 0
-
-
-async def _true(value: bool) -> bool:
-    return value

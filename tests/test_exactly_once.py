@@ -19,13 +19,9 @@ from runner.plugins import JobKind
 from runner.policy import Backoff
 from runner.queue import JobQueue, NewJob
 from runner.worker import Worker
-from tests.conftest import run_cli, start_worker
-from tests.pg import wait_until
+from tests.conftest import finished_row, run_cli, start_worker, wait_exit
+from tests.pg import holds, wait_until
 from tests.stress import Stress, log_lines
-
-
-async def _wait_exit(process, timeout_s: float = 180) -> int:  # type: ignore[no-untyped-def]
-    return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout_s)  # type: ignore[no-any-return]
 
 
 async def _effects(app: App) -> tuple[int, int]:
@@ -55,7 +51,7 @@ async def test_four_stressed_workers_with_pools_of_three_run_800_jobs_exactly_on
     workers = [start_worker(stress.env, "--drain", log_path=logs[i], RUNNER_WORKER_ID=f"w{i}",
                             **stress.worker_env(RUNNER_CONCURRENCY="50", RUNNER_POOL_ACQUIRE_TIMEOUT="30"))
                for i in range(4)]
-    assert [await _wait_exit(w) for w in workers] == [0, 0, 0, 0]
+    assert [await wait_exit(w) for w in workers] == [0, 0, 0, 0]
     starts = _starts(logs)
     rescued = sum(len(log_lines(p, "stale job recovered")) for p in logs)
     assert (len(starts), len(set(starts))) == (800, 800), f"{len(starts)} starts, {rescued} rescues"
@@ -79,8 +75,8 @@ async def test_worker_stopped_past_its_lease_mid_run_writes_every_effect_once(
         other = start_worker(stress.env, "--drain", log_path=logs[1], RUNNER_WORKER_ID="other",
                              **stress.worker_env())
     assert held >= 100
-    assert await _wait_exit(other) == 0
-    assert await _wait_exit(victim) == 0
+    assert await wait_exit(other) == 0
+    assert await wait_exit(victim) == 0
     assert await _effects(app) == (600, 600)
     assert await _status_counts(app) == {"succeeded": 600}
     starts = _starts(logs)
@@ -106,7 +102,7 @@ async def test_row_lock_held_past_the_lease_reruns_only_that_job(
     finally:
         await locker.close()
     assert renewed_others
-    assert await _wait_exit(worker) == 0
+    assert await wait_exit(worker) == 0
     starts = _starts([log])
     assert sorted(set(starts)) == sorted(ids) and len(starts) - len(set(starts)) <= 1
     assert starts.count(ids[0]) in (1, 2) and all(starts.count(i) == 1 for i in ids[1:])
@@ -168,10 +164,10 @@ async def test_sigterm_during_a_claim_in_flight_hands_every_job_back(
                 "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'runner:claimer' "
                 "AND wait_event_type = 'Lock' AND query LIKE '%candidates%'"), 30)
             worker.send_signal(signal.SIGTERM)
-            await wait_until(lambda: _true(bool(log_lines(log, "stopping: no new claims"))), 30)
+            await wait_until(lambda: holds(bool(log_lines(log, "stopping: no new claims"))), 30)
     finally:
         await blocker.close()
-    assert await _wait_exit(worker, 60) == 0
+    assert await wait_exit(worker, 60) == 0
     rows = await app.db.fetch("SELECT status, attempts, lease_owner FROM runner_jobs WHERE id = ANY($1)", ids)
     assert {(r["status"], r["attempts"], r["lease_owner"]) for r in rows} == {("pending", 0, None)}
 
@@ -181,13 +177,13 @@ async def test_cancel_asked_while_the_owner_is_stopped_survives_its_kill(
 ) -> None:
     [job_id] = await app.queue.job_enqueue_many([NewJob("record", {"seconds": 60, "log_start": True})])
     owner = start_worker(runner_env, log_path=tmp_path / "owner.log", RUNNER_WORKER_ID="owner")
-    await wait_until(lambda: _true(bool(log_lines(tmp_path / "owner.log", "record started"))), 60)
+    await wait_until(lambda: holds(bool(log_lines(tmp_path / "owner.log", "record started"))), 60)
     os.kill(owner.pid, signal.SIGSTOP)
     assert await app.queue.job_request_cancel(job_id) == "running"  # the owner cannot hear it
     owner.kill()
-    await _wait_exit(owner)
+    await wait_exit(owner)
     rescuer = start_worker(runner_env, "--drain", log_path=tmp_path / "rescuer.log", RUNNER_WORKER_ID="rescuer")
-    assert await _wait_exit(rescuer) == 0
+    assert await wait_exit(rescuer) == 0
     row = await app.queue.job_get(job_id)
     assert row["status"] == "cancelled" and "cancelled by request" in row["last_error"]
     assert (row["lease_epoch"], row["recoveries"]) == (1, 1)  # the rescue ended it: never claimed again
@@ -246,8 +242,8 @@ async def test_a_handler_that_ignores_its_timeout_stops_being_renewed(app: App) 
     worker = Worker(app, install_signal_handlers=False)
     task = asyncio.create_task(worker.run())
     try:
-        row = await wait_until(lambda: _finished(app, job_id), 60)
-        await wait_until(lambda: _true(not worker.executor.active), 30)
+        row = await wait_until(lambda: finished_row(app, job_id), 60)
+        await wait_until(lambda: holds(not worker.executor.active), 30)
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 60)
@@ -290,15 +286,6 @@ async def test_retry_later_reruns_after_the_handlers_delay(app: App) -> None:
     assert "come back in 5 minutes" in row["last_error"]
 
 
-async def _finished(app: App, job_id: int) -> dict[str, object] | None:
-    row = await app.queue.job_get(job_id)
-    return row if row["status"] in ("succeeded", "failed", "cancelled") else None
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def test_a_second_live_worker_with_the_same_id_is_refused(
     app: App, runner_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -308,7 +295,7 @@ async def test_a_second_live_worker_with_the_same_id_is_refused(
         second = run_cli(runner_env, "worker", RUNNER_WORKER_ID="dup")
     finally:
         first.send_signal(signal.SIGTERM)
-        assert await _wait_exit(first, 60) == 0
+        assert await wait_exit(first, 60) == 0
     assert second.returncode == 2
     [line] = second.stderr.strip().splitlines()
     assert line.startswith("error: RUNNER_WORKER_ID 'dup' is in use by ") and "must be unique" in line

@@ -12,7 +12,8 @@ from runner import queue_sql
 from runner.app import App
 from runner.queue import ClaimedJob, JobOutcome, NewJob, WorkerIdentity
 from runner.worker import Worker
-from tests.pg import wait_until
+from tests.conftest import finished_row
+from tests.pg import holds, wait_until
 
 LEASE_S = 2.0
 
@@ -115,7 +116,7 @@ async def test_live_worker_that_lost_its_lease_drops_the_job(app: App, settings:
         assert [j.job_id for j in await app.queue.job_rescue_stale(max_recoveries=3)] == [job_id]
         await run_worker(app)  # worker B claims and finishes the job
         # A's handler wakes up, tries to record and complete, and is refused: then A runs nothing.
-        await wait_until(lambda: _true(not worker_a.executor.active), 30)
+        await wait_until(lambda: holds(not worker_a.executor.active), 30)
         worker_a.request_stop()
         await asyncio.wait_for(task_a, 30)
     finally:
@@ -130,7 +131,7 @@ async def test_failure_retries_with_backoff_then_fails_with_the_error(app: App) 
     [job_id] = await app.queue.job_enqueue_many([NewJob("fail", {"message": "boom"}, max_attempts=3)])
     worker = Worker(app, install_signal_handlers=False)
     task = asyncio.create_task(worker.run())
-    row = await wait_until(lambda: _finished(app, job_id), timeout_s=30)
+    row = await wait_until(lambda: finished_row(app, job_id), timeout_s=30)
     worker.request_stop()
     await task
     assert row["status"] == "failed" and row["attempts"] == 3
@@ -186,7 +187,7 @@ async def test_cancel_running_job_reaches_the_handler(app: App) -> None:
     task = asyncio.create_task(worker.run())
     await wait_until(lambda: app.db.fetchval("SELECT status = 'running' FROM runner_jobs WHERE id = $1", job_id))
     await app.queue.job_request_cancel(job_id)
-    row = await wait_until(lambda: _finished(app, job_id), timeout_s=5)
+    row = await wait_until(lambda: finished_row(app, job_id), timeout_s=5)
     worker.request_stop()
     await task
     assert row["status"] == "cancelled" and row["last_error"] == "cancelled by request"
@@ -199,7 +200,7 @@ async def test_cancel_check_catches_a_missed_notify(app: App) -> None:
     task = asyncio.create_task(worker.run())
     await wait_until(lambda: app.db.fetchval("SELECT status = 'running' FROM runner_jobs WHERE id = $1", job_id))
     await app.db.execute("UPDATE runner_jobs SET cancel_requested = true WHERE id = $1", job_id)
-    row = await wait_until(lambda: _finished(app, job_id), timeout_s=5)
+    row = await wait_until(lambda: finished_row(app, job_id), timeout_s=5)
     worker.request_stop()
     await task
     assert row["status"] == "cancelled"
@@ -230,15 +231,6 @@ async def test_claim_is_an_index_scan_at_a_million_rows(app: App) -> None:
         await connection.execute("DEALLOCATE claim_plan")
     assert "Index Scan using runner_jobs_claim_idx" in plan, plan
     assert "Sort" not in plan, plan
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _finished(app: App, job_id: int) -> dict[str, object] | None:
-    row = await app.queue.job_get(job_id)
-    return row if row["status"] in ("succeeded", "failed", "cancelled") else None
 
 
 @pytest.fixture

@@ -13,12 +13,8 @@ import asyncpg
 from runner.app import App
 from runner.queue import NewJob
 from runner.worker import Worker
-from tests.conftest import start_worker
-from tests.pg import TestServer, wait_until
-
-
-async def _wait_exit(process, timeout_s: float = 120) -> int:  # type: ignore[no-untyped-def]
-    return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout_s)  # type: ignore[no-any-return]
+from tests.conftest import start_worker, wait_exit
+from tests.pg import TestServer, holds, wait_until
 
 
 async def test_four_worker_processes_run_each_of_2000_jobs_exactly_once(
@@ -27,7 +23,7 @@ async def test_four_worker_processes_run_each_of_2000_jobs_exactly_once(
     await app.queue.job_enqueue_many([NewJob("record", {}) for _ in range(2000)])
     workers = [start_worker(runner_env, "--drain", log_path=tmp_path / f"w{i}.log",
                             RUNNER_WORKER_ID=f"w{i}", RUNNER_WORKER_REPLICAS="4") for i in range(4)]
-    codes = [await _wait_exit(w) for w in workers]
+    codes = [await wait_exit(w) for w in workers]
     assert codes == [0, 0, 0, 0]
     assert await app.db.fetchval("SELECT count(*) FROM runner_jobs WHERE status = 'succeeded'") == 2000
     assert await app.db.fetchval("SELECT count(*) FROM runner_executions") == 2000
@@ -44,9 +40,9 @@ async def test_kill_9_mid_job_is_recovered_by_another_worker(
     await wait_until(lambda: app.db.fetchval(
         "SELECT count(*) = 5 FROM runner_jobs WHERE status = 'running' AND lease_owner = 'victim'"), 30)
     victim.send_signal(signal.SIGKILL)
-    await _wait_exit(victim)
+    await wait_exit(victim)
     rescuer = start_worker(runner_env, "--drain", log_path=tmp_path / "rescuer.log", RUNNER_WORKER_ID="rescuer")
-    assert await _wait_exit(rescuer) == 0
+    assert await wait_exit(rescuer) == 0
     rows = await app.db.fetch("SELECT status, recoveries, attempts FROM runner_jobs WHERE id = ANY($1)", ids)
     assert all((r["status"], r["recoveries"]) == ("succeeded", 1) for r in rows)
     executions = await app.db.fetch("SELECT job_id, worker_id FROM runner_executions")
@@ -64,10 +60,10 @@ async def test_kill_9_past_the_recovery_cap_ends_failed(
         await wait_until(lambda r=round_: app.db.fetchval(
             "SELECT lease_owner = $2 FROM runner_jobs WHERE id = $1", job_id, f"v{r}"), 30)
         victim.send_signal(signal.SIGKILL)
-        await _wait_exit(victim)
+        await wait_exit(victim)
     # The next worker's rescuer sees a second lost lease with max_recoveries = 1: failed, with the reason.
     final = start_worker(runner_env, "--drain", log_path=tmp_path / "final.log", RUNNER_MAX_RECOVERIES="1")
-    assert await _wait_exit(final) == 0
+    assert await wait_exit(final) == 0
     row = await app.queue.job_get(job_id)
     assert row["status"] == "failed" and row["recoveries"] == 2
     assert "lease of v1 expired" in row["last_error"] and "recovery limit 1 reached" in row["last_error"]
@@ -105,7 +101,7 @@ async def test_sigterm_releases_leases_without_using_an_attempt(
     worker = start_worker(runner_env, log_path=tmp_path / "w.log", RUNNER_SHUTDOWN_GRACE="0.5")
     await wait_until(lambda: app.db.fetchval("SELECT count(*) = 3 FROM runner_jobs WHERE status = 'running'"), 30)
     worker.send_signal(signal.SIGTERM)
-    assert await _wait_exit(worker, 30) == 0
+    assert await wait_exit(worker, 30) == 0
     rows = await app.db.fetch(
         "SELECT status, attempts, lease_owner FROM runner_jobs WHERE id = ANY($1)", ids)
     assert all((r["status"], r["attempts"], r["lease_owner"]) == ("pending", 0, None) for r in rows)
@@ -119,7 +115,7 @@ async def test_sigterm_lets_running_jobs_finish_within_the_grace(
     worker = start_worker(runner_env, log_path=tmp_path / "w.log", RUNNER_SHUTDOWN_GRACE="20")
     await wait_until(lambda: app.db.fetchval("SELECT count(*) = 2 FROM runner_jobs WHERE status = 'running'"), 30)
     worker.send_signal(signal.SIGTERM)
-    assert await _wait_exit(worker, 30) == 0
+    assert await wait_exit(worker, 30) == 0
     statuses = await app.db.fetch("SELECT status FROM runner_jobs WHERE id = ANY($1)", ids)
     assert [r["status"] for r in statuses] == ["succeeded", "succeeded"]
 
@@ -131,13 +127,13 @@ async def test_listen_reconnects_after_a_server_restart(app: App, pg_server: Tes
     worker = Worker(app_w, install_signal_handlers=False)
     task = asyncio.create_task(worker.run())
     try:
-        await wait_until(lambda: _true(worker.listener.connected), 10)
+        await wait_until(lambda: holds(worker.listener.connected), 10)
         await app.queue.job_enqueue_many([NewJob("noop", {})])
         await wait_until(lambda: app.db.fetchval("SELECT count(*) = 1 FROM runner_jobs WHERE status='succeeded'"))
         await asyncio.to_thread(pg_server.restart)
-        await wait_until(lambda: _true(worker.listener.connects >= 2 and worker.listener.connected), 30)
+        await wait_until(lambda: holds(worker.listener.connects >= 2 and worker.listener.connected), 30)
         # The reconnect's catch-up claim has run (so only NOTIFY can pick up the next job in time).
-        await wait_until(lambda: _true(not worker.fetcher.wake.is_set()
+        await wait_until(lambda: holds(not worker.fetcher.wake.is_set()
                                        and worker.fetcher.last_success >= worker.listener.connected_at), 30)
         await _enqueue_retrying(app, NewJob("noop", {"after": "restart"}))
         await wait_until(lambda: app.db.fetchval(
@@ -156,7 +152,3 @@ async def _enqueue_retrying(app: App, job: NewJob) -> None:
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
             await asyncio.sleep(0.2)
     raise AssertionError("could not enqueue after the restart")
-
-
-async def _true(value: bool) -> bool:
-    return value
