@@ -28,7 +28,7 @@ COPY config ./config
 COPY runner ./runner
 COPY jobs ./jobs
 RUN python -m build --wheel --outdir /wheels . \
- && pip wheel --wheel-dir /wheels /wheels/runner-*.whl
+ && pip wheel --wheel-dir /wheels /wheels/runner_pg-*.whl
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -42,7 +42,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 runner \
  && useradd --system --uid 10001 --gid runner --home-dir /home/runner --create-home --shell /usr/sbin/nologin runner
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels runner \
+    pip install --no-index --find-links /wheels runner-pg \
  && runner --help >/dev/null
 WORKDIR /home/runner
 # Numeric, so Kubernetes' runAsNonRoot can verify it without /etc/passwd.

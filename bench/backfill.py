@@ -259,8 +259,8 @@ async def insert_select(bench: Bench) -> float:
 
 async def runner_backfill(bench: Bench, *, same_database: bool) -> float:
     """Enqueue one backfill job, run it with an in-process worker, return the job's own duration."""
-    from config import load_settings
     from runner.app import App
+    from runner.config import load_settings
     from runner.queue import NewJob
     from runner.worker import Worker
 

@@ -53,9 +53,9 @@ from bench._common import (  # noqa: E402
     median,
     start_server,
 )
-from config import load_settings  # noqa: E402
-from jobs.consensus.model import new_submission, to_checksum_address  # noqa: E402
 from runner.chain import close_chain, open_chain  # noqa: E402
+from runner.config import load_settings  # noqa: E402
+from runner.jobs.consensus.model import new_submission, to_checksum_address  # noqa: E402
 from tests.chain_fixtures import Anvil, anvil_binary, established_to, free_port  # noqa: E402
 
 RAW_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"  # anvil account 1 (public)

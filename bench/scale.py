@@ -62,7 +62,7 @@ from bench._common import (  # noqa: E402
     start_server,
     wait_for_quiet,
 )
-from config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CAP  # noqa: E402
+from runner.config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CAP  # noqa: E402
 from tests.stress import cpu_hogs  # noqa: E402  (the tests' stress fixture and this run share the hogs)
 
 TEMPLATE = "bench_tpl_scale"

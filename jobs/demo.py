@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from rich.console import Console, Group
     from rich.table import Table
 
-    from config import Settings
     from runner.app import App
+    from runner.config import Settings
     from runner.http import HttpServer
     from runner.worker import Worker
 
@@ -87,7 +87,7 @@ async def sample_consensus_metrics(app: App) -> None:
     """runner_consensus_transactions{status} and runner_consensus_nonfinal_age_window_ratio."""
     if not app.settings.consensus_enabled:
         return
-    from jobs.consensus.model import STATUSES
+    from runner.jobs.consensus.model import STATUSES
 
     rows = await app.db.fetch(SAMPLE_CONSENSUS)
     counts = {r["status"]: r["n"] for r in rows}
@@ -178,8 +178,8 @@ async def enqueue_backfill(app: App) -> int:
 async def submit_transactions(app: App, count: int, contracts: int) -> list[str]:
     if count == 0:
         return []
-    from jobs.consensus.model import default_sender, new_submission
-    from jobs.consensus.store import ConsensusStore
+    from runner.jobs.consensus.model import default_sender, new_submission
+    from runner.jobs.consensus.store import ConsensusStore
 
     sender = default_sender(app.settings)
     targets = contract_addresses(contracts)

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from config import Settings
+from runner.config import Settings
 from runner.db import Database
 from runner.embedded import EmbeddedPostgres
 from runner.logs import get_logger, redact_dsn

@@ -46,8 +46,8 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import TransactionNotFound, Web3RPCError
 from web3.types import RPCEndpoint, RPCResponse
 
-from config import Settings
 from runner import metrics
+from runner.config import Settings
 from runner.errors import RunnerError
 from runner.logs import get_logger
 

@@ -20,8 +20,8 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from config import Settings, SettingsError, load_settings
 from runner.app import App
+from runner.config import Settings, SettingsError, load_settings
 from runner.embedded import EmbeddedPostgres
 from runner.errors import RunnerError, UsageError
 from runner.logs import configure_logging, redact, redact_dsn

@@ -33,8 +33,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from config import Settings
 from runner import metrics
+from runner.config import Settings
 from runner.errors import DatabaseUnavailable, PoolExhausted
 from runner.logs import get_logger, redact_dsn
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from config import Settings, load_settings
 from runner.app import App
+from runner.config import Settings, load_settings
 from tests.pg import TestServer, start_test_server
 from tests.stress import Stress, cpu_hogs
 

@@ -14,11 +14,11 @@ from typing import Any
 import asyncpg
 from eth_utils import to_checksum_address
 
-from config import load_settings
-from jobs.consensus.contract import DecodedEvent
-from jobs.consensus.engine import Engine
-from jobs.consensus.model import new_submission
 from runner.app import App
+from runner.config import load_settings
+from runner.jobs.consensus.contract import DecodedEvent
+from runner.jobs.consensus.engine import Engine
+from runner.jobs.consensus.model import new_submission
 from runner.worker import Worker
 
 SENDER = "0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf"

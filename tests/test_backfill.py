@@ -10,10 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from jobs.backfill.cli import watch
-from jobs.backfill.pools import NamedPools, named_pools
 from runner.app import App
 from runner.errors import PayloadError
+from runner.jobs.backfill.cli import watch
+from runner.jobs.backfill.pools import NamedPools, named_pools
 from runner.queue import NewJob
 from runner.worker import Worker
 from tests.pg import TestServer, holds, wait_until

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from jobs.backfill.spec import parse_spec
-from jobs.backfill.sql import literal, quote_ident
-from jobs.backfill.where import parse_where
 from runner.app import App
 from runner.errors import PayloadError
+from runner.jobs.backfill.spec import parse_spec
+from runner.jobs.backfill.sql import literal, quote_ident
+from runner.jobs.backfill.where import parse_where
 from tests.conftest import run_cli
 from tests.test_backfill import execute, fetchval, make_table
 

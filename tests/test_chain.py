@@ -16,9 +16,9 @@ from aiohttp import web
 from eth_utils import to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
-from config import Settings, load_settings
 from runner import metrics
 from runner.chain import Chain, ChainUnavailable, close_chain, open_chain
+from runner.config import Settings, load_settings
 from tests.chain_fixtures import Anvil, anvil, client_ports_seen, connections_to, free_port  # noqa: F401
 
 TIME_WAIT = "06"

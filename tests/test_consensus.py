@@ -8,11 +8,13 @@ import asyncpg
 import pytest
 from eth_utils import to_checksum_address
 
-from config import load_settings
-from jobs.consensus import contract as cm
-from jobs.consensus.executor import KeyValueExecutor, TxView
-from jobs.consensus.machine import Vote, decide
-from jobs.consensus.model import (
+from runner import chain
+from runner.config import load_settings
+from runner.errors import UsageError
+from runner.jobs.consensus import contract as cm
+from runner.jobs.consensus.executor import KeyValueExecutor, TxView
+from runner.jobs.consensus.machine import Vote, decide
+from runner.jobs.consensus.model import (
     DEV_KEY_IN_PROCESS,
     DEV_KEY_NODE,
     address_of_key,
@@ -23,8 +25,6 @@ from jobs.consensus.model import (
     parse_input,
     parse_tx_hash,
 )
-from runner import chain
-from runner.errors import UsageError
 from tests.conftest import run_cli
 from tests.consensus_helpers import (
     SENDER,

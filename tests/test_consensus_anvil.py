@@ -13,12 +13,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from config import load_settings
-from jobs.consensus.contract import ConsensusMain
-from jobs.consensus.model import new_submission
-from jobs.consensus.store import ConsensusStore
 from runner.app import App
 from runner.chain import Chain, close_chain, open_chain
+from runner.config import load_settings
+from runner.jobs.consensus.contract import ConsensusMain
+from runner.jobs.consensus.model import new_submission
+from runner.jobs.consensus.store import ConsensusStore
 from tests.chain_fixtures import Anvil, anvil, established_to  # noqa: F401
 from tests.conftest import start_worker
 from tests.consensus_helpers import check_events, contract_address, rows

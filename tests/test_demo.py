@@ -16,13 +16,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from jobs.consensus.model import new_submission
-from jobs.consensus.store import ConsensusStore
-from jobs.demo import COPY_TABLE, SOURCE_TABLE, contract_addresses, sample_consensus_metrics
 from runner import metrics
 from runner.app import App
 from runner.embedded import EmbeddedPostgres
 from runner.http import HttpServer
+from runner.jobs.consensus.model import new_submission
+from runner.jobs.consensus.store import ConsensusStore
+from runner.jobs.demo import COPY_TABLE, SOURCE_TABLE, contract_addresses, sample_consensus_metrics
 from tests.conftest import ROOT, run_cli
 from tests.pg import wait_until
 

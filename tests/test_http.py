@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from config import load_settings
 from runner.app import App
+from runner.config import load_settings
 from runner.http import HttpServer, HttpServerError
 from runner.plugins import Plugin
 from runner.queue import NewJob

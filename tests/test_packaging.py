@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import yaml
 
-from config import Settings
+from runner.config import Settings
 from runner.migrate import head_revision
 from runner.plugins import load_plugins
 from tests import pg
@@ -47,9 +47,12 @@ def run(argv: list[str], cwd: Path, timeout: float = 120, **env: str) -> subproc
 
 
 def tracked_package_files() -> set[str]:
+    """Package files as the wheel names them: config/ and jobs/ are installed as runner/config, runner/jobs."""
     listed = subprocess.run(["git", "ls-files", "runner", "jobs", "config"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.split()
-    return {name for name in listed if "__pycache__" not in name}
+    linked = {"runner/config", "runner/jobs"}  # the links themselves; their targets are listed as config/, jobs/
+    return {name if name.startswith("runner/") else f"runner/{name}"
+            for name in listed if "__pycache__" not in name and name not in linked}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(source)], cwd=source,
         timeout=INSTALL_TIMEOUT_S)
-    (built,) = out.glob("runner-*.whl")
+    (built,) = out.glob("runner_pg-*.whl")
     return built
 
 
@@ -78,7 +81,7 @@ def test_wheel_holds_every_package_file(wheel: Path) -> None:
         entry_points = archive.read(metadata).decode()
     assert "runner = runner._entry:main" in entry_points
     for plugin in ("builtins", "backfill", "consensus", "operate"):
-        assert re.search(rf"^{plugin} = jobs\.", entry_points, re.M), plugin
+        assert re.search(rf"^{plugin} = runner\.jobs\.", entry_points, re.M), plugin
 
 
 async def test_wheel_in_a_clean_venv_runs_help_and_migrate(
@@ -91,9 +94,14 @@ async def test_wheel_in_a_clean_venv_runs_help_and_migrate(
         cwd=tmp_path, timeout=INSTALL_TIMEOUT_S)
     runner = str(venv / "bin" / "runner")
 
-    where = run([str(venv / "bin" / "python"), "-c", "import runner, jobs; print(runner.__file__, jobs.__file__)"],
-                cwd=tmp_path).stdout
+    python_in_venv = str(venv / "bin" / "python")
+    where = run([python_in_venv, "-c", "import runner.config, runner.jobs; print(runner.config.__file__, "
+                 "runner.jobs.__file__)"], cwd=tmp_path).stdout
     assert all(path.startswith(str(venv)) for path in where.split()), where  # the wheel, not the checkout
+    for top_level in ("config", "jobs"):  # nothing of runner's shadows an application's own module
+        absent = subprocess.run([python_in_venv, "-c", f"import {top_level}"], cwd=tmp_path, env=clean_env(),
+                                capture_output=True, text=True)
+        assert absent.returncode != 0 and "No module named" in absent.stderr, absent
 
     help_text = run([runner, "--help"], cwd=tmp_path).stdout
     for command in ("migrate", "worker", "enqueue", "status", "demo"):

@@ -7,9 +7,9 @@ import asyncio
 import asyncpg
 import pytest
 
-from config import Settings
 from runner import queue_sql
 from runner.app import App
+from runner.config import Settings
 from runner.queue import ClaimedJob, JobOutcome, NewJob, WorkerIdentity
 from runner.worker import Worker
 from tests.conftest import finished_row

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from config import SettingsError, load_settings
-from config.settings import Settings
+from runner.config import SettingsError, load_settings
+from runner.config.settings import Settings
 
 
 @pytest.fixture(autouse=True)

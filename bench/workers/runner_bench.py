@@ -52,8 +52,8 @@ def worker(latency_out: str, argv: list[str]) -> None:
 
 
 async def produce(rate: float, duration: float) -> None:
-    from config import load_settings
     from runner.app import App
+    from runner.config import load_settings
     from runner.queue import NewJob
 
     app = await App.open(load_settings())

@@ -1,7 +1,7 @@
 """The ``backfill`` job kind: copy a table between PostgreSQL databases in keyset batches with exact progress.
 
-See :mod:`jobs.backfill.mover` for how batches move and resume, :mod:`jobs.backfill.plan` for the checks
-made at enqueue and again at run time, and :mod:`jobs.backfill.pools` for named connections.
+See :mod:`runner.jobs.backfill.mover` for how batches move and resume, :mod:`runner.jobs.backfill.plan` for the checks
+made at enqueue and again at run time, and :mod:`runner.jobs.backfill.pools` for named connections.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Any
 
 import typer
 
-from jobs.backfill.mover import handle
-from jobs.backfill.plan import build_plan
-from jobs.backfill.pools import close_named_pools, named_pools
-from jobs.backfill.spec import parse_spec
 from runner.app import App
+from runner.jobs.backfill.mover import handle
+from runner.jobs.backfill.plan import build_plan
+from runner.jobs.backfill.pools import close_named_pools, named_pools
+from runner.jobs.backfill.spec import parse_spec
 from runner.plugins import JobKind, Plugin
 
 
@@ -27,7 +27,7 @@ async def validate(payload: dict[str, Any], app: App) -> None:
 
 
 def commands(cli: typer.Typer) -> None:
-    from jobs.backfill.cli import register  # the CLI module imports runner.cli; only load it for the CLI
+    from runner.jobs.backfill.cli import register  # the CLI module imports runner.cli; only load it for the CLI
 
     register(cli)
 

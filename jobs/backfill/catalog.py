@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from jobs.backfill.spec import TableName
+from runner.jobs.backfill.spec import TableName
 
 FIRST_USER_OID = 16384  # FirstNormalObjectId: types below it are built in, with the same OID everywhere
 

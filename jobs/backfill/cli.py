@@ -19,11 +19,11 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from jobs.backfill.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONNECTION, BackfillSpec, parse_spec
-from jobs.backfill.where import parse_where
 from runner.app import App
 from runner.cli import fail, settings_or_exit, with_app
 from runner.errors import UsageError
+from runner.jobs.backfill.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONNECTION, BackfillSpec, parse_spec
+from runner.jobs.backfill.where import parse_where
 from runner.queue import NewJob
 
 KIND = "backfill"

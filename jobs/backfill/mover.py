@@ -36,13 +36,13 @@ from typing import Literal, TypeVar
 import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from jobs.backfill.plan import Plan, build_plan, create_dest_table
-from jobs.backfill.pools import named_pools
-from jobs.backfill.spec import parse_spec
-from jobs.backfill.sql import STAGE
 from runner.context import JobContext
 from runner.db import TRANSIENT_ERRORS, Database
 from runner.errors import DatabaseUnavailable, LeaseLost, PoolExhausted
+from runner.jobs.backfill.plan import Plan, build_plan, create_dest_table
+from runner.jobs.backfill.pools import named_pools
+from runner.jobs.backfill.spec import parse_spec
+from runner.jobs.backfill.sql import STAGE
 
 T = TypeVar("T")
 Route = Literal["direct", "probe", "stage"]  # how a batch enters the destination

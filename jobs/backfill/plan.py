@@ -17,11 +17,11 @@ from typing import Literal
 
 import asyncpg
 
-from jobs.backfill.catalog import Column, Table, describe, schema_exists
-from jobs.backfill.spec import BackfillSpec, Filter, TableName
-from jobs.backfill.sql import Statements, TypedFilter, cast_value_sql
 from runner.db import Database
 from runner.errors import PayloadError
+from runner.jobs.backfill.catalog import Column, Table, describe, schema_exists
+from runner.jobs.backfill.spec import BackfillSpec, Filter, TableName
+from runner.jobs.backfill.sql import Statements, TypedFilter, cast_value_sql
 
 SOURCE_KINDS = ("r", "p", "m")
 PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a new table has no catalog entry to check its name against

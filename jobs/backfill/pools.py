@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from jobs.backfill.spec import DEFAULT_CONNECTION
 from runner.app import App
 from runner.db import Database, RetryPolicy, session_settings
 from runner.errors import PayloadError
+from runner.jobs.backfill.spec import DEFAULT_CONNECTION
 from runner.logs import get_logger
 
-log = get_logger("jobs.backfill.pools")
+log = get_logger("runner.jobs.backfill.pools")
 
 RESOURCE_KEY = "backfill_pools"
 NAMED_POOL_MIN_SIZE = 0

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from jobs.backfill.catalog import Column
-from jobs.backfill.spec import NULL_TESTS, Filter, TableName
+from runner.jobs.backfill.catalog import Column
+from runner.jobs.backfill.spec import NULL_TESTS, Filter, TableName
 
 STAGE = "runner_backfill_stage"
 SQL_OPS = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">="}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from jobs.backfill.spec import Filter, parse_filter
 from runner.errors import PayloadError
+from runner.jobs.backfill.spec import Filter, parse_filter
 
 _COLUMN = r'(?P<col>"(?:[^"]|"")+"|[^\s=!<>"]+)'
 _NULL_TEST = re.compile(rf"^\s*{_COLUMN}\s+is\s+(?P<negated>not\s+)?null\s*$", re.IGNORECASE)

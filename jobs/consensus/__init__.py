@@ -10,21 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from jobs.consensus.cli import register_commands
-from jobs.consensus.store import ConsensusStore
 from runner.errors import RunnerError
+from runner.jobs.consensus.cli import register_commands
+from runner.jobs.consensus.store import ConsensusStore
 from runner.logs import get_logger
 from runner.plugins import Plugin
 
 if TYPE_CHECKING:
-    from jobs.consensus.engine import Engine
     from runner.app import App
+    from runner.jobs.consensus.engine import Engine
     from runner.service import Service
 
 # The chain side (web3, eth_account, eth_abi: ~1.5 s of imports) loads only in processes that open the
 # consensus resources (workers), never for `runner submit`, `runner status` or other plugins' commands.
 
-log = get_logger("jobs.consensus")
+log = get_logger("runner.jobs.consensus")
 MIGRATIONS = Path(__file__).with_name("migrations")
 EMIT_MAX_INFLIGHT = 2
 
@@ -38,11 +38,11 @@ async def open_resources(app: App) -> None:
     settings = app.settings
     if not settings.consensus_enabled:
         return
-    from jobs.consensus.contract import ensure_deployed
-    from jobs.consensus.emitter import EventEmitter
-    from jobs.consensus.engine import Engine
-    from jobs.consensus.executor import KeyValueExecutor
     from runner.chain import close_chain, open_chain
+    from runner.jobs.consensus.contract import ensure_deployed
+    from runner.jobs.consensus.emitter import EventEmitter
+    from runner.jobs.consensus.engine import Engine
+    from runner.jobs.consensus.executor import KeyValueExecutor
 
     chain = await open_chain(settings)
     app.resources["chain"] = chain
@@ -76,7 +76,7 @@ def services(app: App) -> Sequence[Service]:
         if app.settings.consensus_enabled:
             log.warning("consensus resources are not open; the consensus loops will not run")
         return []
-    from jobs.consensus.engine import FinalityLoop, PendingLoop, RecoveryLoop
+    from runner.jobs.consensus.engine import FinalityLoop, PendingLoop, RecoveryLoop
 
     return [PendingLoop(engine), FinalityLoop(engine), RecoveryLoop(engine)]
 

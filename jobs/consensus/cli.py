@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from jobs.consensus.executor import KeyValueExecutor
-from jobs.consensus.model import default_sender, new_submission, parse_address, parse_input, parse_tx_hash
-from jobs.consensus.store import ConsensusStore
 from runner.cli import fail, json_default, settings_or_exit, with_app
 from runner.errors import UsageError
+from runner.jobs.consensus.executor import KeyValueExecutor
+from runner.jobs.consensus.model import default_sender, new_submission, parse_address, parse_input, parse_tx_hash
+from runner.jobs.consensus.store import ConsensusStore
 
 if TYPE_CHECKING:
     from runner.app import App

@@ -12,11 +12,11 @@ from typing import Any
 from eth_abi import decode, encode
 from eth_utils import keccak, to_checksum_address
 
-from jobs.consensus.store import ConsensusStore
 from runner.chain import Chain, ChainError
+from runner.jobs.consensus.store import ConsensusStore
 from runner.logs import get_logger
 
-log = get_logger("jobs.consensus.contract")
+log = get_logger("runner.jobs.consensus.contract")
 
 ARTIFACT_PATH = Path(__file__).with_name("ConsensusMain.json")
 CONTRACT_NAME = "ConsensusMain"

@@ -13,12 +13,12 @@ import asyncio
 import time
 from collections import deque
 
-from jobs.consensus.contract import EVENT_NAMES, ConsensusMain, Event, batch_gas, encode_batch
 from runner import metrics
 from runner.chain import ChainError
+from runner.jobs.consensus.contract import EVENT_NAMES, ConsensusMain, Event, batch_gas, encode_batch
 from runner.logs import get_logger
 
-log = get_logger("jobs.consensus.emitter")
+log = get_logger("runner.jobs.consensus.emitter")
 
 MAX_BATCH_EVENTS = 400
 

@@ -19,23 +19,23 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from jobs.consensus import contract as cm
-from jobs.consensus.contract import ConsensusMain, ensure_deployed
-from jobs.consensus.emitter import ContractMissing, EventEmitter
-from jobs.consensus.executor import ContractExecutor, Execution, TxView
-from jobs.consensus.machine import TxTask, decided_event
-from jobs.consensus.model import IN_MACHINE, short_hash, validator_set
-from jobs.consensus.store import Claimed, ConsensusStore
 from runner import metrics
 from runner.chain import Chain, ChainError
 from runner.errors import LeaseLost
+from runner.jobs.consensus import contract as cm
+from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
+from runner.jobs.consensus.emitter import ContractMissing, EventEmitter
+from runner.jobs.consensus.executor import ContractExecutor, Execution, TxView
+from runner.jobs.consensus.machine import TxTask, decided_event
+from runner.jobs.consensus.model import IN_MACHINE, short_hash, validator_set
+from runner.jobs.consensus.store import Claimed, ConsensusStore
 from runner.logs import get_logger
 from runner.service import Service
 
 if TYPE_CHECKING:
     from runner.app import App
 
-log = get_logger("jobs.consensus")
+log = get_logger("runner.jobs.consensus")
 FINALITY_BATCH = 500
 OWED_BATCH = 100
 MAX_PAUSE_S = 10.0

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from jobs.consensus.model import FAULTS_KEY, Faults, canonical_json, hash_hex, is_address, to_checksum_address
 from runner.errors import UsageError
+from runner.jobs.consensus.model import FAULTS_KEY, Faults, canonical_json, hash_hex, is_address, to_checksum_address
 
 
 @dataclass(frozen=True)

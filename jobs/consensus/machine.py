@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jobs.consensus import contract as cm
-from jobs.consensus.executor import Execution, TxView
-from jobs.consensus.model import (
+from runner import metrics
+from runner.jobs.consensus import contract as cm
+from runner.jobs.consensus.executor import Execution, TxView
+from runner.jobs.consensus.model import (
     ACCEPTED,
     COMMITTING,
     LEADER_TIMEOUT,
@@ -36,14 +37,13 @@ from jobs.consensus.model import (
     short_hash,
     strip_faults,
 )
-from jobs.consensus.store import Claimed
-from runner import metrics
+from runner.jobs.consensus.store import Claimed
 from runner.logs import get_logger
 
 if TYPE_CHECKING:
-    from jobs.consensus.engine import Engine
+    from runner.jobs.consensus.engine import Engine
 
-log = get_logger("jobs.consensus.machine")
+log = get_logger("runner.jobs.consensus.machine")
 FOREVER_S = 10**6
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
-from config import Settings
+from runner.config import Settings
 from runner.errors import UsageError
 
 # This module stays light (no web3, eth_account or eth_utils: together ~1.5 s of imports) because the

@@ -10,11 +10,11 @@ from typing import Any
 
 import asyncpg
 
-from jobs.consensus import sql
-from jobs.consensus.batching import GroupCommit
-from jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
 from runner.db import Database
 from runner.errors import LeaseLost, UsageError
+from runner.jobs.consensus import sql
+from runner.jobs.consensus.batching import GroupCommit
+from runner.jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
 
 FINALITY_LOCK_KEY = 0x72756E6E6572_0003  # "runner" + migration 0003
 EVENT_KINDS = ("activated", "proposed", "committed", "revealed", "decided", "finalized")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config import Settings
+from runner.config import Settings
 from runner.executor import Executor
 from runner.logs import get_logger
 from runner.queue import JobQueue

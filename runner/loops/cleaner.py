@@ -3,7 +3,7 @@ the cost of counting it) stays proportional to recent work. RUNNER_RETENTION=0 k
 
 from __future__ import annotations
 
-from config import Settings
+from runner.config import Settings
 from runner.logs import get_logger
 from runner.queue import JobQueue
 from runner.service import Service

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 
-from config import Settings
 from runner import metrics
+from runner.config import Settings
 from runner.logs import get_logger
 from runner.queue import JobOutcome, JobQueue, WrittenOutcome
 from runner.service import Service

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from config import Settings
 from runner import metrics
+from runner.config import Settings
 from runner.executor import Executor
 from runner.logs import get_logger
 from runner.queue import JobQueue

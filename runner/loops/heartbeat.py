@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from config import Settings
 from runner import metrics
+from runner.config import Settings
 from runner.executor import Executor
 from runner.logs import get_logger
 from runner.queue import JobQueue, WorkerIdentity

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from config import Settings
 from runner import metrics
+from runner.config import Settings
 from runner.logs import get_logger
 from runner.queue import JobQueue
 from runner.service import Service
