@@ -67,6 +67,10 @@ class PoolBudget:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
+    # --- application ----------------------------------------------------------------------------
+    # ``module:attribute`` of an application's ``runner.App``: its kinds join the entry-point plugins'.
+    app: str | None = None
+
     # --- database -------------------------------------------------------------------------------
     database_url: SecretStr | None = None
     listen_database_url: SecretStr | None = None  # direct connection for LISTEN when behind PgBouncer
