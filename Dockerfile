@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
 # runner worker image: `docker build -t runner .`, then `docker run --rm -e RUNNER_DATABASE_URL=... runner`.
 #
-# Stage 1 builds runner's wheel and a wheel of every dependency (a compiler is available here only).
-# Stage 2 is python:3.12-slim with those wheels installed offline: no compiler, no build tools, a non-root
-# user, runner as the entrypoint and `worker` as the default command.
+# Stage 1 builds runner's wheel and a wheel of every dependency at the versions constraints.txt pins (the
+# lock ./dev and CI install from; a compiler is available here only). Stage 2 is python:3.12-slim with those
+# wheels installed offline: no compiler, no build tools, a non-root user, runner as the entrypoint and
+# `worker` as the default command. No extras: no embedded PostgreSQL (set RUNNER_DATABASE_URL) and no
+# in-process chain (without RUNNER_CHAIN_URL the consensus loops stay off, with one info line).
 #
 # Shutdown: SIGTERM makes the worker stop claiming, lets running jobs finish for RUNNER_SHUTDOWN_GRACE
 # seconds (default 30), cancels what is left (those jobs go back to pending without using an attempt),
@@ -22,13 +24,14 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-RUN pip install "build>=1.2"
+COPY constraints.txt ./
+RUN pip install -c constraints.txt build
 COPY pyproject.toml README.md ./
 COPY config ./config
 COPY runner ./runner
 COPY jobs ./jobs
 RUN python -m build --wheel --outdir /wheels . \
- && pip wheel --wheel-dir /wheels /wheels/runner_pg-*.whl
+ && pip wheel --wheel-dir /wheels -c constraints.txt /wheels/runner_pg-*.whl
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \

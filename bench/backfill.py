@@ -261,7 +261,6 @@ async def runner_backfill(bench: Bench, *, same_database: bool) -> float:
     """Enqueue one backfill job, run it with an in-process worker, return the job's own duration."""
     from runner.app import App
     from runner.config import load_settings
-    from runner.queue import NewJob
     from runner.worker import Worker
 
     payload = {"source": "bsrc", "source_table": f"public.{SOURCE_TABLE}",
@@ -269,8 +268,7 @@ async def runner_backfill(bench: Bench, *, same_database: bool) -> float:
                "batch_size": bench.batch_size, "create_table": True}
     app = await App.open(load_settings())
     try:
-        await app.registry.get("backfill").validate(payload, app)  # type: ignore[misc]
-        job_id, _ = await app.queue.job_enqueue(NewJob("backfill", payload, max_attempts=1))
+        job_id = await app.enqueue("backfill", payload, max_attempts=1)
         await Worker(app, drain=True, install_signal_handlers=False).run()
         job = await app.queue.job_get(job_id)
     finally:

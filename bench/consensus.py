@@ -8,7 +8,7 @@ Two figures, on one fresh anvil (finality window 0):
   just after the consensus run, and averaged, so load on the machine drifting during a round skews
   the ratio less.
 - **consensus**: ``--txs`` transactions over ``--contracts`` contracts (key-value ops), inserted up
-  front, then ONE ``runner worker --drain`` process (RUNNER_FINALITY_WINDOW=0,
+  front, then ONE ``runner worker --drain`` process (RUNNER_CONSENSUS_FINALITY_WINDOW=0,
   RUNNER_CONSENSUS_CONCURRENCY=``--concurrency``) takes them all to FINALIZED. Reported: finalized
   transactions/s over the consensus window (first activation to last finalization, from the rows) and
   over the whole worker process (start-up, deployment and drain included); chain transactions sent; the
@@ -110,7 +110,7 @@ def plan(txs: int, contracts: int) -> list[tuple[str, dict[str, Any]]]:
 
 
 def worker_env(db_url: str, chain_url: str, concurrency: int) -> dict[str, str]:
-    return base_env(RUNNER_DATABASE_URL=db_url, RUNNER_CHAIN_URL=chain_url, RUNNER_FINALITY_WINDOW="0",
+    return base_env(RUNNER_DATABASE_URL=db_url, RUNNER_CHAIN_URL=chain_url, RUNNER_CONSENSUS_FINALITY_WINDOW="0",
                     RUNNER_CONSENSUS_CONCURRENCY=str(concurrency), RUNNER_HTTP_ENABLED="false",
                     RUNNER_LOG_LEVEL="warning", RUNNER_LOG_FORMAT="json")
 

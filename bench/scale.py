@@ -1,6 +1,6 @@
 """Scale-out: 1, 2 and 4 ``runner worker --drain`` processes on one database: ``python bench/scale.py``.
 
-Each run gets a fresh database with N ``record`` jobs (the built-in kind that writes one row per execution
+Each run gets a fresh database with N ``record`` jobs (the tests' kind, tests/kinds.py: one row per execution
 into runner_executions, in the same transaction as a lease-fenced progress write). All workers start
 together with RUNNER_WORKER_REPLICAS=<workers> and RUNNER_DB_MAX_CONNECTIONS=<the server's
 max_connections>, so each pool is sized by the budget formula. Reported per run: jobs/s (jobs over the
@@ -63,6 +63,7 @@ from bench._common import (  # noqa: E402
     wait_for_quiet,
 )
 from runner.config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CAP  # noqa: E402
+from tests.kinds import REFERENCE as TEST_KINDS  # noqa: E402  (record: the tests' kind)
 from tests.stress import cpu_hogs  # noqa: E402  (the tests' stress fixture and this run share the hogs)
 
 TEMPLATE = "bench_tpl_scale"
@@ -128,9 +129,10 @@ class PerWorkerSampler:
 
 
 # Consensus loops off (as in queue.py): with RUNNER_CHAIN_URL unset each worker would run a dev chain.
+# RUNNER_APP: the tests' `record` kind and its runner_executions table (tests/kinds.py; the processes run in ROOT).
 def env(url: str, **extra: str) -> dict[str, str]:
     return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
-                    RUNNER_CONSENSUS_ENABLED="false", **extra)
+                    RUNNER_CONSENSUS_ENABLED="false", RUNNER_APP=TEST_KINDS, **extra)
 
 
 async def one_run(server: Server, workers: int, jobs: int, max_connections: int, round_: int) -> dict[str, Any]:

@@ -1,26 +1,50 @@
 """Every knob of runner is an env var prefixed ``RUNNER_``; all durations are in seconds.
 
-Settings are validated once at start-up and frozen. An unknown ``RUNNER_*`` variable is an error, not
-silently ignored, so a typo such as ``RUNNER_LEASE_TIMOUT`` cannot leave a default in force.
+Settings are validated once at start-up and frozen. Other tools set ``RUNNER_*`` variables too (GitHub
+Actions sets ``RUNNER_OS``, ``RUNNER_TEMP``, ...), so a ``RUNNER_*`` name that is not a setting is ignored,
+unless it is a near miss of a real one (``RUNNER_CONCURENCY``): then one warning line names the likely
+setting, so a typo cannot silently leave a default in force. ``RUNNER_STRICT_SETTINGS=true`` makes every
+unknown name an error. Plugins own their settings (a pydantic-settings class with its own prefix, such as
+``RUNNER_CONSENSUS_``); given to :func:`load_settings`, their names are known to the typo check and their
+values validated with the core's.
+
+``RUNNER_HOME`` (the embedded database) defaults to one place per project or per user, whatever the
+current folder: the nearest ``.runner/`` folder found upward from it, else ``$XDG_DATA_HOME/runner`` or
+``~/.local/share/runner`` (``/var/lib/runner`` for root, whose home the server's unprivileged user cannot
+enter). See :func:`default_home`.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 import socket
+import sys
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "RUNNER_"
 # Families of variables that are read elsewhere by name, not as fields of Settings.
 _FREE_FORM_PREFIXES = ("RUNNER_SOURCE_", "RUNNER_TEST_", "RUNNER_BENCH_")
 _SOURCE_URL = re.compile(r"^RUNNER_SOURCE_([A-Z0-9_]+)_URL$")
+# Set by other tools (GitHub Actions runners); never reported, even with RUNNER_STRICT_SETTINGS. None of
+# them is a near miss of a setting today; the list keeps it so if a setting with a similar name is added.
+FOREIGN_VARIABLES = frozenset({
+    "RUNNER_OS", "RUNNER_ARCH", "RUNNER_NAME", "RUNNER_TEMP", "RUNNER_TOOL_CACHE", "RUNNER_WORKSPACE",
+    "RUNNER_DEBUG", "RUNNER_ENVIRONMENT", "RUNNER_TRACKING_ID", "RUNNER_PERFLOG", "RUNNER_ALLOW_RUNASROOT",
+})
+NEAR_MISS_CUTOFF = 0.8  # difflib ratio: RUNNER_CONCURENCY -> RUNNER_CONCURRENCY, RUNNER_OS -> nothing
+HOME_DIR_NAME = ".runner"
+log = logging.getLogger("runner.config")
+PluginSettings = TypeVar("PluginSettings", bound=BaseSettings)
 
 POOL_BUDGET_SHARE = 0.8  # leave 20% of max_connections for admins, migrations and other clients
 POOL_MAX_CAP = 20  # past this, one asyncio process gains nothing but server-side contention
@@ -36,6 +60,34 @@ class SettingsError(ValueError):
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def user_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The per-user embedded home: ``$XDG_DATA_HOME/runner``, else ``~/.local/share/runner``; for root
+    (with no XDG_DATA_HOME) ``/var/lib/runner``, since the server's unprivileged user cannot enter /root."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec ignores relative paths
+        return Path(xdg) / "runner"
+    if os.geteuid() == 0:
+        return Path("/var/lib/runner")
+    home = env.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "share" / "runner"
+
+
+def default_home(cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """RUNNER_HOME when unset: the nearest ``.runner/`` folder in ``cwd`` or a folder above it (a project
+    opts in with ``mkdir .runner``), else :func:`user_home`. Every command, from any folder of the project
+    (or from anywhere, without one), reaches the same embedded server. A ``.runner`` *file* (a GitHub
+    Actions runner's configuration) is not a home."""
+    try:
+        start = (cwd if cwd is not None else Path.cwd()).resolve()
+    except OSError:  # the current folder was deleted
+        return user_home(environ)
+    for folder in (start, *start.parents):
+        if (folder / HOME_DIR_NAME).is_dir():
+            return folder / HOME_DIR_NAME
+    return user_home(environ)
 
 
 @dataclass(frozen=True)
@@ -66,6 +118,11 @@ class PoolBudget:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # The plugins' settings, validated by load_settings with these (see plugin_settings()).
+    _plugins: dict[type[BaseSettings], BaseSettings] = PrivateAttr(default_factory=dict)
+
+    # An unknown RUNNER_* name is an error instead of ignored (or warned about when it is a near miss).
+    strict_settings: bool = False
 
     # --- application ----------------------------------------------------------------------------
     # ``module:attribute`` of an application's ``runner.App``: its kinds join the entry-point plugins'.
@@ -74,7 +131,7 @@ class Settings(BaseSettings):
     # --- database -------------------------------------------------------------------------------
     database_url: SecretStr | None = None
     listen_database_url: SecretStr | None = None  # direct connection for LISTEN when behind PgBouncer
-    home: Path = Path(".runner")
+    home: Path = Field(default_factory=default_home)  # the embedded database's folder; see default_home()
     db_connect_timeout: float = Field(30.0, gt=0)
     statement_timeout: float = Field(30.0, gt=0)
     statement_cache_size: int = Field(256, ge=0)  # 0 behind PgBouncer in transaction mode
@@ -124,20 +181,12 @@ class Settings(BaseSettings):
     loop_lag_threshold: float = Field(2.0, gt=0)
     depth_sample_interval: float = Field(5.0, gt=0)
 
-    # --- chain and consensus --------------------------------------------------------------------
+    # --- chain (the one AsyncWeb3 of the process, runner.chain; plugins use it) -----------------
     chain_url: str | None = None
     chain_max_connections: int = Field(4, gt=0)
     chain_rpc_timeout: float = Field(10.0, gt=0)
     chain_retry_attempts: int = Field(6, gt=0)
     chain_private_key: SecretStr | None = None
-    consensus_enabled: bool = True
-    consensus_concurrency: int = Field(8, gt=0)
-    consensus_validators: int = Field(5, gt=0)
-    consensus_disagree_rate: float = Field(0.0, ge=0, le=1)
-    consensus_leader_timeout: float = Field(10.0, gt=0)
-    consensus_validator_timeout: float = Field(10.0, gt=0)
-    finality_window: float = Field(5.0, ge=0)
-    tx_stuck_after: float = Field(60.0, gt=0)
 
     @field_validator("queues", mode="before")
     @classmethod
@@ -200,6 +249,14 @@ class Settings(BaseSettings):
             return self.idle_in_transaction_timeout
         return self.lease_timeout / 2
 
+    def plugin_settings(self, cls: type[PluginSettings]) -> PluginSettings:
+        """A plugin's settings: those validated by :func:`load_settings` with these, else read from the
+        environment now (raises :class:`SettingsError`). Plugins cache the result per App."""
+        found = self._plugins.get(cls)
+        if isinstance(found, cls):
+            return found
+        return _validate(cls)
+
     def source_url(self, name: str) -> str | None:
         """The DSN of a named connection from ``RUNNER_SOURCE_<NAME>_URL`` (never stored in a job)."""
         return os.environ.get(f"RUNNER_SOURCE_{name.upper()}_URL")
@@ -209,30 +266,78 @@ def source_names() -> list[str]:
     return sorted(m.group(1).lower() for k in os.environ if (m := _SOURCE_URL.match(k)))
 
 
-def _unknown_variables() -> list[str]:
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    return sorted(
-        key
-        for key in os.environ
-        if key.startswith(ENV_PREFIX) and key not in known and not key.startswith(_FREE_FORM_PREFIXES)
-    )
+def _env_prefix(cls: type[BaseSettings]) -> str:
+    return str(cls.model_config.get("env_prefix") or "").upper()
 
 
-def _describe(error: ValidationError) -> str:
+def known_variables(plugin_settings: Iterable[type[BaseSettings]] = ()) -> set[str]:
+    """Every variable name a setting is read from: the core's and the given plugin classes'."""
+    known: set[str] = set()
+    classes: list[type[BaseSettings]] = [Settings, *plugin_settings]
+    for cls in classes:
+        prefix = _env_prefix(cls)
+        known.update(prefix + name.upper() for name in cls.model_fields)
+    return known
+
+
+def unknown_variables(
+    plugin_settings: Iterable[type[BaseSettings]] = (), environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str | None]]:
+    """``(name, likely setting or None)`` for each ``RUNNER_*`` variable that is no setting."""
+    env = os.environ if environ is None else environ
+    known = known_variables(plugin_settings)
+    bare = {name.removeprefix(ENV_PREFIX): name for name in known}
+    found: list[tuple[str, str | None]] = []
+    for key in sorted(env):
+        if (not key.startswith(ENV_PREFIX) or key in known or key in FOREIGN_VARIABLES
+                or key.startswith(_FREE_FORM_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(key.removeprefix(ENV_PREFIX), list(bare), n=1, cutoff=NEAR_MISS_CUTOFF)
+        found.append((key, bare[close[0]] if close else None))
+    return found
+
+
+def _warn(message: str) -> None:
+    """One line on stderr (before the CLI configures logging), or to the application's logging."""
+    if log.hasHandlers():
+        log.warning(message)
+    else:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _describe(error: ValidationError, prefix: str = ENV_PREFIX) -> str:
     first = error.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if isinstance(part, str)]
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if loc:
-        return f"{ENV_PREFIX}{loc[0].upper()}: {message}"
+        return f"{prefix}{loc[0].upper()}: {message}"
     return message
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read and validate settings; raise :class:`SettingsError` with one line naming the variable."""
-    unknown = _unknown_variables()
-    if unknown:
-        raise SettingsError(f"{unknown[0]}: unknown setting (check the spelling)")
+def _validate(cls: type[PluginSettings]) -> PluginSettings:
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return cls()
+    except ValidationError as error:
+        raise SettingsError(_describe(error, _env_prefix(cls))) from None
+
+
+def load_settings(*, plugin_settings: Iterable[type[BaseSettings]] = (), **overrides: object) -> Settings:
+    """Read and validate settings; raise :class:`SettingsError` with one line naming the variable.
+
+    ``plugin_settings``: the loaded plugins' settings classes (``Plugin.settings``). They are validated
+    here too (so a bad plugin value fails at start, like a core one) and their names join the typo check;
+    without them only the core names are known.
+    """
+    classes = list(dict.fromkeys(plugin_settings))
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise SettingsError(_describe(error)) from None
+    for name, likely in unknown_variables(classes):
+        hint = f"; did you mean {likely}?" if likely else ""
+        if settings.strict_settings:
+            raise SettingsError(f"{name} is not a setting (RUNNER_STRICT_SETTINGS is true){hint}")
+        if likely:
+            _warn(f"{name} is not a setting{hint}")
+    settings._plugins = {cls: _validate(cls) for cls in classes}
+    return settings

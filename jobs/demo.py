@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from runner import metrics
 from runner.errors import RunnerError, UsageError
 from runner.plugins import Plugin
 
@@ -85,16 +84,20 @@ GROUP BY status
 # --- the operate plugin's metric sampler -----------------------------------------------------------
 async def sample_consensus_metrics(app: App) -> None:
     """runner_consensus_transactions{status} and runner_consensus_nonfinal_age_window_ratio."""
-    if not app.settings.consensus_enabled:
-        return
+    from runner.jobs.consensus import metrics
     from runner.jobs.consensus.model import STATUSES
+    from runner.jobs.consensus.settings import consensus_settings
+
+    consensus = consensus_settings(app)
+    if not consensus.enabled:
+        return
 
     rows = await app.db.fetch(SAMPLE_CONSENSUS)
     counts = {r["status"]: r["n"] for r in rows}
     for status in STATUSES:
         metrics.CONSENSUS_TRANSACTIONS.labels(status).set(counts.get(status, 0))
     waiting = max((float(r["waiting_s"]) for r in rows if r["waiting_s"] is not None), default=0.0)
-    metrics.CONSENSUS_NONFINAL_AGE_RATIO.set(waiting / max(app.settings.finality_window, 1.0))
+    metrics.CONSENSUS_NONFINAL_AGE_RATIO.set(waiting / max(consensus.finality_window, 1.0))
 
 
 # --- the demo --------------------------------------------------------------------------------------
@@ -365,6 +368,12 @@ def failure(summary: Summary) -> str:
     return f"only {summary.finalized} of {summary.transactions} transactions were finalized"
 
 
+def _consensus_enabled(settings: Settings) -> bool:
+    from runner.jobs.consensus.settings import from_settings
+
+    return from_settings(settings).enabled
+
+
 def check_size(rows: int, transactions: int, contracts: int, timeout: float, settings: Settings) -> DemoSize:
     if rows < 0:
         raise UsageError(f"--rows must not be negative, got {rows}")
@@ -374,8 +383,14 @@ def check_size(rows: int, transactions: int, contracts: int, timeout: float, set
         raise UsageError(f"--contracts must be positive, got {contracts}")
     if timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {timeout:g}")
-    if transactions and not settings.consensus_enabled:
+    if transactions and not _consensus_enabled(settings):
         raise UsageError("RUNNER_CONSENSUS_ENABLED is false: run the demo with --transactions 0, or enable it")
+    if transactions and not settings.chain_url:
+        from runner.chain import in_process_chain_available
+
+        if not in_process_chain_available():
+            raise UsageError("runner demo needs the in-process chain: pip install 'runner-pg[chain]' "
+                             "(or set RUNNER_CHAIN_URL, or run it with --transactions 0)")
     return DemoSize(rows, transactions, contracts, timeout)
 
 

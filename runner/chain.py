@@ -12,6 +12,7 @@ Two backends, chosen by ``RUNNER_CHAIN_URL``:
   ``eth-tester[py-evm]``. It is for development only: it computes each request synchronously inside the
   event loop (blocking it for the duration of the EVM work), and the chain lives only as long as the
   process, so anything stored about it (a contract address) is stale after a restart.
+  Without that extra :func:`open_chain` raises ``runner.errors.ChainNotConfigured`` (plugins turn off).
 
 Transactions are signed locally with ``RUNNER_CHAIN_PRIVATE_KEY`` (unset: a public development key,
 with a warning) and sent raw. :class:`NonceManager` holds one ``asyncio.Lock`` per sender across
@@ -48,7 +49,7 @@ from web3.types import RPCEndpoint, RPCResponse
 
 from runner import metrics
 from runner.config import Settings
-from runner.errors import RunnerError
+from runner.errors import ChainNotConfigured, RunnerError
 from runner.logs import get_logger
 
 log = get_logger("runner.chain")
@@ -375,15 +376,31 @@ async def _node_provider(settings: Settings, url: str) -> RetryingHTTPProvider:
     return provider
 
 
-def _in_process_provider() -> Any:
+# What the in-process chain needs (the `chain` extra): eth-tester and its py-evm backend (module `eth`).
+IN_PROCESS_CHAIN_MODULES = ("eth_tester", "eth")
+NO_CHAIN = "no RUNNER_CHAIN_URL and no in-process chain (pip install 'runner-pg[chain]')"
+
+
+def in_process_chain_available() -> bool:
+    """Whether the `chain` extra is installed (checked without importing it: py-evm takes a while)."""
+    from importlib.util import find_spec
+
     try:
-        from web3.providers.eth_tester import AsyncEthereumTesterProvider
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise RunnerError(
-            "RUNNER_CHAIN_URL is unset and the in-process chain needs eth-tester: "
-            "pip install --pre 'eth-tester[py-evm]' (or set RUNNER_CHAIN_URL)"
-        ) from error
-    return AsyncEthereumTesterProvider()
+        return all(find_spec(name) is not None for name in IN_PROCESS_CHAIN_MODULES)
+    except (ImportError, ValueError):  # a broken or half-installed package
+        return False
+
+
+def _in_process_provider() -> Any:
+    # web3's eth_tester module imports without eth-tester; the provider's constructor is what needs it.
+    if not in_process_chain_available():
+        raise ChainNotConfigured(NO_CHAIN)
+    from web3.providers.eth_tester import AsyncEthereumTesterProvider
+
+    try:
+        return AsyncEthereumTesterProvider()
+    except ImportError as error:  # pragma: no cover - found, but it does not import (a broken install)
+        raise ChainNotConfigured(f"{NO_CHAIN}: {type(error).__name__}: {error}") from error
 
 
 async def open_chain(settings: Settings) -> Chain:

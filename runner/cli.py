@@ -1,53 +1,71 @@
-"""The ``runner`` command line. Bad input gets one line on stderr: exit 2 for usage, 1 for runtime errors."""
+"""The ``runner`` command line. Bad input gets one line on stderr: exit 2 for usage, 1 for runtime errors.
+
+Start-up matters here (``runner --help`` and every command pay it): this module imports only typer and the
+standard library; settings (pydantic), the pool (asyncpg), logging (structlog) and rich are imported by the
+commands that use them, and plugins keep their heavy imports inside their commands and handlers too.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import json
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import asyncpg
 import typer
-from rich.console import Console
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
 
-from runner.app import App
-from runner.config import Settings, SettingsError, load_settings
-from runner.embedded import EmbeddedPostgres
 from runner.errors import RunnerError, UsageError
-from runner.logs import configure_logging, redact, redact_dsn
-from runner.plugins import load_plugins
-from runner.queue import NewJob
-from runner.worker import Worker
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from runner.app import App
+    from runner.config import Settings
+    from runner.embedded import EmbeddedPostgres
+    from runner.queue import JobFilter
 
 T = TypeVar("T")
-JSONL_BATCH = 1000
 FINISHED = ("succeeded", "failed", "cancelled")
+STATUSES = ("pending", "running", *FINISHED)
+WAIT_POLL_S = 0.2
+# `enqueue --wait`: how long no live worker may serve the job's queue before it says so (once).
+NO_WORKER_NOTICE_S = 3.0
+ERROR_LINES = 12  # of a failed job's last_error (its traceback) printed by `enqueue --wait`
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="runner: PostgreSQL-backed jobs and consensus loops on one bounded pool.")
 db_cli = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL (used when RUNNER_DATABASE_URL is unset).")
 cli.add_typer(db_cli, name="db")
-stdout = Console()
+
+
+@cache
+def console(stderr: bool = False) -> Console:
+    """rich's console (imported on first use: `--help` and most commands never need it)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
 
 
 def fail(message: str, code: int) -> typer.Exit:
+    from runner.logs import redact
+
     print(f"error: {redact(message)}", file=sys.stderr)
     return typer.Exit(code)
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
+    from runner.config import SettingsError, load_settings
+    from runner.logs import configure_logging
+    from runner.plugins import load_plugins, plugin_settings
+
     try:
-        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = load_settings(plugin_settings=plugin_settings(load_plugins()),
+                                 **{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as error:
         raise fail(str(error), 2) from None
     configure_logging(settings.log_format, settings.log_level)
@@ -56,6 +74,10 @@ def settings_or_exit(**overrides: Any) -> Settings:
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; turn runner's typed errors into one line and an exit code."""
+    import asyncio
+
+    import asyncpg
+
     try:
         return asyncio.run(coro)
     except RunnerError as error:
@@ -70,6 +92,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 @asynccontextmanager
 async def open_app(settings: Settings, *, with_resources: bool = False) -> AsyncIterator[App]:
+    from runner.app import App
+
     app = await App.open(settings, with_resources=with_resources)
     try:
         yield app
@@ -110,7 +134,7 @@ def migrate_command() -> None:
         await migrate(app.dsn, app.plugins)
 
     with_app(settings, body)
-    stdout.print("schema is up to date")
+    console().print("schema is up to date")
 
 
 @cli.command("worker")
@@ -118,15 +142,21 @@ def worker_command(
     concurrency: Annotated[int | None, typer.Option(help="Jobs run at once (RUNNER_CONCURRENCY)")] = None,
     queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="Queue to serve (repeatable)")] = None,
     drain: Annotated[bool, typer.Option(help="Exit 0 once nothing is runnable or running")] = False,
+    app_ref: Annotated[str | None, typer.Option("--app", help="module:attribute of your runner.App (RUNNER_APP)")]
+    = None,
 ) -> None:
     """Run jobs (and the consensus loops) until SIGTERM, or until drained."""
     positive("--concurrency", concurrency)
-    settings = settings_or_exit(concurrency=concurrency, queues=queue or None)
+    settings = settings_or_exit(concurrency=concurrency, queues=queue or None, app=app_ref)
     if settings.http_enabled:
+        import importlib
+        import threading
+
         # Import the HTTP server's stack in the background while the pool connects. Not a daemon thread:
         # the interpreter joins it before finalizing, and a daemon thread caught mid-import at exit can
         # crash the process.
         threading.Thread(target=importlib.import_module, args=("runner.http",), name="import-http").start()
+    from runner.worker import Worker
 
     async def body(app: App) -> None:
         await Worker(app, drain=drain).run()
@@ -156,25 +186,85 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return payloads
 
 
-async def wait_for_job(app: App, job_id: int, poll_s: float = 0.2) -> str:
-    while True:
-        job = await app.queue.job_get(job_id)
-        if job["status"] in FINISHED:
-            return str(job["status"])
-        await asyncio.sleep(poll_s)
+async def wait_for_job(app: App, job_id: int, poll_s: float = WAIT_POLL_S) -> str:
+    """Wait until the job has finished and return its status. On a TTY, a progress line on stderr; when
+    no live worker serves the job's queue for NO_WORKER_NOTICE_S, one line on stderr saying so. A failed or
+    cancelled job's last_error (its first lines) is printed on stderr."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    within_s = app.settings.lease_timeout  # a worker whose heartbeat is older has lost its leases too
+    unserved_since: float | None = None
+    checked_at = -1.0
+    noticed = False
+    with WaitProgress(job_id) as show:
+        while True:
+            job = await app.queue.job_get(job_id)
+            show(job)
+            if job["status"] in FINISHED:
+                break
+            now = loop.time()
+            if not noticed and job["status"] == "pending" and now - checked_at >= 1.0:
+                checked_at = now
+                if await app.queue.live_workers_for_queue(job["queue"], within_s):
+                    unserved_since = None
+                elif unserved_since is None:
+                    unserved_since = now
+                if unserved_since is not None and now - unserved_since >= NO_WORKER_NOTICE_S:
+                    noticed = True  # printed above the progress line (rich redirects stderr while live)
+                    print(f"no live worker serves queue {job['queue']!r} (start `runner worker -q {job['queue']}`)",
+                          file=sys.stderr, flush=True)
+            await asyncio.sleep(poll_s)
+    if job["status"] != "succeeded":
+        report_failure(job)
+    return str(job["status"])
 
 
-async def enqueue_all(app: App, jobs: list[NewJob]) -> list[int]:
-    """All jobs in one transaction, in batches: a bad file inserts nothing."""
-    kind = app.registry.get(jobs[0].kind)
-    if kind.validate is not None:
-        for job in jobs:
-            await kind.validate(job.payload, app)
-    ids: list[int] = []
-    async with app.db.transaction() as connection:
-        for start in range(0, len(jobs), JSONL_BATCH):
-            ids += await app.queue.job_enqueue_many(jobs[start : start + JSONL_BATCH], connection)
-    return ids
+def report_failure(job: dict[str, Any]) -> None:
+    from runner.logs import redact
+
+    attempts = f"after {job['attempts']} of {job['max_attempts']} attempts" if job["status"] == "failed" else ""
+    lines = redact(job.get("last_error") or "").strip().splitlines() or [""]
+    head = f"error: job {job['id']} {job['status']}" + (f" {attempts}" if attempts else "")
+    print(f"{head}: {lines[0]}".rstrip(": "), file=sys.stderr)
+    shown = lines[1:ERROR_LINES]
+    for line in shown:
+        print(f"  {line}", file=sys.stderr)
+    if len(lines) > ERROR_LINES:
+        print(f"  ... ({len(lines) - ERROR_LINES} more lines: runner show {job['id']})", file=sys.stderr)
+
+
+class WaitProgress:
+    """The progress of a waited-for job: a rich line on stderr when it is a terminal, nothing otherwise."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> WaitProgress:
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn(f"job {self.job_id}"), TextColumn("{task.fields[status]}"), BarColumn(),
+                TaskProgressColumn(), TextColumn("{task.fields[label]}"), TimeElapsedColumn(),
+                console=console(stderr=True), transient=True, refresh_per_second=4,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("job", total=None, status="pending", label="")
+        return self
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        done, total = job["progress_done"], job["progress_total"]
+        label = f"{done:,}/{total:,}" if total else (f"{done:,}" if done else "")
+        self.progress.update(self.task, completed=done, total=total or None, status=job["status"], label=label)
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 @cli.command("enqueue")
@@ -182,41 +272,37 @@ def enqueue_command(
     kind: Annotated[str, typer.Argument(help="Job kind, e.g. noop, sleep, backfill")],
     payload: Annotated[str | None, typer.Option(help="JSON object")] = None,
     jsonl: Annotated[Path | None, typer.Option(help="File with one JSON payload per line")] = None,
-    queue: Annotated[str, typer.Option(help="Queue name")] = "default",
+    queue: Annotated[str | None, typer.Option(help="Queue name (default: the kind's queue, else 'default')")] = None,
     priority: Annotated[int, typer.Option(help="Higher runs first")] = 0,
     delay: Annotated[float, typer.Option(help="Seconds before the job may run")] = 0.0,
     max_attempts: Annotated[int | None, typer.Option(help="Attempts before failed")] = None,
     dedupe_key: Annotated[str | None, typer.Option(help="At most one unfinished job per key")] = None,
-    wait: Annotated[bool, typer.Option(help="Wait for the job; exit 0 only if it succeeded")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for the job (progress on a terminal); exit 0 only if it "
+                                            "succeeded, else print its error")] = False,
 ) -> None:
     """Enqueue a job (prints its id) or a file of jobs (prints the count)."""
     settings = settings_or_exit()
     if payload is not None and jsonl is not None:
         raise fail("give --payload or --jsonl, not both", 2)
-    if delay < 0:
-        raise fail(f"--delay must not be negative, got {delay:g}", 2)
-    positive("--max-attempts", max_attempts)
-    if not queue.strip():
-        raise fail("--queue must not be empty", 2)
     try:
-        load_registry_kind(kind)
+        load_registry_kind(kind, settings)
         payloads = read_jsonl(jsonl) if jsonl else [parse_payload(payload or "{}", "--payload")]
     except UsageError as error:
         raise fail(str(error), 2) from None
     if jsonl and (dedupe_key or wait):
         raise fail("--dedupe-key and --wait apply to a single job, not --jsonl", 2)
-    jobs = [NewJob(kind, p, queue, priority, delay, max_attempts, dedupe_key) for p in payloads]
+    from runner.queue import NewJob
+
+    jobs = [NewJob(kind, p, queue or "", priority, delay, max_attempts, dedupe_key) for p in payloads]
 
     async def body(app: App) -> int:
+        # The one enqueue path (runner.App): validated as from the API; a file goes in one transaction.
+        enqueued = await app.enqueue_jobs(jobs)
         if jsonl:
-            ids = await enqueue_all(app, jobs)
-            stdout.print(len(ids))
+            print(len(enqueued))
             return 0
-        kind_ = app.registry.get(kind)
-        if kind_.validate is not None:
-            await kind_.validate(jobs[0].payload, app)
-        job_id, created = await app.queue.job_enqueue(jobs[0])
-        print(job_id)
+        ((job_id, created),) = enqueued
+        print(job_id, flush=True)
         if not created:
             print(f"deduplicated: job {job_id} with key {dedupe_key!r} is unfinished", file=sys.stderr)
         if wait:
@@ -226,28 +312,63 @@ def enqueue_command(
     raise typer.Exit(with_app(settings, body))
 
 
-def load_registry_kind(kind: str) -> None:
-    from runner.plugins import build_registry
+def load_registry_kind(kind: str, settings: Settings) -> None:
+    """Refuse an unknown kind before opening the pool: the installed plugins' kinds and RUNNER_APP's."""
+    from runner.plugins import build_registry, load_plugins
 
-    build_registry(load_plugins()).get(kind)
+    if settings.app:
+        from runner.app import load_app
+
+        plugins = load_app(settings.app).all_plugins()
+    else:
+        plugins = load_plugins()
+    build_registry(plugins).get(kind)
 
 
-# --- inspect and operate ----------------------------------------------------------------------------
-def status_table(counts: list[tuple[str, str, int]]) -> Table:
-    table = Table(title="jobs")
-    statuses = ["pending", "running", *FINISHED]
-    table.add_column("kind")
-    for status in statuses:
-        table.add_column(status, justify="right")
+# --- inspect ----------------------------------------------------------------------------------------
+COUNT_COLUMNS = ("pending", "delayed", "running", *FINISHED)
+
+
+def count_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts from job_counts_by_queue: totals, by kind, and by queue (each with its kinds). ``pending``
+    counts runnable jobs; pending jobs whose run_at is in the future are counted as ``delayed``."""
+    def zero() -> dict[str, int]:
+        return dict.fromkeys(COUNT_COLUMNS, 0)
+
+    totals = zero()
     by_kind: dict[str, dict[str, int]] = {}
-    for kind, status, n in counts:
-        by_kind.setdefault(kind, {})[status] = n
-    for kind in sorted(by_kind):
-        table.add_row(kind, *[str(by_kind[kind].get(s, 0)) for s in statuses])
+    by_queue: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        column = "delayed" if row["delayed"] else row["status"]
+        n = int(row["n"])
+        queue = by_queue.setdefault(row["queue"], {"jobs": zero(), "by_kind": {}})
+        for counts in (totals, by_kind.setdefault(row["kind"], zero()), queue["jobs"],
+                       queue["by_kind"].setdefault(row["kind"], zero())):
+            counts[column] = counts.get(column, 0) + n
+    return {"jobs": totals, "by_kind": by_kind, "by_queue": by_queue}
+
+
+def status_table(counts: dict[str, Any]) -> Table:
+    from rich.table import Table
+
+    table = Table(title="jobs (delayed: pending with run_at in the future)")
+    table.add_column("queue")
+    table.add_column("kind")
+    for column in COUNT_COLUMNS:
+        table.add_column(column, justify="right")
+    for queue in sorted(counts["by_queue"]):
+        kinds = counts["by_queue"][queue]["by_kind"]
+        for kind in sorted(kinds):
+            table.add_row(queue, kind, *[f"{kinds[kind].get(c, 0):,}" for c in COUNT_COLUMNS])
+    if len(counts["by_queue"]) > 1 or any(len(q["by_kind"]) > 1 for q in counts["by_queue"].values()):
+        table.add_row("all", "", *[f"{counts['jobs'][c]:,}" for c in COUNT_COLUMNS], style="bold")
     return table
 
 
 def running_table(running: list[dict[str, Any]]) -> Table:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
     table = Table(title="running")
     for column in ("id", "kind", "owner", "progress"):
         table.add_column(column)
@@ -261,13 +382,7 @@ def running_table(running: list[dict[str, Any]]) -> Table:
 
 
 async def status_snapshot(app: App) -> dict[str, Any]:
-    counts = await app.queue.job_counts()
-    totals: dict[str, int] = dict.fromkeys(("pending", "running", *FINISHED), 0)
-    by_kind: dict[str, dict[str, int]] = {}
-    for kind, status, n in counts:
-        totals[status] = totals.get(status, 0) + n
-        by_kind.setdefault(kind, {})[status] = n
-    snapshot: dict[str, Any] = {"jobs": totals, "by_kind": by_kind,
+    snapshot: dict[str, Any] = {**count_rows(await app.queue.job_counts_by_queue()),
                                 "running": await app.queue.job_list_running()}
     for plugin in app.plugins:
         plugin_status = getattr(plugin, "status", None)
@@ -278,6 +393,8 @@ async def status_snapshot(app: App) -> dict[str, Any]:
 
 async def plugin_status_tables(app: App) -> list[Table]:
     """One table per plugin exposing ``status`` (the same dicts ``status --json`` shows), one level flattened."""
+    from rich.table import Table
+
     tables: list[Table] = []
     for plugin in app.plugins:
         status = getattr(plugin, "status", None)
@@ -297,16 +414,21 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
     watch: Annotated[bool, typer.Option(help="Refresh until Ctrl-C")] = False,
 ) -> None:
-    """Counts by kind and status, and running jobs with their progress."""
+    """Counts by queue, kind and status (delayed jobs apart from runnable ones), and running jobs."""
     settings = settings_or_exit()
 
     async def body(app: App) -> None:
         if as_json:
             print(json.dumps(await status_snapshot(app), default=json_default))
             return
-        with Live(console=stdout, auto_refresh=False) as live:
+        import asyncio
+
+        from rich.live import Live
+        from rich.table import Table
+
+        with Live(console=console(), auto_refresh=False) as live:
             while True:
-                counts = await app.queue.job_counts()
+                counts = count_rows(await app.queue.job_counts_by_queue())
                 running = await app.queue.job_list_running()
                 grid = Table.grid()
                 grid.add_row(status_table(counts))
@@ -334,30 +456,166 @@ def show_command(
     if as_json:
         print(json.dumps(job, default=json_default))
         return
+    from rich.table import Table
+
     table = Table(show_header=False)
     for key, value in job.items():
         table.add_row(key, json.dumps(value, default=json_default) if isinstance(value, dict) else str(value))
-    stdout.print(table)
+    console().print(table)
+
+
+# Filters shared by list, cancel, retry and purge (each repeatable; several values of one: any of them).
+StatusOption = Annotated[list[str] | None, typer.Option(
+    "--status", "-s", help=f"Only jobs with this status ({', '.join(STATUSES)}; repeatable)")]
+KindOption = Annotated[list[str] | None, typer.Option("--kind", "-k", help="Only jobs of this kind (repeatable)")]
+QueueOption = Annotated[list[str] | None, typer.Option("--queue", "-q", help="Only jobs in this queue (repeatable)")]
+
+
+def job_filter(status: list[str] | None, kind: list[str] | None, queue: list[str] | None) -> JobFilter:
+    from runner.queue import JobFilter
+
+    try:
+        return JobFilter(tuple(status or ()), tuple(kind or ()), tuple(queue or ()))
+    except UsageError as error:
+        raise fail(str(error), 2) from None
+
+
+def short(text: str | None, width: int = 60) -> str:
+    line = (text or "").strip().split("\n", 1)[0]
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def list_table(jobs: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    table = Table()
+    for column, justify in (("id", "right"), ("kind", "left"), ("queue", "left"), ("status", "left"),
+                            ("attempts", "right"), ("progress", "right"), ("created", "left"),
+                            ("last error", "left")):
+        # Narrow terminals (and pipes: 80 columns unless COLUMNS says more) cut the error, not the rest.
+        table.add_column(column, justify=justify, no_wrap=True,  # type: ignore[arg-type]
+                         overflow="ellipsis" if column == "last error" else "fold")
+    for job in jobs:
+        done, total = job["progress_done"], job["progress_total"]
+        progress = f"{done:,}/{total:,}" if total else (f"{done:,}" if done else "")
+        status = job["status"]
+        if job["cancel_requested"] and status == "running":
+            status = "running (cancelling)"
+        table.add_row(str(job["id"]), job["kind"], job["queue"], status, f"{job['attempts']}/{job['max_attempts']}",
+                      progress, f"{job['created_at']:%Y-%m-%d %H:%M:%S}", short(job["last_error"]))
+    return table
+
+
+@cli.command("list")
+def list_command(
+    status: StatusOption = None,
+    kind: KindOption = None,
+    queue: QueueOption = None,
+    limit: Annotated[int, typer.Option(help="Jobs per page")] = 50,
+    before_id: Annotated[int | None, typer.Option(help="Only jobs with a smaller id (the next page)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+) -> None:
+    """Jobs, newest first, a page at a time (it prints how to get the next page)."""
+    positive("--limit", limit)
+    settings = settings_or_exit()
+    where = job_filter(status, kind, queue)
+
+    async def body(app: App) -> list[dict[str, Any]]:
+        return await app.queue.job_list(where, limit=limit + 1, before_id=before_id)
+
+    jobs = with_app(settings, body)
+    more, jobs = len(jobs) > limit, jobs[:limit]
+    next_before_id = jobs[-1]["id"] if more else None
+    if as_json:
+        print(json.dumps({"jobs": jobs, "next_before_id": next_before_id}, default=json_default))
+        return
+    if not jobs:
+        print("no jobs" + (" match" if where.statuses or where.kinds or where.queues else ""))
+        return
+    console().print(list_table(jobs))
+    if next_before_id is not None:
+        flags = [f"--{name} {value}" for name, values in (("status", status), ("kind", kind), ("queue", queue))
+                 for value in values or ()]
+        if limit != 50:
+            flags.append(f"--limit {limit}")
+        print(f"next page: runner list {' '.join([*flags, f'--before-id {next_before_id}'])}")
+
+
+def single_or_filter(
+    command: str, job_id: int | None, status: list[str] | None, kind: list[str] | None, queue: list[str] | None
+) -> JobFilter | None:
+    """None for the one-job form; the filter for the bulk form (at least one filter, and not with an id)."""
+    has_filter = bool(status or kind or queue)
+    if job_id is not None and has_filter:
+        raise fail(f"give `runner {command}` a job id or filters (--status, --kind, --queue), not both", 2)
+    if job_id is None and not has_filter:
+        raise fail(f"give `runner {command}` a job id, or at least one of --status, --kind, --queue", 2)
+    return job_filter(status, kind, queue) if has_filter else None
 
 
 @cli.command("cancel")
-def cancel_command(job_id: int) -> None:
-    """Cancel a job: pending jobs at once, running ones within a second."""
+def cancel_command(
+    job_id: Annotated[int | None, typer.Argument(help="The job (or use filters for many)")] = None,
+    status: StatusOption = None,
+    kind: KindOption = None,
+    queue: QueueOption = None,
+) -> None:
+    """Cancel a job, or all pending and running ones matching filters (running ones stop within a second)."""
+    where = single_or_filter("cancel", job_id, status, kind, queue)
     settings = settings_or_exit()
-    status = with_app(settings, lambda app: app.queue.job_request_cancel(job_id))
-    stdout.print(f"job {job_id}: {'cancelled' if status == 'cancelled' else 'cancel requested'}")
+    if where is not None:
+        n = with_app(settings, lambda app: app.queue.job_cancel_where(where))
+        print(f"{n} job{'s' if n != 1 else ''} cancelled or asked to stop")
+        return
+    assert job_id is not None
+    status_ = with_app(settings, lambda app: app.queue.job_request_cancel(job_id))
+    console().print(f"job {job_id}: {'cancelled' if status_ == 'cancelled' else 'cancel requested'}")
 
 
 @cli.command("retry")
-def retry_command(job_id: int) -> None:
-    """Run a failed or cancelled job again, with its attempts reset."""
+def retry_command(
+    job_id: Annotated[int | None, typer.Argument(help="The job (or use filters for many)")] = None,
+    status: StatusOption = None,
+    kind: KindOption = None,
+    queue: QueueOption = None,
+) -> None:
+    """Run a failed or cancelled job again, or every one matching the filters, with attempts reset."""
+    where = single_or_filter("retry", job_id, status, kind, queue)
     settings = settings_or_exit()
+    if where is not None:
+        n = with_app(settings, lambda app: app.queue.job_retry_where(where))
+        print(f"{n} job{'s' if n != 1 else ''} pending again")
+        return
+    assert job_id is not None
     with_app(settings, lambda app: app.queue.job_retry(job_id))
-    stdout.print(f"job {job_id}: pending")
+    console().print(f"job {job_id}: pending")
+
+
+@cli.command("purge")
+def purge_command(
+    status: Annotated[list[str], typer.Option(
+        "--status", "-s", help="succeeded, failed or cancelled (repeatable; required)")],
+    kind: KindOption = None,
+    queue: QueueOption = None,
+    older_than: Annotated[float, typer.Option(help="Only jobs finished at least this many seconds ago")] = 0.0,
+) -> None:
+    """Delete finished jobs (never pending or running ones), in batches; prints how many went."""
+    if older_than < 0:
+        raise fail(f"--older-than must not be negative, got {older_than:g}", 2)
+    where = job_filter(status, kind, queue)
+    refused = [s for s in where.statuses if s not in FINISHED]
+    if refused:
+        raise fail(f"--status {refused[0]}: only finished jobs ({', '.join(FINISHED)}) can be purged", 2)
+    settings = settings_or_exit()
+    n = with_app(settings, lambda app: app.queue.job_purge_where(where, older_than))
+    print(f"{n} job{'s' if n != 1 else ''} deleted")
 
 
 # --- the embedded database --------------------------------------------------------------------------
 def embedded(settings: Settings) -> EmbeddedPostgres:
+    from runner.embedded import EmbeddedPostgres
+    from runner.logs import redact_dsn
+
     if settings.database_url is not None:
         raise fail(f"RUNNER_DATABASE_URL is set ({redact_dsn(settings.database_url.get_secret_value())}); "
                    "the embedded database is not in use", 2)
@@ -380,24 +638,31 @@ def db_stop() -> None:
         stopped = embedded(settings_or_exit()).stop()
     except RunnerError as error:
         raise fail(str(error), error.exit_code) from None
-    stdout.print("stopped" if stopped else "not running")
+    print("stopped" if stopped else "not running")
 
 
 @db_cli.command("url")
 def db_url() -> None:
     """Print the URL of the database runner uses."""
     settings = settings_or_exit()
+    from runner.embedded import EmbeddedPostgres
+    from runner.logs import redact_dsn
+
     if settings.database_url is not None:
         print(redact_dsn(settings.database_url.get_secret_value()))
         return
     try:
-        print(EmbeddedPostgres(settings.home).url())
+        server = EmbeddedPostgres(settings.home)
+        print(server.url())
+        print(server.describe(), file=sys.stderr)  # where it lives: every folder reaches this one
     except RunnerError as error:
         raise fail(str(error), error.exit_code) from None
 
 
 def load_cli() -> typer.Typer:
-    """The CLI with every plugin's commands added."""
+    """The CLI with every plugin's commands added (plugins keep their heavy imports inside the commands)."""
+    from runner.plugins import load_plugins
+
     for plugin in load_plugins():
         if plugin.commands is not None:
             plugin.commands(cli)

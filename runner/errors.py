@@ -27,6 +27,14 @@ class PayloadError(UsageError):
     """A payload a handler cannot run; the job fails at once without burning its retries."""
 
 
+class AppNotOpen(UsageError):
+    """An App method that needs the pool was called before ``async with app:``."""
+
+
+class WaitTimeout(RunnerError):
+    """``App.wait`` gave up: the job had not finished within its timeout."""
+
+
 class DatabaseUnavailable(RunnerError):
     """The database did not answer within RUNNER_DB_CONNECT_TIMEOUT."""
 
@@ -56,3 +64,9 @@ class JobCancelled(RunnerError):
 
 class EmbeddedPostgresError(RunnerError):
     pass
+
+
+class ChainNotConfigured(RunnerError):
+    """No chain to open: RUNNER_CHAIN_URL is unset and the in-process chain (the ``chain`` extra) is not
+    installed. Plugins that need the chain turn themselves off on it (unlike ``runner.chain.ChainUnavailable``:
+    a configured node that does not answer)."""

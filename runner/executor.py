@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from runner import metrics
-from runner.context import JobContext
+from runner.context import JobContext, encode_result
 from runner.errors import JobCancelled, LeaseLost, PayloadError, PoolExhausted, RetryLater, RunnerError
 from runner.logs import get_logger, redact
 from runner.policy import Backoff
@@ -66,6 +66,7 @@ class AttemptResult:
     outcome: Outcome | None
     error: str | None = None
     delay_s: float | None = None  # None: the kind's backoff decides
+    result: str | None = None  # the handler's return value, JSON text
 
 
 def _stop_message(running: RunningJob) -> str | None:
@@ -76,9 +77,17 @@ def _stop_message(running: RunningJob) -> str | None:
     return None
 
 
-def describe_error(error: BaseException) -> str:
-    text = "".join(traceback.format_exception_only(type(error), error)).strip()
-    return redact(text)[:MAX_ERROR_CHARS]
+def describe_error(error: BaseException, *, with_traceback: bool = False) -> str:
+    """The error's one-line summary first; with ``with_traceback``, then the traceback, cut from the top
+    (the innermost frames are kept) so the whole text stays within MAX_ERROR_CHARS."""
+    summary = "".join(traceback.format_exception_only(type(error), error)).strip()
+    if not with_traceback or error.__traceback__ is None:
+        return redact(summary)[:MAX_ERROR_CHARS]
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__)).strip()
+    room = MAX_ERROR_CHARS - min(len(summary), MAX_ERROR_CHARS // 2) - 3
+    if len(trace) > room:
+        trace = "..." + trace[-(room - 3):]
+    return redact(f"{summary[:MAX_ERROR_CHARS // 2]}\n\n{trace}")[:MAX_ERROR_CHARS]
 
 
 class Executor:
@@ -94,6 +103,9 @@ class Executor:
         self._kind_metrics: dict[str, KindMetrics] = {}
         settings = app.settings
         self.default_backoff = Backoff(settings.retry_backoff_base, settings.retry_backoff_max)
+        # Job start and end are logged at debug only: checked once here, as a call per job costs more
+        # than a no-op job even when the level filters it out.
+        self.log_debug = settings.log_level == "debug"
 
     def _metrics(self, kind: str) -> KindMetrics:
         found = self._kind_metrics.get(kind)
@@ -176,6 +188,8 @@ class Executor:
             if running.stop_reason is not None:  # stopped before it began
                 result = AttemptResult(_OUTCOME_OF_STOP[running.stop_reason], _stop_message(running))
             else:
+                if self.log_debug:
+                    running.context.log.debug("job started", queue=job.queue, lease_epoch=job.lease_epoch)
                 result = await self._attempt(running)
         finally:
             self.active.pop(job.id, None)
@@ -204,8 +218,13 @@ class Executor:
             # A handler still running one lease after its timeout is no longer renewed.
             running.renew_until = time.monotonic() + timeout_s + self.app.settings.lease_timeout
         try:
-            await kind.handler(running.context)
-            return AttemptResult("succeeded")
+            value = await kind.handler(running.context)
+            if value is None or running.context.completed_in_transaction:
+                return AttemptResult("succeeded")
+            try:
+                return AttemptResult("succeeded", result=encode_result(value))
+            except PayloadError as bad_result:
+                return AttemptResult("fatal", describe_error(bad_result))
         except asyncio.CancelledError:
             if running.stop_reason is None:
                 raise  # the worker itself is being torn down: the shutdown hand-back releases the lease
@@ -229,9 +248,10 @@ class Executor:
         except LeaseLost:
             return AttemptResult(None)
         except (PayloadError, RunnerError) as failure:
-            return AttemptResult("fatal" if isinstance(failure, PayloadError) else "error", describe_error(failure))
+            return AttemptResult("fatal" if isinstance(failure, PayloadError) else "error",
+                                 describe_error(failure, with_traceback=True))
         except Exception as failure:
-            return AttemptResult("error", describe_error(failure))
+            return AttemptResult("error", describe_error(failure, with_traceback=True))
         finally:
             if timer is not None:
                 timer.cancel()
@@ -252,8 +272,11 @@ class Executor:
         assert outcome is not None
         if outcome in ("error", "fatal") and not settled:
             running.context.log.warning("job failed", outcome=outcome, error=error)
+        elif self.log_debug:
+            running.context.log.debug("job finished", outcome=outcome, seconds=round(elapsed, 6))
         self.completer.submit(JobOutcome(
-            job.id, job.lease_epoch, job.kind, outcome, error, self._delay(job, outcome, result.delay_s), settled))
+            job.id, job.lease_epoch, job.kind, outcome, error, self._delay(job, outcome, result.delay_s),
+            result=result.result, settled_in_transaction=settled))
 
     def _delay(self, job: ClaimedJob, outcome: Outcome, requested: float | None) -> float:
         if requested is not None:

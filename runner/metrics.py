@@ -1,4 +1,5 @@
-"""Prometheus metric families. Defined once here so every loop counts into the same series."""
+"""Prometheus metric families of the engine. Defined once here so every loop counts into the same series
+(plugins define their own, e.g. runner.jobs.consensus.metrics)."""
 
 from __future__ import annotations
 
@@ -41,12 +42,6 @@ QUEUE_DEPTH = Gauge("runner_queue_depth", "Jobs by status, sampled on an interva
 HEARTBEAT_LAG = Gauge("runner_heartbeat_lag_seconds", "Seconds since the last successful heartbeat")
 LOOP_ERRORS = Counter("runner_loop_errors_total", "Errors raised by a worker loop's run_once", ["loop"])
 EVENT_LOOP_LAG = Gauge("runner_event_loop_lag_seconds", "Measured event loop scheduling lag")
-# Set by the consensus plugin when it samples transactions; the alert "non-final for longer than N x its
-# finality window" (deploy/prometheus/alerts.yml) fires on it.
-CONSENSUS_NONFINAL_AGE_RATIO = Gauge(
-    "runner_consensus_nonfinal_age_window_ratio",
-    "Largest age / finality window among consensus transactions that are not final yet (0 when none)",
-)
 
 CHAIN_RPC_LATENCY = Histogram(
     "runner_chain_rpc_seconds", "Chain RPC latency", ["method"],
@@ -55,22 +50,7 @@ CHAIN_RPC_LATENCY = Histogram(
 CHAIN_RPC_ERRORS = Counter("runner_chain_rpc_errors_total", "Chain RPC errors", ["method"])
 CHAIN_RPC_RETRIES = Counter("runner_chain_rpc_retries_total", "Chain RPC retries", ["method"])
 CHAIN_OPEN_CONNECTIONS = Gauge("runner_chain_open_connections", "Open TCP connections to the chain node")
-CONSENSUS_TRANSACTIONS = Gauge("runner_consensus_transactions", "Consensus transactions by status", ["status"])
 CHAIN_NONCE_RESYNCS = Counter(
     "runner_chain_nonce_resyncs_total", "Times a sender's next nonce was re-read from the node after a nonce error"
 )
 CHAIN_SENDS = Counter("runner_chain_sends_total", "Signed transactions accepted by the node")
-CONSENSUS_TRANSITIONS = Counter(
-    "runner_consensus_transitions_total", "Consensus state transitions written by this worker", ["status"]
-)
-CONSENSUS_RECOVERED = Counter(
-    "runner_consensus_recovered_total", "Consensus transactions recovered, by where they went", ["to", "why"]
-)
-CONSENSUS_EVENTS = Counter("runner_consensus_events_total", "ConsensusMain events emitted by this worker", ["kind"])
-CONSENSUS_EVENTS_SKIPPED = Counter(
-    "runner_consensus_events_skipped_total", "Events not re-emitted because the chain already has them", ["kind"]
-)
-CONSENSUS_EVENT_BATCH = Histogram(
-    "runner_consensus_event_batch_size", "Events per ConsensusMain chain transaction",
-    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
-)

@@ -34,7 +34,9 @@ def alembic_config(dsn: str, plugins: Sequence[Plugin]) -> Config:
 
 
 def _upgrade(dsn: str, plugins: Sequence[Plugin]) -> None:
-    command.upgrade(alembic_config(dsn, plugins), "head")
+    # The core and each plugin are branches of their own (a plugin's first revision depends on the core's):
+    # plugins come and go without renumbering anyone's chain.
+    command.upgrade(alembic_config(dsn, plugins), "heads")
 
 
 async def migrate(dsn: str, plugins: Sequence[Plugin]) -> None:
@@ -42,8 +44,8 @@ async def migrate(dsn: str, plugins: Sequence[Plugin]) -> None:
     await asyncio.to_thread(_upgrade, dsn, plugins)
 
 
-def head_revision(plugins: Sequence[Plugin]) -> str | None:
-    return ScriptDirectory.from_config(alembic_config("postgresql://", plugins)).get_current_head()
+def head_revisions(plugins: Sequence[Plugin]) -> set[str]:
+    return set(ScriptDirectory.from_config(alembic_config("postgresql://", plugins)).get_heads())
 
 
-__all__ = ["MigrationContext", "alembic_config", "head_revision", "migrate"]
+__all__ = ["MigrationContext", "alembic_config", "head_revisions", "migrate"]

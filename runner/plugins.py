@@ -17,12 +17,14 @@ from runner.policy import Backoff
 
 if TYPE_CHECKING:
     import typer
+    from pydantic_settings import BaseSettings
 
     from runner.app import App
     from runner.context import JobContext
     from runner.service import Service
 
-Handler = Callable[["JobContext"], Awaitable[None]]
+# What a handler returns (JSON: dict, list, str, number, bool or None) is stored as the job's result.
+Handler = Callable[["JobContext"], Awaitable[Any]]
 PayloadValidator = Callable[[dict[str, Any], "App"], Awaitable[None]]
 ENTRY_POINT_GROUP = "runner.plugins"
 
@@ -41,6 +43,8 @@ class JobKind:
     max_attempts: int | None = None
     # Delay between attempts after a failure (a handler can also raise RetryLater(delay_s)).
     retry_backoff: Backoff | None = None
+    # The queue a new job of this kind goes to when the enqueuer names none (else "default").
+    queue: str | None = None
 
     def __post_init__(self) -> None:
         if self.timeout_s is not None and self.timeout_s < 0:
@@ -68,6 +72,11 @@ class Plugin:
     # Sets the plugin's gauges from the database; the HTTP server runs it every
     # RUNNER_DEPTH_SAMPLE_INTERVAL seconds while it serves /metrics (never per scrape).
     sample_metrics: Callable[[App], Awaitable[None]] | None = None
+    # The plugin's own settings (a pydantic-settings class with its own env_prefix, e.g. RUNNER_CONSENSUS_):
+    # load_settings(plugin_settings=...) validates it and its names join the typo check; the plugin reads it
+    # with app.settings.plugin_settings(cls), cached per App in app.resources.
+    # (or a function returning it, so that importing the plugin does not import pydantic-settings)
+    settings: type[BaseSettings] | Callable[[], type[BaseSettings]] | None = None
 
 
 @dataclass
@@ -105,3 +114,13 @@ def build_registry(plugins: Sequence[Plugin]) -> Registry:
         for kind in plugin.kinds:
             registry.add(kind)
     return registry
+
+
+def plugin_settings(plugins: Sequence[Plugin]) -> list[type[BaseSettings]]:
+    """The plugins' settings classes, for ``load_settings(plugin_settings=...)``."""
+    classes: list[type[BaseSettings]] = []
+    for plugin in plugins:
+        if plugin.settings is not None:
+            declared = plugin.settings
+            classes.append(declared if isinstance(declared, type) else declared())
+    return classes

@@ -70,6 +70,7 @@ class JobOutcome:
     outcome: Outcome
     error: str | None = None
     delay_s: float = 0.0  # when it goes back to pending: seconds before it may run again
+    result: str | None = None  # the handler's return value as JSON text, stored when it succeeded
     # The handler called ctx.complete_in: if that transaction committed, this outcome is refused (the job
     # is no longer running) and that refusal is the expected end, not a lost lease.
     settled_in_transaction: bool = False
@@ -137,6 +138,17 @@ class JobQueue:
             rows = await self.db.fetch(sql.ENQUEUE, *args)
         return [row["id"] for row in rows]
 
+    async def job_enqueue_in(self, connection: asyncpg.Connection, job: NewJob) -> tuple[int, bool]:
+        """Enqueue one job inside the caller's transaction; (id, created): with its dedupe key held by an
+        unfinished job, that job's id. Raises a UsageError when the key's holder finished meanwhile."""
+        ids = await self.job_enqueue_many([job], connection)
+        if ids:
+            return ids[0], True
+        existing = await connection.fetchval(sql.FIND_UNFINISHED_BY_DEDUPE_KEY, job.dedupe_key)
+        if existing is None:
+            raise UsageError(f"dedupe key {job.dedupe_key!r}: its job finished during this enqueue; enqueue again")
+        return int(existing), False
+
     async def job_enqueue(self, job: NewJob) -> tuple[int, bool]:
         """Enqueue one job; return (id, created). With a dedupe key already unfinished, the existing id."""
         async with self.db.transaction() as connection:
@@ -182,14 +194,17 @@ class JobQueue:
             [o.outcome for o in outcomes],
             [o.error for o in outcomes],
             [o.delay_s for o in outcomes],
+            [o.result for o in outcomes],
             lane="control",
         )
         written = [WrittenOutcome(r["id"], r["kind"], r["status"], r["outcome"]) for r in rows if not r["busy"]]
         return CompletionResult(written, {r["id"] for r in rows if r["busy"]})
 
-    async def job_complete_in_transaction(self, connection: asyncpg.Connection, job_id: int, lease_epoch: int) -> bool:
+    async def job_complete_in_transaction(
+        self, connection: asyncpg.Connection, job_id: int, lease_epoch: int, result: str | None = None
+    ) -> bool:
         """Mark the job succeeded inside the caller's transaction; False when the lease is no longer ours."""
-        status = await connection.execute(sql.COMPLETE_IN_TRANSACTION, job_id, lease_epoch)
+        status = await connection.execute(sql.COMPLETE_IN_TRANSACTION, job_id, lease_epoch, result)
         return bool(status.endswith(" 1"))
 
     async def job_release_owned_except(self, worker_id: str, keep: Sequence[int]) -> list[RescuedJob]:
@@ -280,3 +295,101 @@ class JobQueue:
 
     async def job_list_running(self, limit: int = 50) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.db.fetch(sql.RUNNING_JOBS, limit)]
+
+    # --- operations: list and bulk by filter ----------------------------------------------------
+    async def job_list(
+        self, where: JobFilter, *, limit: int = 50, before_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Jobs matching the filter, newest first (the columns of job_get); the next page: before_id=last id."""
+        if limit < 1:
+            raise UsageError(f"limit must be positive, got {limit}")
+        rows = await self.db.fetch(sql.LIST_JOBS, *where.arrays(), limit, before_id)
+        return [dict(row) for row in rows]
+
+    async def job_cancel_where(self, where: JobFilter) -> int:
+        """Cancel every pending job matching the filter and ask workers to stop the running ones (one NOTIFY
+        each, as job_request_cancel). Returns how many jobs were cancelled or asked to stop."""
+        where.only(("pending", "running"), "cancelled")
+        return await self._bulk_where(sql.CANCEL_WHERE, where, await self._clock(0))
+
+    async def job_retry_where(self, where: JobFilter) -> int:
+        """Run the failed and cancelled jobs matching the filter again, attempts reset (as job_retry)."""
+        where.only(("failed", "cancelled"), "retried")
+        return await self._bulk_where(sql.RETRY_WHERE, where, await self._clock(0))
+
+    async def job_purge_where(self, where: JobFilter, older_than_s: float = 0, batch: int = 10_000) -> int:
+        """Delete finished jobs (never pending or running ones) matching the filter that finished more than
+        older_than_s seconds ago, in batches of at most ``batch`` rows (one short statement each)."""
+        where.only(FINISHED, "purged")
+        if older_than_s < 0:
+            raise UsageError(f"older than must not be negative, got {older_than_s:g}")
+        if batch < 1:
+            raise UsageError(f"batch must be positive, got {batch}")
+        return await self._bulk_where(sql.PURGE_WHERE, where, await self._clock(older_than_s), batch)
+
+    async def job_counts_by_queue(self) -> list[dict[str, Any]]:
+        """Rows of queue, kind, status, delayed (pending with run_at in the future) and n."""
+        return [dict(row) for row in await self.db.fetch(sql.COUNT_BY_QUEUE)]
+
+    async def live_workers_for_queue(self, queue: str, within_s: float) -> int:
+        """Workers serving ``queue`` whose heartbeat is at most within_s seconds old."""
+        return int(await self.db.fetchval(sql.LIVE_WORKERS_FOR_QUEUE, queue, within_s))
+
+    async def _clock(self, minus_s: float) -> Any:
+        from datetime import timedelta
+
+        return await self.db.fetchval(sql.CLOCK) - timedelta(seconds=minus_s)
+
+    async def _bulk_where(self, statement: str, where: JobFilter, cutoff: Any, batch: int = 10_000) -> int:
+        """Run a bulk statement batch after batch until nothing matches. Rows other transactions hold (a
+        claim, a completion flush) are skipped, not waited for; they are tried again until they come free,
+        for at most BULK_LOCKED_WAIT_S without progress."""
+        import asyncio
+
+        total = 0
+        loop = asyncio.get_running_loop()
+        stalled_since: float | None = None
+        while True:
+            row = await self.db.fetchrow(statement, *where.arrays(), batch, cutoff)
+            assert row is not None
+            total += int(row["n"])
+            if not row["more"]:
+                return total
+            if row["n"]:
+                stalled_since = None
+                continue
+            now = loop.time()
+            stalled_since = now if stalled_since is None else stalled_since
+            if now - stalled_since > BULK_LOCKED_WAIT_S:
+                return total
+            await asyncio.sleep(0.05)
+
+
+STATUSES = ("pending", "running", *FINISHED)
+# How long a bulk operation retries rows that stay locked by others before it returns what it did.
+BULK_LOCKED_WAIT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Which jobs an operation applies to; an empty tuple means any status, kind or queue."""
+
+    statuses: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("statuses", "kinds", "queues"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        unknown = [s for s in self.statuses if s not in STATUSES]
+        if unknown:
+            raise UsageError(f"unknown status {unknown[0]!r} (known: {', '.join(STATUSES)})")
+
+    def arrays(self) -> tuple[list[str], list[str], list[str]]:
+        return list(self.statuses), list(self.kinds), list(self.queues)
+
+    def only(self, allowed: Sequence[str], verb: str) -> None:
+        """Refuse statuses an operation cannot apply to (a purge never touches a pending job)."""
+        refused = [s for s in self.statuses if s not in allowed]
+        if refused:
+            raise UsageError(f"{refused[0]} jobs cannot be {verb} (only {', '.join(allowed)} ones)")

@@ -162,10 +162,10 @@ DELETE FROM runner_workers WHERE last_heartbeat_at < now() - $1 * interval '1 se
 # primary key in LATERAL subqueries, as in HEARTBEAT: linear in the batch whatever the plan.
 COMPLETE = """
 WITH outcome AS MATERIALIZED (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[])
-             AS t(id, epoch, outcome, error, delay)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[], $6::text[])
+             AS t(id, epoch, outcome, error, delay, result)
 ), decided AS (
-    SELECT l.id, o.outcome, o.error, o.delay,
+    SELECT l.id, o.outcome, o.error, o.delay, o.result,
            CASE
                WHEN o.outcome = 'succeeded' THEN 'succeeded'
                WHEN o.outcome = 'cancelled' THEN 'cancelled'
@@ -188,6 +188,7 @@ WITH outcome AS MATERIALIZED (
         last_error = CASE WHEN d.outcome IN ('error', 'fatal', 'cancelled') THEN d.error
                           WHEN d.new_status = 'cancelled' THEN 'cancelled by request'
                           ELSE j.last_error END,
+        result = CASE WHEN d.new_status = 'succeeded' THEN d.result::jsonb ELSE j.result END,
         lease_owner = NULL, lease_expires_at = NULL,
         finished_at = CASE WHEN d.new_status = 'pending' THEN NULL ELSE now() END
     FROM decided d
@@ -207,7 +208,7 @@ WHERE b.status = 'running' AND o.id NOT IN (SELECT id FROM written)
 # commit together. Fenced like every write; zero rows means the lease is gone and the caller rolls back.
 COMPLETE_IN_TRANSACTION = """
 UPDATE runner_jobs
-SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
+SET status = 'succeeded', result = $3::jsonb, lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
 WHERE id = $1 AND lease_epoch = $2 AND status = 'running'
 """
 
@@ -249,7 +250,7 @@ NOTIFY_JOBS = "SELECT pg_notify('runner_jobs', $1::text)"
 GET_JOB = """
 SELECT id, kind, queue, payload, status, priority, run_at, attempts, max_attempts, recoveries,
        lease_owner, lease_expires_at, lease_epoch, progress_done, progress_total, checkpoint,
-       cancel_requested, last_error, dedupe_key, created_at, started_at, finished_at
+       cancel_requested, last_error, dedupe_key, result, created_at, started_at, finished_at
 FROM runner_jobs WHERE id = $1
 """
 
@@ -271,4 +272,101 @@ SELECT EXISTS (
     WHERE queue = ANY($1::text[]) AND kind = ANY($2::text[])
       AND ((status = 'pending' AND (run_at <= now() OR started_at IS NOT NULL)) OR status = 'running')
 )
+"""
+
+
+# --- operations: list and bulk by filter
+# Filters are three text arrays, $1 statuses, $2 kinds, $3 queues; an empty array means "any". Bulk writes
+# work in batches of at most $4 rows, each batch one statement: rows are taken in id order with
+# FOR UPDATE SKIP LOCKED (a row a worker holds is never waited for, so no deadlock), and `more` says whether
+# rows still match outside this batch (past the limit, or skipped because someone holds them), so the
+# caller goes on. $5 is a cutoff on the database clock taken once before the first batch: jobs created
+# (cancel) or finished (retry, purge) after it are not touched, so a busy queue cannot keep a bulk
+# operation going for ever.
+CLOCK = "SELECT now()"
+
+_FILTER = """(cardinality($1::text[]) = 0 OR status = ANY($1::text[]))
+      AND (cardinality($2::text[]) = 0 OR kind = ANY($2::text[]))
+      AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[]))"""
+
+# The same columns as GET_JOB, newest first, keyset paging by id ($5: only ids below it; NULL: from the top).
+_JOB_COLUMNS = GET_JOB[: GET_JOB.index("FROM runner_jobs")]
+LIST_JOBS = f"""
+{_JOB_COLUMNS}FROM runner_jobs
+WHERE {_FILTER}
+  AND ($5::bigint IS NULL OR id < $5::bigint)
+ORDER BY id DESC
+LIMIT $4
+"""
+
+
+def _bulk(condition: str, write: str, notify: str) -> str:
+    return f"""
+WITH locked AS (
+    SELECT id FROM runner_jobs
+    WHERE {_FILTER}
+      AND {condition}
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), written AS (
+    {write}
+), notified AS (
+    {notify}
+)
+SELECT (SELECT count(*) FROM written) AS n,
+       (SELECT n FROM notified) AS notified,
+       EXISTS (SELECT 1 FROM runner_jobs
+               WHERE {_FILTER}
+                 AND {condition}
+                 AND id NOT IN (SELECT id FROM locked)) AS more
+"""
+
+
+# Pending jobs end cancelled at once; running ones get cancel_requested and a NOTIFY on runner_cancel (as
+# REQUEST_CANCEL + NOTIFY_CANCEL do for one job), which stops their handlers.
+CANCEL_WHERE = _bulk(
+    "status IN ('pending', 'running') AND NOT cancel_requested AND created_at <= $5::timestamptz",
+    """UPDATE runner_jobs j
+    SET cancel_requested = true,
+        status = CASE WHEN j.status = 'pending' THEN 'cancelled' ELSE j.status END,
+        finished_at = CASE WHEN j.status = 'pending' THEN now() ELSE j.finished_at END,
+        last_error = CASE WHEN j.status = 'pending' THEN 'cancelled before it ran' ELSE j.last_error END
+    FROM locked l WHERE j.id = l.id
+    RETURNING j.id, j.status""",
+    "SELECT count(pg_notify('runner_cancel', id::text)) AS n FROM written WHERE status = 'running'",
+)
+
+# As RETRY for one job: failed or cancelled jobs back to pending with their attempts reset, and one NOTIFY
+# on runner_jobs per queue they are in.
+RETRY_WHERE = _bulk(
+    "status IN ('failed', 'cancelled') AND (finished_at IS NULL OR finished_at <= $5::timestamptz)",
+    """UPDATE runner_jobs j
+    SET status = 'pending', attempts = 0, recoveries = 0, run_at = now(), cancel_requested = false,
+        finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+    FROM locked l WHERE j.id = l.id
+    RETURNING j.id, j.queue""",
+    "SELECT count(pg_notify('runner_jobs', q.queue)) AS n FROM (SELECT DISTINCT queue FROM written) q",
+)
+
+# Finished jobs only, never pending or running ones (the status test is in the statement, whatever the
+# filter says); $5 is the newest finished_at that goes (now() - older_than at the start).
+PURGE_WHERE = _bulk(
+    "status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $5::timestamptz",
+    "DELETE FROM runner_jobs j USING locked l WHERE j.id = l.id RETURNING j.id",
+    "SELECT 0 AS n",
+)
+
+# Counts by queue, kind and status; pending jobs whose run_at is still in the future are `delayed`.
+COUNT_BY_QUEUE = """
+SELECT queue, kind, status, (status = 'pending' AND run_at > now()) AS delayed, count(*) AS n
+FROM runner_jobs
+GROUP BY queue, kind, status, delayed
+ORDER BY queue, kind, status, delayed
+"""
+
+# Workers whose heartbeat is recent and whose `queues` (comma-separated) include $1.
+LIVE_WORKERS_FOR_QUEUE = """
+SELECT count(*) FROM runner_workers
+WHERE last_heartbeat_at > now() - $2 * interval '1 second' AND $1::text = ANY(string_to_array(queues, ','))
 """

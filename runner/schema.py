@@ -46,6 +46,7 @@ jobs = Table(
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
     Column("last_error", Text),
     Column("dedupe_key", Text),
+    Column("result", JSONB),  # revision 0004: added last, so it sits after finished_at in the table
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),

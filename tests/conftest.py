@@ -14,6 +14,7 @@ import pytest
 
 from runner.app import App
 from runner.config import Settings, load_settings
+from tests.kinds import REFERENCE as TEST_KINDS
 from tests.pg import TestServer, start_test_server
 from tests.stress import Stress, cpu_hogs
 
@@ -32,6 +33,8 @@ FAST_ENV = {
     "RUNNER_HTTP_ENABLED": "false",
     # The in-process chain adds seconds to every worker start; consensus tests turn it on explicitly.
     "RUNNER_CONSENSUS_ENABLED": "false",
+    # The tests' own kinds (record, fail) and their table: in-process apps, CLI calls and workers (cwd ROOT).
+    "RUNNER_APP": TEST_KINDS,
 }
 
 

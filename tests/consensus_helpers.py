@@ -19,6 +19,7 @@ from runner.config import load_settings
 from runner.jobs.consensus.contract import DecodedEvent
 from runner.jobs.consensus.engine import Engine
 from runner.jobs.consensus.model import new_submission
+from runner.jobs.consensus.settings import ConsensusSettings
 from runner.worker import Worker
 
 SENDER = "0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf"
@@ -42,7 +43,7 @@ async def consensus_app(**env: str) -> AsyncIterator[App]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        settings = load_settings()
+        settings = load_settings(plugin_settings=[ConsensusSettings])  # RUNNER_CONSENSUS_* read now
     finally:
         for key, value in saved.items():
             if value is None:

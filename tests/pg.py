@@ -15,9 +15,16 @@ import asyncpg
 
 from runner.embedded import EmbeddedPostgres
 from runner.migrate import migrate
-from runner.plugins import load_plugins
+from runner.plugins import Plugin
 
 TEMPLATE = "runner_test_template"
+
+
+def plugins_with_test_kinds() -> list[Plugin]:
+    """The installed plugins and the tests' own kinds (tests/kinds.py): what RUNNER_APP=tests.kinds:app loads."""
+    from tests.kinds import app
+
+    return app.all_plugins()
 
 
 def with_database(url: str, database: str) -> str:
@@ -38,7 +45,7 @@ class TestServer:
     async def prepare_template(self) -> None:
         await self.drop(TEMPLATE)
         await self.execute(f'CREATE DATABASE "{TEMPLATE}"')
-        await migrate(self.url(TEMPLATE), load_plugins())
+        await migrate(self.url(TEMPLATE), plugins_with_test_kinds())
 
     async def create_database(self, prefix: str = "t") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"

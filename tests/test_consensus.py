@@ -96,7 +96,7 @@ def test_majority_decides() -> None:
 async def test_contracts_finalize_in_submission_order_with_every_event(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
-    async with consensus_app(RUNNER_FINALITY_WINDOW="0.2", RUNNER_CONSENSUS_CONCURRENCY="3") as app:
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0.2", RUNNER_CONSENSUS_CONCURRENCY="3") as app:
         plan = []
         for c in range(3):
             to = contract_address(c)
@@ -125,7 +125,7 @@ async def test_contracts_finalize_in_submission_order_with_every_event(
 async def test_disagreement_and_timeouts_end_in_their_states(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
-    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_CONSENSUS_LEADER_TIMEOUT="0.3",
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_LEADER_TIMEOUT="0.3",
                              RUNNER_CONSENSUS_VALIDATOR_TIMEOUT="0.3") as app:
         to = contract_address(7)
         cases = [
@@ -160,7 +160,7 @@ async def test_disagreement_and_timeouts_end_in_their_states(
 async def test_disagree_rate_makes_every_transaction_undetermined(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
-    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_CONSENSUS_DISAGREE_RATE="1") as app:
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_DISAGREE_RATE="1") as app:
         for i in range(4):
             await submit(app, contract_address(i), {"op": "set", "key": "k", "value": i})
         await drain(app)
@@ -173,7 +173,8 @@ async def test_a_stuck_task_is_cancelled_recovered_and_capped(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
     """The seed's 8-day COMMITTING: a task that makes no progress must not keep its lease alive."""
-    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_TX_STUCK_AFTER="0.6", RUNNER_MAX_RECOVERIES="2",
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_TX_STUCK_AFTER="0.6",
+                             RUNNER_MAX_RECOVERIES="2",
                              RUNNER_CONSENSUS_LEADER_TIMEOUT="3600") as app:
         stuck = await submit(app, contract_address(1), {"op": "set", "key": "a", "value": 1,
                                                         "consensus": {"leader_delay": 3600}})
@@ -195,7 +196,7 @@ async def test_a_stuck_task_is_cancelled_recovered_and_capped(
 async def test_expired_leases_elsewhere_are_recovered_without_duplicate_events(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
-    async with consensus_app(RUNNER_FINALITY_WINDOW="0", RUNNER_MAX_RECOVERIES="3") as app:
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_MAX_RECOVERIES="3") as app:
         engine = engine_of(app)
         crashed = await submit(app, contract_address(1), {"op": "set", "key": "a", "value": 1})
         capped = await submit(app, contract_address(2), {"op": "set", "key": "a", "value": 2})
@@ -237,7 +238,7 @@ async def test_a_contract_gone_from_the_node_is_detected_and_deployed_again(
 ) -> None:
     """A batch sent to an address without ConsensusMain is mined without its events (a node reset to a
     fresh chain looks like this): the worker notices, deploys again, and finishes with every event."""
-    async with consensus_app(RUNNER_FINALITY_WINDOW="0") as app:
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0") as app:
         engine = engine_of(app)
         real = engine.contract
         gone = cm.ConsensusMain(engine.chain, contract_address(404), real.deploy_block)
@@ -301,7 +302,8 @@ def test_submit_then_worker_drain_finalizes_on_the_in_process_chain(runner_env: 
     pending = json.loads(run_cli(runner_env, "tx", hashes[0], "--json").stdout)
     assert pending["status"] == "PENDING" and pending["to_address"] == to
 
-    result = run_cli(runner_env, "worker", "--drain", RUNNER_FINALITY_WINDOW="0.2", RUNNER_CONSENSUS_ENABLED="true")
+    result = run_cli(runner_env, "worker", "--drain", RUNNER_CONSENSUS_FINALITY_WINDOW="0.2",
+                     RUNNER_CONSENSUS_ENABLED="true")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ConsensusMain deployed" in result.stderr
     for tx_hash in hashes:

@@ -120,7 +120,7 @@ async def test_200_transactions_over_20_contracts_finalize_in_order(
     await submit_many(app, plan_for(20, 10))
     log = tmp_path / "worker.log"
     worker = start_worker(runner_env, "--drain", log_path=log, RUNNER_CHAIN_URL=anvil.url,
-                          RUNNER_CONSENSUS_ENABLED="true", RUNNER_FINALITY_WINDOW="0.2",
+                          RUNNER_CONSENSUS_ENABLED="true", RUNNER_CONSENSUS_FINALITY_WINDOW="0.2",
                           RUNNER_CONSENSUS_CONCURRENCY="20")
     watch = ConnectionWatch(anvil.port, worker.pid)
     try:
@@ -141,7 +141,7 @@ async def test_kill_9_mid_consensus_then_another_worker_finishes_without_duplica
     app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
 ) -> None:
     await submit_many(app, plan_for(8, 5, validator_delay=0.4))
-    env = {"RUNNER_CHAIN_URL": anvil.url, "RUNNER_FINALITY_WINDOW": "0.2", "RUNNER_CONSENSUS_ENABLED": "true"}
+    env = {"RUNNER_CHAIN_URL": anvil.url, "RUNNER_CONSENSUS_FINALITY_WINDOW": "0.2", "RUNNER_CONSENSUS_ENABLED": "true"}
     first = start_worker(runner_env, log_path=tmp_path / "first.log", **env)
 
     async def mid_machine() -> bool:
@@ -176,7 +176,7 @@ async def test_node_down_10s_then_restarted_with_its_state(
     await submit_many(app, plan_for(8, 6, validator_delay=0.2))
     log = tmp_path / "worker.log"
     worker = start_worker(runner_env, "--drain", log_path=log, RUNNER_CHAIN_URL=anvil.url,
-                          RUNNER_CONSENSUS_ENABLED="true", RUNNER_FINALITY_WINDOW="0.2",
+                          RUNNER_CONSENSUS_ENABLED="true", RUNNER_CONSENSUS_FINALITY_WINDOW="0.2",
                           RUNNER_CHAIN_RPC_TIMEOUT="2")
 
     async def some_finalized() -> bool:

@@ -16,10 +16,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from runner import metrics
 from runner.app import App
 from runner.embedded import EmbeddedPostgres
 from runner.http import HttpServer
+from runner.jobs.consensus import metrics
 from runner.jobs.consensus.model import new_submission
 from runner.jobs.consensus.store import ConsensusStore
 from runner.jobs.demo import COPY_TABLE, SOURCE_TABLE, contract_addresses, sample_consensus_metrics
@@ -131,7 +131,7 @@ def test_demo_needs_consensus_for_transactions(runner_env: dict[str, str]) -> No
 async def test_operate_plugin_samples_consensus_gauges(
     runner_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, app: App, conn: asyncpg.Connection
 ) -> None:
-    app.settings = app.settings.model_copy(update={"consensus_enabled": True})  # the suite's default is off
+    monkeypatch.setenv("RUNNER_CONSENSUS_ENABLED", "true")  # the suite's default is off; read at first use
     store = ConsensusStore(app.db, app.settings.worker_id, app.settings.lease_timeout)
     sender, target = contract_addresses(2)
     hashes = await store.insert([new_submission(sender, target, {"op": "set", "key": f"k{i}", "value": i})
@@ -149,7 +149,7 @@ async def test_operate_plugin_samples_consensus_gauges(
 
     # the HTTP server runs the sampler on RUNNER_DEPTH_SAMPLE_INTERVAL, not per scrape
     await conn.execute("UPDATE runner_consensus_transactions SET status = 'FINALIZED' WHERE hash = $1", hashes[0])
-    app.settings = app.settings.model_copy(update={"depth_sample_interval": 0.1})
+    app._settings = app.settings.model_copy(update={"depth_sample_interval": 0.1})
     server = await HttpServer(app, host="127.0.0.1", port=0).start()
     try:
         async def sampled() -> bool:

@@ -124,7 +124,7 @@ async def test_failed_connection_resets_never_drop_a_committed_claim(app: App) -
             raise ConnectionResetError("injected: reset failed after the statement committed")
 
     db = await Database.for_runner(app.settings, app.dsn, reset=failing_reset).open(10)
-    faulty = App(app.settings, app.dsn, db, JobQueue(db), app.plugins, app.registry)
+    faulty = App.assemble(app.settings, app.dsn, db, JobQueue(db), app.plugins, app.registry)
     try:
         await Worker(faulty, drain=True, install_signal_handlers=False).run()
         assert faulty.db.release_failures == 60
@@ -261,7 +261,7 @@ async def test_pool_exhausted_in_a_handler_releases_the_job_without_an_attempt(a
     app.registry.add(JobKind("greedy", greedy))
     [job_id] = await app.queue.job_enqueue_many([NewJob("greedy", {}, max_attempts=1)])
     quick = app.settings.model_copy(update={"pool_exhausted_retry_delay": 0.2})
-    await Worker(App(quick, app.dsn, app.db, app.queue, app.plugins, app.registry), drain=True,
+    await Worker(App.assemble(quick, app.dsn, app.db, app.queue, app.plugins, app.registry), drain=True,
                  install_signal_handlers=False).run()
     row = await app.queue.job_get(job_id)
     assert (row["status"], row["attempts"], runs["n"]) == ("succeeded", 0, 2)

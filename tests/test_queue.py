@@ -276,7 +276,7 @@ async def test_drain_waits_for_a_retry_in_its_backoff(app: App) -> None:
     slow_retry = app.settings.model_copy(update={"retry_backoff_base": 0.5, "retry_backoff_max": 0.5})
     [job_id] = await app.queue.job_enqueue_many([NewJob("fail", {"message": "again"}, max_attempts=2)])
     [delayed] = await app.queue.job_enqueue_many([NewJob("noop", {}, delay_s=3600)])
-    retry_app = App(slow_retry, app.dsn, app.db, app.queue, app.plugins, app.registry)
+    retry_app = App.assemble(slow_retry, app.dsn, app.db, app.queue, app.plugins, app.registry)
     await run_worker(retry_app)
     row = await app.queue.job_get(job_id)
     assert (row["status"], row["attempts"]) == ("failed", 2)  # both attempts ran before the drain ended

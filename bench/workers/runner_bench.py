@@ -4,10 +4,10 @@
     runner_bench.py produce --rate R --duration D       (RUNNER_DATABASE_URL from the environment)
 
 ``worker`` is ``runner worker`` as shipped plus one bench-only kind, ``bench_latency``, whose handler
-records ``time.time()`` at its start against the enqueue time carried in the payload. The kind is added
-by wrapping ``runner.plugins.load_plugins`` before the CLI is imported (runner finds kinds through the
-``runner.plugins`` entry point group; a bench-only kind has no business in pyproject.toml). Nothing else
-changes: heartbeats, fencing, cancellation checks and defaults are those of the CLI.
+records ``time.time()`` at its start against the enqueue time carried in the payload. The kind is declared
+on this script's own ``runner.App`` and loaded the way an application's are (``RUNNER_APP=__main__:app``:
+this very module, so the handler fills the list this script writes out). Nothing else changes: heartbeats,
+fencing, cancellation checks and defaults are those of the CLI.
 
 P1, P3, P7 and scale.py use the plain ``runner`` command, not this file.
 """
@@ -17,30 +17,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
-import runner.plugins as runner_plugins
+import runner
 
 KIND = "bench_latency"
 latencies: list[float] = []
+app = runner.App(name="bench")
 
 
-async def bench_latency(ctx) -> None:  # type: ignore[no-untyped-def]
+@app.job(KIND)
+async def bench_latency(ctx: runner.JobContext) -> None:
     latencies.append(time.time() - ctx.payload["t"])
 
 
-def _with_bench_kind() -> None:
-    shipped = runner_plugins.load_plugins
-
-    def load_plugins() -> list[runner_plugins.Plugin]:
-        return [*shipped(), runner_plugins.Plugin(name="bench", kinds=(runner_plugins.JobKind(KIND, bench_latency),))]
-
-    runner_plugins.load_plugins = load_plugins  # before runner.app / runner.cli bind the name
-
-
 def worker(latency_out: str, argv: list[str]) -> None:
-    _with_bench_kind()
+    os.environ["RUNNER_APP"] = "__main__:app"  # this script's app (not a second import of it)
     from runner.cli import main
 
     sys.argv = ["runner", "worker", *argv]

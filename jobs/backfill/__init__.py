@@ -6,24 +6,41 @@ made at enqueue and again at run time, and :mod:`runner.jobs.backfill.pools` for
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from runner.app import App
-from runner.jobs.backfill.mover import handle
-from runner.jobs.backfill.plan import build_plan
-from runner.jobs.backfill.pools import close_named_pools, named_pools
-from runner.jobs.backfill.spec import parse_spec
 from runner.plugins import JobKind, Plugin
+
+# Every `runner` command (`--help` too) loads this plugin: the mover, the planner and the pools (asyncpg,
+# tenacity, the app) are imported by the handler, the validator and the command when they first run.
+if TYPE_CHECKING:
+    import typer
+
+    from runner.app import App
+    from runner.context import JobContext
+
+
+async def handle(ctx: JobContext) -> None:
+    from runner.jobs.backfill.mover import handle
+
+    await handle(ctx)
 
 
 async def validate(payload: dict[str, Any], app: App) -> None:
     """At enqueue: the payload's shape, then both catalogs (raises PayloadError, a usage error)."""
+    from runner.jobs.backfill.plan import build_plan
+    from runner.jobs.backfill.pools import named_pools
+    from runner.jobs.backfill.spec import parse_spec
+
     spec = parse_spec(payload)
     pools = named_pools(app)
     async with pools.use(spec.source) as source_db, pools.use(spec.dest) as dest_db:
         await build_plan(spec, source_db, dest_db)
+
+
+async def close_named_pools(app: App) -> None:
+    from runner.jobs.backfill.pools import close_named_pools
+
+    await close_named_pools(app)
 
 
 def commands(cli: typer.Typer) -> None:

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
-from runner.app import App
 from runner.cli import fail, settings_or_exit, with_app
 from runner.errors import UsageError
 from runner.jobs.backfill.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONNECTION, BackfillSpec, parse_spec
 from runner.jobs.backfill.where import parse_where
-from runner.queue import NewJob
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from runner.app import App
 
 KIND = "backfill"
 POLL_S = 0.25
@@ -66,24 +59,31 @@ def backfill_command(
 
 
 async def enqueue(app: App, spec: BackfillSpec, wait: bool) -> int:
-    payload = spec.to_payload()
-    kind = app.registry.get(KIND)
-    if kind.validate is not None:
-        await kind.validate(payload, app)
-    job_id, _ = await app.queue.job_enqueue(NewJob(KIND, payload))
+    job_id = await app.enqueue(KIND, spec.to_payload())  # validated there, like every enqueue
     print(job_id, flush=True)
     if not wait:
         return 0
     return await watch(app, job_id)
 
 
-class RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} rows/s" if speed else "- rows/s", style="progress.data.speed")
-
-
 def progress_bar(console: Console) -> Progress:
+    # rich is imported here, not at the top: every command's start loads this module to register `backfill`.
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} rows/s" if speed else "- rows/s", style="progress.data.speed")
+
     return Progress(
         TextColumn("job {task.fields[job_id]}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
         RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
@@ -94,6 +94,8 @@ def progress_bar(console: Console) -> Progress:
 async def watch(app: App, job_id: int) -> int:
     """A live progress bar (rows, rows/s, ETA) on stderr until the job finishes."""
     try:
+        from rich.console import Console
+
         job = await follow(app, job_id, Console(stderr=True))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"stopped watching; job {job_id} goes on (runner cancel {job_id} stops it)", file=sys.stderr)

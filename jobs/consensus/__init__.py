@@ -8,23 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
-
-from runner.errors import RunnerError
-from runner.jobs.consensus.cli import register_commands
-from runner.jobs.consensus.store import ConsensusStore
-from runner.logs import get_logger
 from runner.plugins import Plugin
 
 if TYPE_CHECKING:
+    import typer
+    from pydantic_settings import BaseSettings
+
     from runner.app import App
     from runner.jobs.consensus.engine import Engine
+    from runner.jobs.consensus.settings import ConsensusSettings
+    from runner.jobs.consensus.store import ConsensusStore
     from runner.service import Service
 
-# The chain side (web3, eth_account, eth_abi: ~1.5 s of imports) loads only in processes that open the
-# consensus resources (workers), never for `runner submit`, `runner status` or other plugins' commands.
+# Every command imports this module to build the CLI, so it imports nothing heavy: the chain side (web3,
+# eth_account, eth_abi: ~1.5 s of imports) loads only in processes that open the consensus resources
+# (workers), the store and settings when a function here first needs them.
 
-log = get_logger("runner.jobs.consensus")
 MIGRATIONS = Path(__file__).with_name("migrations")
 EMIT_MAX_INFLIGHT = 2
 
@@ -33,10 +32,39 @@ def receipt_timeout(app: App) -> float:
     return max(30.0, 3 * app.settings.chain_rpc_timeout)
 
 
+def consensus_settings(app: App) -> ConsensusSettings:
+    from runner.jobs.consensus.settings import consensus_settings as settings_of
+
+    return settings_of(app)
+
+
+def settings_class() -> type[BaseSettings]:
+    from runner.jobs.consensus.settings import ConsensusSettings
+
+    return ConsensusSettings
+
+
+def register_commands(cli: typer.Typer) -> None:
+    from runner.jobs.consensus.cli import register_commands as register
+
+    register(cli)
+
+
+def _log_info(message: str) -> None:
+    from runner.logs import get_logger
+
+    get_logger("runner.jobs.consensus").info(message)
+
+
 async def open_resources(app: App) -> None:
     """The one AsyncWeb3 (app.resources["chain"]) and a deployed ConsensusMain (address in the database)."""
+    import asyncpg
+
+    from runner.errors import ChainNotConfigured, RunnerError
+    from runner.jobs.consensus.store import ConsensusStore
+
     settings = app.settings
-    if not settings.consensus_enabled:
+    if not consensus_settings(app).enabled:
         return
     from runner.chain import close_chain, open_chain
     from runner.jobs.consensus.contract import ensure_deployed
@@ -44,7 +72,15 @@ async def open_resources(app: App) -> None:
     from runner.jobs.consensus.engine import Engine
     from runner.jobs.consensus.executor import KeyValueExecutor
 
-    chain = await open_chain(settings)
+    try:
+        chain = await open_chain(settings)
+    except ChainNotConfigured as error:  # a plain install (no `chain` extra) and no RUNNER_CHAIN_URL
+        from runner.jobs.consensus.settings import _RESOURCE
+
+        _log_info(f"consensus loops off: {error}")
+        # Off for this App: no loops (and no warning about them), --drain does not wait for consensus work.
+        app.resources[_RESOURCE] = consensus_settings(app).model_copy(update={"enabled": False})
+        return
     app.resources["chain"] = chain
     try:
         store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
@@ -73,8 +109,11 @@ async def close_resources(app: App) -> None:
 def services(app: App) -> Sequence[Service]:
     engine: Engine | None = app.resources.get("consensus")
     if engine is None:
-        if app.settings.consensus_enabled:
-            log.warning("consensus resources are not open; the consensus loops will not run")
+        if consensus_settings(app).enabled:
+            from runner.logs import get_logger
+
+            get_logger("runner.jobs.consensus").warning(
+                "consensus resources are not open; the consensus loops will not run")
         return []
     from runner.jobs.consensus.engine import FinalityLoop, PendingLoop, RecoveryLoop
 
@@ -82,12 +121,14 @@ def services(app: App) -> Sequence[Service]:
 
 
 def _store(app: App) -> ConsensusStore:
+    from runner.jobs.consensus.store import ConsensusStore
+
     return ConsensusStore(app.db, app.settings.worker_id, app.settings.lease_timeout)
 
 
 async def has_pending_work(app: App) -> bool:
     """Transactions not finalized yet (or a finalized event still owed): ``--drain`` waits for them."""
-    if not app.settings.consensus_enabled:
+    if not consensus_settings(app).enabled:
         return False
     return await _store(app).has_work()
 
@@ -112,4 +153,5 @@ plugin = ConsensusPlugin(
     open_resources=open_resources,
     close_resources=close_resources,
     status=status,
+    settings=settings_class,
 )

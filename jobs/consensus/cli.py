@@ -9,9 +9,6 @@ import typer
 
 from runner.cli import fail, json_default, settings_or_exit, with_app
 from runner.errors import UsageError
-from runner.jobs.consensus.executor import KeyValueExecutor
-from runner.jobs.consensus.model import default_sender, new_submission, parse_address, parse_input, parse_tx_hash
-from runner.jobs.consensus.store import ConsensusStore
 
 if TYPE_CHECKING:
     from runner.app import App
@@ -25,6 +22,10 @@ def submit_command(
     from_: Annotated[str | None, typer.Option("--from", help="Sender address (default: the chain signer)")] = None,
 ) -> None:
     """Submit a consensus transaction (prints its hash); a worker takes it through consensus."""
+    from runner.jobs.consensus.executor import KeyValueExecutor
+    from runner.jobs.consensus.model import default_sender, new_submission, parse_address, parse_input
+    from runner.jobs.consensus.store import ConsensusStore
+
     settings = settings_or_exit()
     try:
         to_address = parse_address(to, "--to")
@@ -47,6 +48,9 @@ def tx_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
 ) -> None:
     """One consensus transaction: status, leader, votes, result and the chain tx of each event."""
+    from runner.jobs.consensus.model import parse_tx_hash
+    from runner.jobs.consensus.store import ConsensusStore
+
     settings = settings_or_exit()
     try:
         key = parse_tx_hash(tx_hash)

@@ -13,8 +13,8 @@ import asyncio
 import time
 from collections import deque
 
-from runner import metrics
 from runner.chain import ChainError
+from runner.jobs.consensus import metrics
 from runner.jobs.consensus.contract import EVENT_NAMES, ConsensusMain, Event, batch_gas, encode_batch
 from runner.logs import get_logger
 

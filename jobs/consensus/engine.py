@@ -3,7 +3,7 @@
 * :class:`PendingLoop` claims (set-based, SKIP LOCKED) the oldest PENDING transaction of each contract
   with nothing in flight, up to RUNNER_CONSENSUS_CONCURRENCY, and runs each in a task (machine.py).
 * :class:`RecoveryLoop` renews the leases of tasks that made progress recently, and only those; cancels
-  a task with no progress for RUNNER_TX_STUCK_AFTER and recovers its transaction; recovers transactions
+  a task with no progress for RUNNER_CONSENSUS_TX_STUCK_AFTER and recovers its transaction; recovers transactions
   whose lease expired elsewhere (PENDING with recovery_count + 1; UNDETERMINED past
   RUNNER_MAX_RECOVERIES, with the reason); settles decided events left owed by a crash.
 * :class:`FinalityLoop` finalizes decided transactions whose window passed and whose predecessors on
@@ -19,15 +19,16 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from runner import metrics
 from runner.chain import Chain, ChainError
 from runner.errors import LeaseLost
 from runner.jobs.consensus import contract as cm
+from runner.jobs.consensus import metrics
 from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
 from runner.jobs.consensus.emitter import ContractMissing, EventEmitter
 from runner.jobs.consensus.executor import ContractExecutor, Execution, TxView
 from runner.jobs.consensus.machine import TxTask, decided_event
 from runner.jobs.consensus.model import IN_MACHINE, short_hash, validator_set
+from runner.jobs.consensus.settings import consensus_settings
 from runner.jobs.consensus.store import Claimed, ConsensusStore
 from runner.logs import get_logger
 from runner.service import Service
@@ -46,14 +47,15 @@ class Engine:
                  executor: ContractExecutor) -> None:
         self.app = app
         self.settings = settings = app.settings
+        self.consensus = consensus = consensus_settings(app)  # RUNNER_CONSENSUS_*
         self.chain = chain
         self.contract = contract
         self.emitter = emitter
         self.executor = executor
         self.store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
-        self.nodes = validator_set(settings.consensus_validators)
+        self.nodes = validator_set(consensus.validators)
         # bounds executions across all in-flight transactions (a real GenVM would be CPU-heavy)
-        self.validator_slots = asyncio.Semaphore(settings.consensus_validators * settings.consensus_concurrency)
+        self.validator_slots = asyncio.Semaphore(consensus.validators * consensus.concurrency)
         self.tasks: dict[str, TxTask] = {}
         self.chain_failures = 0
         self.paused_until = 0.0
@@ -182,7 +184,7 @@ class PendingLoop(Service):
 
     async def run_once(self) -> None:
         engine = self.engine
-        free = engine.settings.consensus_concurrency - len(engine.tasks)
+        free = engine.consensus.concurrency - len(engine.tasks)
         if free <= 0 or engine.paused():
             return
         for tx in await engine.store.claim(free):
@@ -218,7 +220,7 @@ class RecoveryLoop(Service):
         engine, settings = self.engine, self.engine.settings
         now = time.monotonic()
         tasks = [t for t in engine.tasks.values() if t.task is not None and not t.task.done()]
-        stuck = [t for t in tasks if now - t.last_progress > settings.tx_stuck_after]
+        stuck = [t for t in tasks if now - t.last_progress > engine.consensus.tx_stuck_after]
         live = [t for t in tasks if t not in stuck]
         renewed = await engine.store.renew([(t.tx.hash, t.tx.epoch) for t in live])
         for task in live:
@@ -238,7 +240,7 @@ class RecoveryLoop(Service):
             assert task.task is not None
             task.task.cancel()
         await asyncio.gather(*(t.task for t in stuck if t.task is not None), return_exceptions=True)
-        why = f"no progress for {settings.tx_stuck_after:g}s (task cancelled by {settings.worker_id})"
+        why = f"no progress for {engine.consensus.tx_stuck_after:g}s (task cancelled by {settings.worker_id})"
         rows = await engine.store.recover_own([(t.tx.hash, t.tx.epoch) for t in stuck], settings.max_recoveries, why)
         for row in rows:
             self._log_recovered(row, "stuck")
@@ -258,8 +260,8 @@ class FinalityLoop(Service):
 
     def __init__(self, engine: Engine) -> None:
         interval = engine.settings.poll_interval
-        if engine.settings.finality_window > 0:
-            interval = min(interval, max(0.05, engine.settings.finality_window / 2))
+        if engine.consensus.finality_window > 0:
+            interval = min(interval, max(0.05, engine.consensus.finality_window / 2))
         super().__init__(interval_s=interval)
         self.engine = engine
         engine.finality = self
@@ -268,7 +270,7 @@ class FinalityLoop(Service):
         engine = self.engine
         await engine.settle_owed_finalized()
         while True:
-            batch = await engine.store.finalize_ready(engine.settings.finality_window, FINALITY_BATCH)
+            batch = await engine.store.finalize_ready(engine.consensus.finality_window, FINALITY_BATCH)
             if not batch or not batch.hashes:
                 return
             events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0))

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from runner import metrics
 from runner.jobs.consensus import contract as cm
+from runner.jobs.consensus import metrics
 from runner.jobs.consensus.executor import Execution, TxView
 from runner.jobs.consensus.model import (
     ACCEPTED,
@@ -124,7 +124,7 @@ class TxTask:
         if faults.validator_delay:
             await asyncio.sleep(faults.validator_delay)
         execution = await self.engine.execute(view, self.tx.accepted_state)
-        rate = self.engine.settings.consensus_disagree_rate
+        rate = self.engine.consensus.disagree_rate
         if index < faults.disagree or (rate and random.random() < rate):
             return Execution({"divergent": index, "output": execution.output}, execution.state)
         return execution
@@ -133,7 +133,7 @@ class TxTask:
         async with self.engine.validator_slots:
             try:
                 execution = await asyncio.wait_for(self._run_validator(index, view, faults),
-                                                   self.engine.settings.consensus_validator_timeout)
+                                                   self.engine.consensus.validator_timeout)
                 vote = "agree" if execution.receipt_hash == leader_hash else "disagree"
             except TimeoutError:
                 vote = "timeout"
@@ -157,9 +157,9 @@ class TxTask:
         await self.emit_once("activated", [cm.Event(cm.ACTIVATED, tx.hash, tx.to_address, leader)])
         try:
             execution = await asyncio.wait_for(self._run_leader(view, faults),
-                                               engine.settings.consensus_leader_timeout)
+                                               engine.consensus.leader_timeout)
         except TimeoutError:
-            timeout_reason = f"leader {leader} did not answer within {engine.settings.consensus_leader_timeout:g}s"
+            timeout_reason = f"leader {leader} did not answer within {engine.consensus.leader_timeout:g}s"
             await self._transition(LEADER_TIMEOUT, leader=leader, reason=timeout_reason)
             await self._finish(LEADER_TIMEOUT, None)
             return

@@ -1,7 +1,7 @@
 """consensus transactions, contract states and the ConsensusMain deployment
 
 Revision ID: 0003
-Revises: 0002
+Revises: (its own branch; depends on 0001)
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0003"
-down_revision = "0002"
-branch_labels = None
-depends_on = None
+down_revision = None
+branch_labels = ("consensus",)
+depends_on = "0001"
 
 STATUSES = (
     "PENDING", "ACTIVATED", "PROPOSING", "COMMITTING", "REVEALING", "ACCEPTED", "UNDETERMINED",

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0001"
 down_revision = None
-branch_labels = None
+branch_labels = ("runner",)
 depends_on = None
 
 UNFINISHED = "status IN ('pending', 'running')"

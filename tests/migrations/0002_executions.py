@@ -1,7 +1,7 @@
-"""execution log for the `record` built-in kind
+"""execution log for the tests' `record` kind (tests/kinds.py; not part of runner's production schema)
 
 Revision ID: 0002
-Revises: 0001
+Revises: (its own branch; depends on 0001)
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002"
-down_revision = "0001"
-branch_labels = None
-depends_on = None
+down_revision = None
+branch_labels = ("test_kinds",)
+depends_on = "0001"
 
 
 def upgrade() -> None:

@@ -1,0 +1,55 @@
+"""The consensus plugin's settings: ``RUNNER_CONSENSUS_*`` (the engine knows none of them).
+
+Given to ``load_settings(plugin_settings=...)`` (the CLI does, through ``Plugin.settings``) they are
+validated at start with the core settings and known to the typo check; the consensus code reads them
+with :func:`consensus_settings`, once per App.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from runner.app import App
+    from runner.config import Settings
+
+ENV_PREFIX = "RUNNER_CONSENSUS_"
+_RESOURCE = "consensus.settings"
+
+
+class ConsensusSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    enabled: bool = True  # run the consensus loops in `runner worker`
+    concurrency: int = Field(8, gt=0)  # transactions in the state machine at once (one per contract)
+    validators: int = Field(5, gt=0)  # validators per transaction (plus one leader)
+    disagree_rate: float = Field(0.0, ge=0, le=1)  # probability each validator disagrees (testing)
+    leader_timeout: float = Field(10.0, gt=0)
+    validator_timeout: float = Field(10.0, gt=0)
+    finality_window: float = Field(5.0, ge=0)  # seconds a decided transaction waits before finality
+    tx_stuck_after: float = Field(60.0, gt=0)  # no progress for this long: cancelled and recovered
+
+
+def from_settings(settings: Settings) -> ConsensusSettings:
+    """Those validated with ``settings`` by load_settings, else read from the environment now.
+    Raises SettingsError (one line naming the variable) on a bad value."""
+    return settings.plugin_settings(ConsensusSettings)
+
+
+def consensus_settings(app: App) -> ConsensusSettings:
+    """The consensus settings of this App, validated once and kept in ``app.resources``."""
+    cached = app.resources.get(_RESOURCE)
+    if isinstance(cached, ConsensusSettings):
+        return cached
+    from runner.config import SettingsError
+    from runner.errors import UsageError
+
+    try:
+        found = from_settings(app.settings)
+    except SettingsError as error:
+        raise UsageError(str(error)) from None  # one line and exit 2 from the CLI, as at start-up
+    app.resources[_RESOURCE] = found
+    return found
