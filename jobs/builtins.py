@@ -13,12 +13,12 @@ import asyncio
 import math
 from typing import TYPE_CHECKING, Any
 
-from runner.context import JobContext
 from runner.errors import PayloadError
 from runner.plugins import JobKind, Plugin
 
 if TYPE_CHECKING:
     from runner.app import App
+    from runner.context import JobContext
 
 
 async def noop(ctx: JobContext) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 import runner
 from runner.config import load_settings
 from tests.apps import shop
-from tests.conftest import start_worker, wait_exit
+from tests.conftest import run_cli, start_worker, wait_exit
 
 
 def async_url(url: str) -> str:
@@ -162,3 +162,18 @@ async def test_an_app_that_is_not_open_says_so(runner_env: dict[str, str], monke
     with pytest.raises(TypeError, match="async"):
         @app.job("sync_kind")
         def not_async(ctx: runner.JobContext) -> None: ...
+
+
+async def test_the_cli_validates_against_the_apps_kinds(runner_env: dict[str, str], conn: asyncpg.Connection) -> None:
+    shop_env = {"RUNNER_APP": "tests.apps.shop:app"}
+    bad = run_cli(runner_env, "enqueue", "charge_order", "--payload", '{"order_id": "x"}', **shop_env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: charge_order: invalid payload: order_id must be an integer"
+    typo = run_cli(runner_env, "enqueue", "charge_ordr", **shop_env)
+    assert typo.returncode == 2 and "unknown job kind 'charge_ordr'" in typo.stderr
+    good = run_cli(runner_env, "enqueue", "charge_order", "--payload", '{"order_id": 3}', **shop_env)
+    assert good.returncode == 0, good.stderr
+    row = await conn.fetchrow("SELECT kind, queue FROM runner_jobs WHERE id = $1", int(good.stdout))
+    assert tuple(row) == ("charge_order", "shop")  # the kind's own queue
+    missing = run_cli(runner_env, "status", RUNNER_APP="tests.apps.nowhere:app")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no module named" in missing.stderr

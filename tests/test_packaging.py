@@ -227,6 +227,8 @@ async def test_plain_install_worker_runs_a_backfill_with_the_consensus_loops_off
             job_id = int(enqueued.stdout.strip().splitlines()[-1])
             worker = run([plain_venv.runner, "worker", "--drain"], cwd=tmp_path, timeout=180, **env)
             elapsed = time.monotonic() - started
+            status = run([plain_venv.runner, "status"], cwd=tmp_path, **env)  # the consensus plugin's counts too
+            assert "Traceback" not in status.stdout + status.stderr, status
             output = worker.stdout + worker.stderr
             print(f"\nplain install: backfill of {rows} rows, enqueue + `runner worker --drain`: {elapsed:.1f}s; "
                   f"the worker printed:\n{output}")
