@@ -83,6 +83,7 @@ class EmbeddedPostgres:
 
     def ensure_started(self) -> str:
         """Start the server when it is not running (initialising it the first time); return its URL."""
+        _wheel_install_dir()  # a missing extra is the first thing to say, before any folder check
         with self._lock():
             if not (self.data_dir / "PG_VERSION").exists():
                 self._initdb()
