@@ -165,11 +165,20 @@ class NonceReservation:
 
 
 class NonceManager:
-    """Per-sender next nonce, handed out under a per-sender lock held across reserve/sign/send."""
+    """Per-sender next nonce, handed out under a per-sender lock held across reserve/sign/send.
 
-    def __init__(self, fetch: Callable[[str], Awaitable[int]]) -> None:
+    A resync that finds the node behind what we handed out (a restarted node lost transactions we sent)
+    first fills every nonce from the node's count to ours with ``cancel`` (a no-op transaction), highest
+    first: a transaction of ours still queued behind the gap is replaced, never mined after its work was
+    given up on and done again under another nonce.
+    """
+
+    def __init__(self, fetch: Callable[[str], Awaitable[int]],
+                 cancel: Callable[[str, int], Awaitable[None]] | None = None) -> None:
         self._fetch = fetch
+        self._cancel = cancel
         self._next: dict[str, int] = {}
+        self._handed_out: dict[str, int] = {}  # next nonce before a resync: what the node may hold queued
         self._locks: dict[str, asyncio.Lock] = {}
 
     @asynccontextmanager
@@ -177,7 +186,7 @@ class NonceManager:
         lock = self._locks.setdefault(sender, asyncio.Lock())
         async with lock:
             if sender not in self._next:
-                self._next[sender] = await self._fetch(sender)
+                self._next[sender] = await self._resync(sender)
             reservation = NonceReservation(sender, self._next[sender])
             try:
                 yield reservation
@@ -185,8 +194,19 @@ class NonceManager:
                 if reservation.used:
                     self._next[sender] = reservation.nonce + 1
                 elif reservation.stale:
-                    self._next.pop(sender, None)
+                    known = self._next.pop(sender, None)
+                    if known is not None:
+                        self._handed_out[sender] = max(known, self._handed_out.get(sender, 0))
                     metrics.CHAIN_NONCE_RESYNCS.inc()
+
+    async def _resync(self, sender: str) -> int:
+        count = await self._fetch(sender)
+        handed_out = self._handed_out.pop(sender, count)
+        if self._cancel is None or handed_out <= count:
+            return count
+        for nonce in range(handed_out - 1, count - 1, -1):  # highest first: nothing queued can slip through
+            await self._cancel(sender, nonce)
+        return handed_out
 
     def peek(self, sender: str) -> int | None:
         return self._next.get(sender)
@@ -232,7 +252,7 @@ class Chain:
     _fees: Fees | None = None
 
     def __post_init__(self) -> None:
-        self.nonces = NonceManager(self._pending_count)
+        self.nonces = NonceManager(self._pending_count, self._cancel_nonce)
 
     @property
     def address(self) -> str:
@@ -325,6 +345,32 @@ class Chain:
                 return tx_hash
         raise ChainError(f"could not send a transaction from {self.address} after {SEND_ATTEMPTS} attempts")
 
+    async def _cancel_nonce(self, sender: str, nonce: int) -> None:
+        """Fill ``nonce`` with a no-op (0 to ourselves) priced to replace whatever of ours the node still
+        holds queued at it. Called by the nonce manager under the sender's lock."""
+        fees = await self._fee_fields()
+        bump = 2
+        for _ in range(SEND_ATTEMPTS):
+            raw = self._sign({
+                "chainId": self.chain_id, "nonce": nonce, "gas": 21_000, "value": 0,
+                "to": to_checksum_address(sender), "data": b"", "type": 2,
+                "maxFeePerGas": bump * fees.max_fee, "maxPriorityFeePerGas": bump * fees.tip,
+            })
+            try:
+                await self.w3.eth.send_raw_transaction(raw)
+            except Web3RPCError as error:
+                text = str(error).lower()
+                if "underpriced" in text:
+                    bump *= 2
+                    continue
+                if any(marker in text for marker in ("nonce too low", "already known", "nonce has already")):
+                    return  # already mined (ours or this very no-op): nothing left to replace
+                raise ChainError(f"the node refused the no-op for nonce {nonce}: {error}") from error
+            metrics.CHAIN_NONCE_GAP_FILLS.inc()
+            log.warning("filled a nonce gap with a no-op", sender=sender, nonce=nonce)
+            return
+        raise ChainError(f"could not fill nonce {nonce} of {sender} after {SEND_ATTEMPTS} attempts")
+
     def _sign(self, fields: dict[str, Any]) -> bytes:
         """The signed raw transaction. eth_account's Account.sign_transaction re-derives the key pair
         from the private key on every call; signing with the account's key object skips that."""
@@ -336,7 +382,14 @@ class Chain:
         deadline = time.monotonic() + timeout_s
         delay = RECEIPT_POLL_MIN_S
         while True:
-            receipt = await self.receipt(tx_hash)
+            try:
+                receipt = await self.receipt(tx_hash)
+            except ChainError:
+                # The node did not answer: it may come back without what we sent (a restart). Re-read the
+                # nonce before the next send, filling any gap it left (see NonceManager).
+                async with self.nonces.reserve(self.address) as slot:
+                    slot.stale = True
+                raise
             if receipt is not None:
                 if receipt.status != 1:
                     raise TransactionReverted(f"transaction {tx_hash} reverted (gas used {receipt.gas_used})")

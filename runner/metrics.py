@@ -53,4 +53,8 @@ CHAIN_OPEN_CONNECTIONS = Gauge("runner_chain_open_connections", "Open TCP connec
 CHAIN_NONCE_RESYNCS = Counter(
     "runner_chain_nonce_resyncs_total", "Times a sender's next nonce was re-read from the node after a nonce error"
 )
+CHAIN_NONCE_GAP_FILLS = Counter(
+    "runner_chain_nonce_gap_fills_total",
+    "No-op transactions sent to fill nonces a restarted node lost (replacing anything of ours queued there)",
+)
 CHAIN_SENDS = Counter("runner_chain_sends_total", "Signed transactions accepted by the node")

@@ -17,7 +17,7 @@ from eth_utils import to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from runner import metrics
-from runner.chain import Chain, ChainUnavailable, close_chain, open_chain
+from runner.chain import Chain, ChainTimeout, ChainUnavailable, close_chain, open_chain
 from runner.config import Settings, load_settings
 from tests.chain_fixtures import Anvil, anvil, client_ports_seen, connections_to, free_port  # noqa: F401
 
@@ -216,3 +216,29 @@ async def test_the_cached_session_caps_and_keeps_connections_alive(node_chain: C
     assert isinstance(session, aiohttp.ClientSession)
     assert session.connector is not None and session.connector.limit == 4
     assert not session.connector.force_close
+
+
+async def test_a_nonce_gap_left_by_the_node_is_filled_and_nothing_queued_behind_it_mines(
+    node_chain: Chain, anvil: Anvil,  # noqa: F811
+) -> None:
+    """The node loses a transaction we sent (a restart): ours queued behind the gap must never mine once
+    its work was given up on and redone; the resync fills the gap with no-ops, highest nonce first."""
+    lost_to, queued_to, redone_to = (to_checksum_address(f"0x{n:040x}") for n in (0xA1, 0xA2, 0xA3))
+    start = await node_chain.w3.eth.get_transaction_count(node_chain.address)
+    await node_chain.raw_request("evm_setAutomine", [False])
+    lost = await node_chain.send_transaction(to=lost_to, data=b"", gas=21_000, value=1)
+    await node_chain.send_transaction(to=queued_to, data=b"", gas=21_000, value=2)
+    await node_chain.raw_request("anvil_dropTransaction", [lost])  # nonce `start` is gone; `start + 1` waits
+    await node_chain.raw_request("evm_setAutomine", [True])
+    await node_chain.raw_request("evm_mine", [])
+    with pytest.raises(ChainTimeout):
+        await node_chain.wait_receipt(lost, 0.5)  # given up on: the next send re-reads the nonce
+
+    fills = metrics.CHAIN_NONCE_GAP_FILLS._value.get()
+    redone = await node_chain.send_transaction(to=redone_to, data=b"", gas=21_000, value=3)
+    await node_chain.wait_receipt(redone, 30)
+    assert metrics.CHAIN_NONCE_GAP_FILLS._value.get() == fills + 2
+    balances = [await node_chain.w3.eth.get_balance(a) for a in (lost_to, queued_to, redone_to)]
+    assert balances == [0, 0, 3]  # the queued transaction was replaced, not mined behind the no-op
+    end = await node_chain.w3.eth.get_transaction_count(node_chain.address)
+    assert end == start + 3 == await node_chain.w3.eth.get_transaction_count(node_chain.address, "pending")
