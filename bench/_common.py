@@ -421,7 +421,7 @@ def package_versions() -> dict[str, str]:
               "('pgqueuer', 'procrastinate', 'psycopg', 'asyncpg', 'uvloop', 'psycopg-pool')}))")
     out = subprocess.run([str(COMPETITOR_PY), "-c", script], capture_output=True, text=True, check=True).stdout
     versions = {f"competitors:{k}": v for k, v in json.loads(out).items()}
-    versions.update({"runner": version("runner"), "runner:asyncpg": version("asyncpg")})
+    versions.update({"runner": version("runner-pg"), "runner:asyncpg": version("asyncpg")})
     return versions
 
 
