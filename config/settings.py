@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # ``module:attribute`` of an application's ``runner.App``: its kinds join the entry-point plugins'.
     app: str | None = None
 
+    # --- input limits ---------------------------------------------------------------------------
+    max_payload_bytes: int = Field(1 << 20, gt=0, le=256 << 20)  # a job's payload as JSON, at enqueue
+
     # --- database -------------------------------------------------------------------------------
     database_url: SecretStr | None = None
     listen_database_url: SecretStr | None = None  # direct connection for LISTEN when behind PgBouncer
