@@ -165,22 +165,39 @@ def worker_command(
 
 
 # --- enqueue ----------------------------------------------------------------------------------------
-def parse_payload(text: str, where: str) -> dict[str, Any]:
+def parse_payload(text: str, where: str, max_bytes: int) -> dict[str, Any]:
+    """A payload from the command line or a --jsonl line: one clear UsageError for anything bad, checked
+    for size before it is parsed (a 50 MB argument is refused, not decoded)."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise UsageError(f"{where}: the payload is {size:,} bytes; at most {max_bytes:,} "
+                         "(RUNNER_MAX_PAYLOAD_BYTES)")
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as error:
         raise UsageError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: the payload is nested too deeply") from None
+    except ValueError as error:  # an integer past Python's digit limit, for one
+        raise UsageError(f"{where}: not valid JSON ({str(error)[:120]})") from None
     if not isinstance(payload, dict):
         raise UsageError(f"{where}: the payload must be a JSON object, got {type(payload).__name__}")
     return payload
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, max_bytes: int) -> list[dict[str, Any]]:
     try:
-        lines = path.read_text().splitlines()
+        data = path.read_bytes()
     except OSError as error:
         raise UsageError(f"--jsonl {path}: {error.strerror}") from None
-    payloads = [parse_payload(line, f"{path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+    payloads = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"{path} line {number}: not UTF-8 (byte {error.start + 1} of the line)") from None
+        if line.strip():
+            payloads.append(parse_payload(line, f"{path} line {number}", max_bytes))
     if not payloads:
         raise UsageError(f"--jsonl {path}: no payloads in the file")
     return payloads
@@ -286,7 +303,8 @@ def enqueue_command(
         raise fail("give --payload or --jsonl, not both", 2)
     try:
         load_registry_kind(kind, settings)
-        payloads = read_jsonl(jsonl) if jsonl else [parse_payload(payload or "{}", "--payload")]
+        limit = settings.max_payload_bytes
+        payloads = read_jsonl(jsonl, limit) if jsonl else [parse_payload(payload or "{}", "--payload", limit)]
     except UsageError as error:
         raise fail(str(error), 2) from None
     if jsonl and (dedupe_key or wait):
@@ -670,4 +688,6 @@ def load_cli() -> typer.Typer:
 
 
 def main() -> None:
-    load_cli()()
+    from runner._entry import main as entry
+
+    entry()

@@ -112,6 +112,32 @@ class WorkerIdentity:
     pid: int = os.getpid()
 
 
+BIGINT_MAX = 2**63 - 1
+
+
+def check_job_id(job_id: int) -> None:
+    """Ids are positive bigints: anything else names no job (said before asking the database)."""
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id <= BIGINT_MAX:
+        raise JobNotFound(f"no job with id {job_id!r} (ids are integers from 1 to {BIGINT_MAX})")
+
+
+def _decoded(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        return {"undecodable": f"{type(error).__name__}: {str(error)[:200]}", "json_prefix": text[:200]}
+
+
+def job_row(row: asyncpg.Record) -> dict[str, Any]:
+    """A GET_JOB / LIST_JOBS row with its JSON columns decoded."""
+    job = dict(row)
+    for column in ("payload", "checkpoint", "result"):
+        job[column] = _decoded(job[column])
+    return job
+
+
 class JobQueue:
     def __init__(self, db: Database, max_attempts_for: Callable[[str], int] | None = None) -> None:
         self.db = db
@@ -258,13 +284,15 @@ class JobQueue:
 
     # --- operators ------------------------------------------------------------------------------
     async def job_get(self, job_id: int) -> dict[str, Any]:
+        check_job_id(job_id)
         row = await self.db.fetchrow(sql.GET_JOB, job_id)
         if row is None:
             raise JobNotFound(f"no job with id {job_id}")
-        return dict(row)
+        return job_row(row)
 
     async def job_request_cancel(self, job_id: int) -> str:
         """Cancel a pending job at once, or ask the worker running it to stop. Returns the new status."""
+        check_job_id(job_id)
         async with self.db.transaction() as connection:
             row = await connection.fetchrow(sql.LOCK_JOB, job_id)
             if row is None:
@@ -276,6 +304,7 @@ class JobQueue:
         return str(status)
 
     async def job_retry(self, job_id: int) -> None:
+        check_job_id(job_id)
         async with self.db.transaction() as connection:
             row = await connection.fetchrow(sql.LOCK_JOB, job_id)
             if row is None:
@@ -303,8 +332,10 @@ class JobQueue:
         """Jobs matching the filter, newest first (the columns of job_get); the next page: before_id=last id."""
         if limit < 1:
             raise UsageError(f"limit must be positive, got {limit}")
+        if before_id is not None:
+            check_job_id(before_id)
         rows = await self.db.fetch(sql.LIST_JOBS, *where.arrays(), limit, before_id)
-        return [dict(row) for row in rows]
+        return [job_row(row) for row in rows]
 
     async def job_cancel_where(self, where: JobFilter) -> int:
         """Cancel every pending job matching the filter and ask workers to stop the running ones (one NOTIFY

@@ -247,10 +247,12 @@ RETURNING queue
 
 NOTIFY_JOBS = "SELECT pg_notify('runner_jobs', $1::text)"
 
+# JSON columns come back as text and are decoded per row (runner.queue.job_row): a payload another
+# producer wrote that Python cannot decode is shown as such instead of failing the read.
 GET_JOB = """
-SELECT id, kind, queue, payload, status, priority, run_at, attempts, max_attempts, recoveries,
-       lease_owner, lease_expires_at, lease_epoch, progress_done, progress_total, checkpoint,
-       cancel_requested, last_error, dedupe_key, result, created_at, started_at, finished_at
+SELECT id, kind, queue, payload::text AS payload, status, priority, run_at, attempts, max_attempts, recoveries,
+       lease_owner, lease_expires_at, lease_epoch, progress_done, progress_total, checkpoint::text AS checkpoint,
+       cancel_requested, last_error, dedupe_key, result::text AS result, created_at, started_at, finished_at
 FROM runner_jobs WHERE id = $1
 """
 
