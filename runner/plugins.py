@@ -97,7 +97,8 @@ class Registry:
             return self.kinds[name]
         except KeyError:
             known = ", ".join(sorted(self.kinds)) or "none"
-            raise UnknownKind(f"unknown job kind {name!r} (known: {known})") from None
+            shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}... ({len(name):,} characters)"
+            raise UnknownKind(f"unknown job kind {shown} (known: {known})") from None
 
 
 def load_plugins() -> list[Plugin]:

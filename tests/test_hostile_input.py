@@ -28,6 +28,7 @@ def one_error_line(stderr: str) -> str:
     assert len(lines) == 1, stderr[-2000:]
     assert lines[0].startswith("error: "), lines
     assert "Traceback" not in stderr
+    assert len(lines[0]) < 600, lines[0][:600]  # the bad value is named, not echoed whole
     return lines[0]
 
 
@@ -46,6 +47,7 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["enqueue", "noop", "--queue", "a\nb"], "control characters"),
     (["enqueue", "noop", "--dedupe-key", "k" * 5000], "dedupe key"),
     (["enqueue", "noop", "--priority", "high"], "'--priority'"),
+    (["enqueue", "k" * 10_000], "(10,000 characters)"),
     (["show", "abc"], "job_id"),
     (["show", "-1"], "-1"),
     (["show", str(2**63)], "ids are integers from 1 to"),
