@@ -247,9 +247,10 @@ class Executor:
             return AttemptResult("cancelled", describe_error(cancelled))
         except LeaseLost:
             return AttemptResult(None)
-        except (PayloadError, RunnerError) as failure:
-            return AttemptResult("fatal" if isinstance(failure, PayloadError) else "error",
-                                 describe_error(failure, with_traceback=True))
+        except PayloadError as refused:  # the job's input, not the code: its message says it all
+            return AttemptResult("fatal", describe_error(refused))
+        except RunnerError as failure:
+            return AttemptResult("error", describe_error(failure, with_traceback=True))
         except Exception as failure:
             return AttemptResult("error", describe_error(failure, with_traceback=True))
         finally:

@@ -19,11 +19,20 @@ FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamesp
 WHERE n.nspname = $1 AND c.relname = $2
 """
 
+# base_*: what the values are, for the narrowing check (runner.jobs.backfill.narrowing): a domain's base type
+# and typmod (one level), and an array's element type (the typmod of varchar(3)[] is its element's).
 COLUMNS = """
 SELECT a.attname AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
        a.attgenerated <> '' AS generated, (a.atthasdef OR a.attidentity <> '') AS has_default,
-       a.atttypid < $2 AS builtin
+       a.atttypid < $2 AS builtin,
+       CASE WHEN b.typcategory = 'A' AND b.typelem <> 0 THEN b.typelem ELSE b.oid END < $2 AS base_builtin,
+       pg_catalog.format_type(CASE WHEN b.typcategory = 'A' AND b.typelem <> 0 THEN b.typelem ELSE b.oid END,
+                              NULL) AS base_type,
+       CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END AS base_typmod,
+       b.typcategory = 'A' AND b.typelem <> 0 AS base_array
 FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
@@ -61,6 +70,12 @@ class Column:
     generated: bool
     has_default: bool
     builtin: bool
+    # What the values are (the narrowing check): the base type's format_type() without typmod (a domain's base,
+    # an array's element), whether that is built in, its typmod (-1: none) and whether the column is an array.
+    base_type: str = ""
+    base_builtin: bool = False
+    base_typmod: int = -1
+    base_array: bool = False
 
 
 @dataclass(frozen=True)

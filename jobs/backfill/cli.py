@@ -39,6 +39,8 @@ def backfill_command(
     batch_size: Annotated[int, typer.Option(help="Rows per batch")] = DEFAULT_BATCH_SIZE,
     mode: Annotated[str, typer.Option(help="insert (skip existing keys) or upsert (update them)")] = "insert",
     create_table: Annotated[bool, typer.Option(help="Create the destination from the source's columns")] = False,
+    allow_narrowing: Annotated[bool, typer.Option(
+        help="Accept destination columns narrower than the source's (a row that does not fit fails the job)")] = False,
     wait: Annotated[bool, typer.Option(help="Show progress; exit 0 only if the job succeeded")] = False,
 ) -> None:
     """Copy a table between PostgreSQL databases in keyset batches (prints the job id)."""
@@ -47,7 +49,7 @@ def backfill_command(
         spec = parse_spec({
             "source": source, "source_table": source_table, "dest": dest, "dest_table": dest_table, "key": key,
             "filters": [parse_where(w).to_json() for w in where or []], "batch_size": batch_size, "mode": mode,
-            "create_table": create_table,
+            "create_table": create_table, "allow_narrowing": allow_narrowing,
         })
     except UsageError as error:
         raise fail(str(error), 2) from None

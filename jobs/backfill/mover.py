@@ -22,6 +22,10 @@ batch is idempotent by key, so replaying a batch after a crash between its commi
 neither duplicates nor loses a row. Cancellation is checked before every batch is written. A transient
 database error (restart, failover, lost connection) pauses the step and retries it for up to
 :data:`RETRY_FOR_S`; a write is retried only after re-reading the committed checkpoint.
+A data error while writing a batch (SQLSTATE class 22, a value that does not fit, or 23, a constraint the
+row violates) is not retried: the batch's transaction has rolled back (the checkpoint stays after the last
+committed batch), :meth:`Backfill.locate` finds the batch's first row that does not fit (a binary search over
+the batch's keys in a rolled-back transaction) and the job fails with a PayloadError naming its key.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from runner.context import JobContext
 from runner.db import TRANSIENT_ERRORS, Database
-from runner.errors import DatabaseUnavailable, LeaseLost, PoolExhausted
+from runner.errors import DatabaseUnavailable, LeaseLost, PayloadError, PoolExhausted
 from runner.jobs.backfill.plan import Plan, build_plan, create_dest_table
 from runner.jobs.backfill.pools import named_pools
 from runner.jobs.backfill.spec import parse_spec
-from runner.jobs.backfill.sql import STAGE
+from runner.jobs.backfill.sql import STAGE, quote_ident
 
 T = TypeVar("T")
 Route = Literal["direct", "probe", "stage"]  # how a batch enters the destination
@@ -55,6 +59,24 @@ TRANSIENT = (*TRANSIENT_ERRORS, PoolExhausted, DatabaseUnavailable, asyncpg.Post
              # a statement or lock timeout: typically a frozen owner's transaction, which the server ends
              # at idle_in_transaction_session_timeout; the retry then goes through
              asyncpg.exceptions.QueryCanceledError, asyncpg.exceptions.LockNotAvailableError)
+
+DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity constraint violation: the same on every retry
+MAX_DETAIL_CHARS = 200
+# unique, foreign key, exclusion: the detail names the conflicting key (the others' detail is the whole row)
+KEY_DETAIL_STATES = ("23505", "23503", "23P01")
+PROBE = "runner_backfill_probe"
+NUMERIC_KEYS = ("smallint", "integer", "bigint", "numeric")
+
+
+def is_data_error(error: BaseException) -> bool:
+    return isinstance(error, asyncpg.PostgresError) and str(error.sqlstate or "")[:2] in DATA_ERROR_CLASSES
+
+
+@dataclass(frozen=True)
+class Offender:
+    key: str
+    error: asyncpg.PostgresError
+    column: str | None
 
 
 @dataclass(frozen=True)
@@ -229,13 +251,19 @@ class Backfill:
         direct = self.route == "direct" or (
             self.route == "probe" and not await self._dest_has(batch.lower, batch.upper))
         try:
-            await self._commit_batch(batch, direct, last)
-        except asyncpg.UniqueViolationError:
-            if not direct:
+            try:
+                await self._commit_batch(batch, direct, last)
+            except asyncpg.UniqueViolationError:
+                if not direct:
+                    raise
+                self.ctx.log.info("destination keys appeared in the batch range; probing each batch from now on")
+                self.route = "probe"
+                await self._commit_batch(batch, direct=False, last=last)
+        except asyncpg.PostgresError as error:
+            if not is_data_error(error):
                 raise
-            self.ctx.log.info("destination keys appeared in the batch range; probing each batch from now on")
-            self.route = "probe"
-            await self._commit_batch(batch, direct=False, last=last)
+            # fatal: every attempt would fail on the same row (the batch rolled back, the checkpoint stays)
+            raise PayloadError(await self._describe_data_error(batch, error)) from None
 
     async def _commit_batch(self, batch: Batch, direct: bool, last: bool = False) -> None:
         async with self.dest_db.transaction() as connection:
@@ -253,6 +281,94 @@ class Backfill:
             await self._checkpoint(batch.upper, batch.rows, None)
         self._advance(batch.upper, batch.rows)
 
+    # --- a row that does not fit ---------------------------------------------------------------------
+    def _show_key(self, key: str) -> str:
+        shown = key if self.statements.key.base_type in NUMERIC_KEYS else repr(key)
+        return f"{self.statements.key.name}={shown}"
+
+    async def _describe_data_error(self, batch: Batch, error: asyncpg.PostgresError) -> str:
+        """One line: the first offending row's key, the error and its column, and where the copy stands."""
+        try:
+            offender = await self.locate(batch)
+        except asyncpg.PostgresError as probe_error:
+            if not is_data_error(probe_error) and not permanent_probe_error(probe_error):
+                raise  # transient: the write is retried (and the row looked for again)
+            self.ctx.log.warning("could not find the row that does not fit", error=repr(probe_error))
+            offender = None
+        key = self.statements.key.name
+        if offender is None:
+            lower = "" if batch.lower is None else f"{key} > {batch.lower} and "
+            where = f"a row with {lower}{key} <= {batch.upper}"
+            message, label = error_text(error), error_label(error)
+        else:
+            where = f"row with {self._show_key(offender.key)}"
+            message = error_text(offender.error)
+            label = f"column {offender.column}" if offender.column else error_label(offender.error)
+        at = "nothing copied yet" if self.at.last_key is None else \
+            f"copied through {self._show_key(self.at.last_key)}, {self.at.done:,} rows"
+        return (f"{where}: {message}{f' ({label})' if label else ''}; the batch was rolled back "
+                f"({at}; fix the data or the destination, then runner retry resumes there)")
+
+    async def locate(self, batch: Batch) -> Offender | None:
+        """The batch's first row (in key order) whose write fails, in a transaction that is rolled back.
+
+        The batch goes into the stage; then the rows after the last known-good prefix go in by halves,
+        each in a savepoint: a half that fails is rolled back and split, one that fits stays in place.
+        About 2 x batch_size rows and log2(batch_size) statements."""
+        async with self.dest_db.connection() as connection:
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                await connection.execute("SET CONSTRAINTS ALL IMMEDIATE")  # deferred ones fail on their row
+                await connection.execute(self.statements.create_stage())
+                await self._copy(connection, batch, STAGE, None)
+                keys: list[str] = [r[0] for r in await connection.fetch(self.statements.stage_keys())]
+                insert = self.statements.insert_from_stage_range()
+
+                async def fails(start: int, stop: int) -> asyncpg.PostgresError | None:
+                    try:
+                        async with connection.transaction():  # a savepoint
+                            await connection.execute(insert, keys[start - 1] if start else None, keys[stop - 1])
+                    except asyncpg.PostgresError as error:
+                        if not is_data_error(error):
+                            raise
+                        return error
+                    return None
+
+                good, bad = 0, len(keys)  # keys[:good] are in and fit; keys[:bad] do not
+                while bad - good > 1:
+                    middle = (good + bad) // 2
+                    if await fails(good, middle) is None:
+                        good = middle
+                    else:
+                        bad = middle
+                error = await fails(good, good + 1) if keys else None
+                if error is None:
+                    return None  # not reproduced (the destination changed since)
+                return Offender(keys[good], error, await self._offending_column(connection, keys[good]))
+            finally:
+                await transaction.rollback()
+
+    async def _offending_column(self, connection: asyncpg.Connection, key: str) -> str | None:
+        """The first column of the row whose value alone the destination's type refuses."""
+        dest = self.plan.dest
+        if dest is None:
+            return None
+        for number, column in enumerate(self.statements.columns):
+            target = dest.column(column.name)
+            if target is None or target.type == column.type:
+                continue
+            probe = quote_ident(f"{PROBE}_{number}")
+            try:
+                async with connection.transaction():
+                    await connection.execute(f"CREATE TEMP TABLE {probe} (v {target.type}) ON COMMIT DROP")
+                    await connection.execute(self.statements.probe_column(probe, column), key)
+            except asyncpg.PostgresError as error:
+                if not is_data_error(error):
+                    raise
+                return column.name
+        return None
+
     async def _choose_route(self) -> Route:
         """COPY straight into the table while the destination holds no key past ours (checked once), else
         probe each batch's range, else (other column types) always go through the stage."""
@@ -269,6 +385,28 @@ class Backfill:
         await connection.copy_to_table(table, schema_name=schema, columns=self.statements.column_names,
                                        source=memoryview(batch.data),  # type: ignore[arg-type]  # stubs omit buffers
                                        format=self.plan.copy_format)
+
+
+def permanent_probe_error(error: asyncpg.PostgresError) -> bool:
+    """An error of the search itself that a retry would not change (a schema or syntax error)."""
+    return not isinstance(error, TRANSIENT)
+
+
+def error_text(error: asyncpg.PostgresError) -> str:
+    message = str(getattr(error, "message", None) or error)
+    detail = getattr(error, "detail", None)
+    if detail and error.sqlstate in KEY_DETAIL_STATES:
+        message += f" ({str(detail)[:MAX_DETAIL_CHARS]})"
+    return message
+
+
+def error_label(error: asyncpg.PostgresError) -> str | None:
+    """"column x" or "constraint y", as far as the server said."""
+    column = getattr(error, "column_name", None)
+    constraint = getattr(error, "constraint_name", None)
+    if column:
+        return f"column {column}"
+    return f"constraint {constraint}" if constraint else None
 
 
 def copied_rows(status: str) -> int:

@@ -4,7 +4,8 @@ Checks, each failing with one clear PayloadError: both tables exist (or the dest
 the key is a single NOT NULL column that is unique in the source and in the destination; filters name
 real columns and their values are valid input for the column types; every source column exists in the
 destination, and PostgreSQL itself accepts ``INSERT INTO dest SELECT <source types>`` (checked with
-EXPLAIN in a rolled-back transaction); destination columns the source lacks can be left to defaults.
+EXPLAIN in a rolled-back transaction), and no destination column is narrower than its source column
+(:mod:`narrowing`; unless ``allow_narrowing``); destination columns the source lacks can be left to defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncpg
 from runner.db import Database
 from runner.errors import PayloadError
 from runner.jobs.backfill.catalog import Column, Table, describe, schema_exists
+from runner.jobs.backfill.narrowing import check_narrowing
 from runner.jobs.backfill.spec import BackfillSpec, Filter, TableName
 from runner.jobs.backfill.sql import Statements, TypedFilter, cast_value_sql
 
@@ -157,6 +159,8 @@ async def _check_dest(
     else:
         _check_dest_columns(dest, statements)
     await _check_insert(connection, statements, create=dest is None)
+    if dest is not None and not spec.allow_narrowing:
+        _check_narrowing(dest, statements)
 
 
 def _check_dest_columns(dest: Table, statements: Statements) -> None:
@@ -177,6 +181,19 @@ def _check_dest_columns(dest: Table, statements: Statements) -> None:
     if statements.key.name not in dest.unique_columns:
         raise PayloadError(f"destination {name} needs a primary key or unique index on exactly "
                            f"{statements.key.name!r} (batches are idempotent by key)")
+
+
+def _check_narrowing(dest: Table, statements: Statements) -> None:
+    """PostgreSQL casts bigint to integer and text to varchar(3) on INSERT, and then fails row by row."""
+    pairs = [(c, target) for c in statements.columns if (target := dest.column(c.name)) is not None]
+    found = check_narrowing(pairs)
+    if not found:
+        return
+    source, target, reason = found[0]
+    more = f" (and {len(found) - 1} more: {', '.join(s.name for s, _, _ in found[1:])})" if len(found) > 1 else ""
+    raise PayloadError(f"narrowing column {source.name!r}: {_show(statements.source)} has {source.type}, "
+                       f"{_show(dest.name)} has {target.type} ({reason}){more}; pass --allow-narrowing "
+                       '(payload "allow_narrowing": true) to copy anyway and fail on the first row that does not fit')
 
 
 async def _check_insert(connection: asyncpg.Connection, statements: Statements, *, create: bool) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from runner.app import App
+from runner.config import SettingsError
 from runner.db import Database, RetryPolicy, session_settings
 from runner.errors import PayloadError
 from runner.jobs.backfill.spec import DEFAULT_CONNECTION
@@ -76,9 +77,13 @@ class NamedPools:
 
     async def _open(self, name: str) -> Database:
         settings = self.app.settings
-        dsn = settings.source_url(name)
+        variable = f"RUNNER_SOURCE_{name.upper()}_URL"
+        try:
+            dsn = settings.source_url(name)  # parsed there: a bad DSN is one line naming the variable
+        except SettingsError as error:
+            raise PayloadError(str(error)) from None
         if not dsn:
-            raise PayloadError(f"unknown connection {name!r}: set RUNNER_SOURCE_{name.upper()}_URL")
+            raise PayloadError(f"unknown connection {name!r}: set {variable}")
         db = Database(
             dsn,
             name=f"backfill:{name}",
@@ -87,6 +92,7 @@ class NamedPools:
             retry=RetryPolicy.from_settings(settings),
             server_settings={**session_settings(settings, f"{settings.worker_id}:{name}"), **SESSION_SETTINGS},
             statement_cache_size=settings.statement_cache_size,
+            source=variable,
         )
         await db.open(settings.db_connect_timeout)
         log.info("named pool opened", connection=name, pool_max=NAMED_POOL_MAX_SIZE)

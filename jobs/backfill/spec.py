@@ -4,7 +4,7 @@ A payload names connections, never DSNs::
 
     {"source": "default", "source_table": "public.src", "dest": "warehouse", "dest_table": "public.dst",
      "key": "id", "filters": [["created_at", ">=", "2024-01-01"], ["note", "is_null"]],
-     "batch_size": 10000, "mode": "insert", "create_table": false}
+     "batch_size": 10000, "mode": "insert", "create_table": false, "allow_narrowing": false}
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ NULL_TESTS = ("is_null", "not_null")
 OPS = (*COMPARISONS, "in", *NULL_TESTS)
 MODES = ("insert", "upsert")
 FIELDS = frozenset({"source", "source_table", "dest", "dest_table", "key", "filters", "batch_size", "mode",
-                    "create_table"})
+                    "create_table", "allow_narrowing"})
 _CONNECTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _MAX_NAME = 63  # NAMEDATALEN - 1: a longer name cannot exist in the catalog
 
@@ -83,6 +83,7 @@ class BackfillSpec:
     batch_size: int
     mode: Mode
     create_table: bool
+    allow_narrowing: bool = False  # a destination column narrower than its source column is refused unless set
 
     @property
     def same_connection(self) -> bool:
@@ -104,6 +105,7 @@ class BackfillSpec:
             "batch_size": self.batch_size,
             "mode": self.mode,
             "create_table": self.create_table,
+            "allow_narrowing": self.allow_narrowing,
         }
 
 
@@ -130,6 +132,7 @@ def parse_spec(payload: dict[str, Any]) -> BackfillSpec:
         batch_size=_batch_size(payload.get("batch_size", DEFAULT_BATCH_SIZE)),
         mode=_mode(payload.get("mode", "insert")),
         create_table=_flag(payload.get("create_table", False), "create_table"),
+        allow_narrowing=_flag(payload.get("allow_narrowing", False), "allow_narrowing"),
     )
     if spec.same_connection and spec.source_table == spec.dest_table:
         raise PayloadError(f"source and destination are the same table ({spec.source_table} on {spec.source!r})")

@@ -153,7 +153,24 @@ class Statements:
         where = " AND ".join(self._key_range(params, lower, upper)) or "true"
         return f"SELECT EXISTS (SELECT 1 FROM {qualified(self.dest)} WHERE {where})", params.values
 
-    def insert_from_stage(self) -> str:
+    def stage_keys(self) -> str:
+        """The stage's keys as text, in key order (to find a batch's first row that does not fit)."""
+        key = quote_ident(self.key.name)
+        return f"SELECT {key}::text FROM {STAGE} ORDER BY {key}"
+
+    def insert_from_stage_range(self) -> str:
+        """:meth:`insert_from_stage` for the stage rows ``$1 < key <= $2`` (keys as text; $1 NULL: no lower bound)."""
+        key, type_ = quote_ident(self.key.name), self.key.type
+        return self.insert_from_stage(f" WHERE ($1::text IS NULL OR {key} > ($1::text)::{type_}) "
+                                      f"AND {key} <= ($2::text)::{type_}")
+
+    def probe_column(self, probe: str, column: Column) -> str:
+        """Assign one stage row's ``column`` ($1: its key as text) to the probe table's single column."""
+        key = quote_ident(self.key.name)
+        return (f"INSERT INTO {probe} (v) SELECT {quote_ident(column.name)} FROM {STAGE} "
+                f"WHERE {key} = ($1::text)::{self.key.type}")
+
+    def insert_from_stage(self, where: str = "") -> str:
         """INSERT ... SELECT from the stage, idempotent by key."""
         key = quote_ident(self.key.name)
         others = [quote_ident(c.name) for c in self.columns if c.name != self.key.name]
@@ -162,4 +179,4 @@ class Statements:
         else:
             action = "DO NOTHING"
         return (f"INSERT INTO {qualified(self.dest)} ({self.column_list}) OVERRIDING SYSTEM VALUE "
-                f"SELECT {self.column_list} FROM {STAGE} ON CONFLICT ({key}) {action}")
+                f"SELECT {self.column_list} FROM {STAGE}{where} ON CONFLICT ({key}) {action}")
