@@ -31,6 +31,8 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from runner.config.dsn import DsnError, check_dsn, check_http_url
+
 ENV_PREFIX = "RUNNER_"
 # Families of variables that are read elsewhere by name, not as fields of Settings.
 _FREE_FORM_PREFIXES = ("RUNNER_SOURCE_", "RUNNER_TEST_", "RUNNER_BENCH_")
@@ -52,6 +54,21 @@ LISTENER_CONNECTIONS = 1
 # Connections of the pool only the control plane (heartbeat, completions, rescue, cancel checks) may use,
 # so a worker whose handlers saturate the pool still renews its leases.
 CONTROL_CONNECTIONS = 2
+
+# --- bounds ---------------------------------------------------------------------------------------
+# Every duration is finite and at most a year, so anything derived from it (now() + lease, heartbeat x 3,
+# a retry's run_at) stays a valid interval and timestamp. Positive durations are at least a millisecond.
+YEAR_S = 365 * 24 * 3600.0
+MAX_DURATION_S = YEAR_S
+MAX_RETENTION_S = 100 * YEAR_S  # now() - retention must stay a timestamp; 0 keeps jobs for ever anyway
+MIN_DURATION_S = 0.001
+# statement_timeout and idle_in_transaction_session_timeout go to PostgreSQL as int32 milliseconds:
+# at most 2^31 - 1 ms (24.8 days, here in whole seconds); below 1 ms they would round to 0 = "off".
+MAX_PG_TIMEOUT_S = 2_147_483.0
+INT32_MAX = 2**31 - 1  # counts that reach an integer column or an int4 query parameter
+MAX_BACKENDS = 262_143  # PostgreSQL's limit on max_connections
+MAX_POOL_SIZE = 1_000
+
 
 
 class SettingsError(ValueError):
@@ -117,7 +134,8 @@ class PoolBudget:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # allow_inf_nan=False: every float setting is finite (inf or nan is one line naming the variable).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", allow_inf_nan=False)
     # The plugins' settings, validated by load_settings with these (see plugin_settings()).
     _plugins: dict[type[BaseSettings], BaseSettings] = PrivateAttr(default_factory=dict)
 
@@ -132,48 +150,52 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(1 << 20, gt=0, le=256 << 20)  # a job's payload as JSON, at enqueue
 
     # --- database -------------------------------------------------------------------------------
+    # Both DSNs are parsed here (check_dsn), so a typo is one line at start, not a connect-retry loop.
     database_url: SecretStr | None = None
     listen_database_url: SecretStr | None = None  # direct connection for LISTEN when behind PgBouncer
     home: Path = Field(default_factory=default_home)  # the embedded database's folder; see default_home()
-    db_connect_timeout: float = Field(30.0, gt=0)
-    statement_timeout: float = Field(30.0, gt=0)
-    statement_cache_size: int = Field(256, ge=0)  # 0 behind PgBouncer in transaction mode
-    # A frozen owner's open transaction is ended by the server after this (default: half the lease), so
-    # its row locks never outlive its lease. 0 turns it off.
-    idle_in_transaction_timeout: float | None = Field(None, ge=0)
+    db_connect_timeout: float = Field(30.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    # Sent to PostgreSQL in milliseconds (int32): from 1 ms to 24.8 days.
+    statement_timeout: float = Field(30.0, ge=MIN_DURATION_S, le=MAX_PG_TIMEOUT_S)
+    statement_cache_size: int = Field(256, ge=0, le=100_000)  # 0 behind PgBouncer in transaction mode
+    # A frozen owner's open transaction is ended by the server after this (default: half the lease, at
+    # most MAX_PG_TIMEOUT_S), so its row locks never outlive its lease. 0 turns it off; else at least 1 ms.
+    idle_in_transaction_timeout: float | None = Field(None, ge=0, le=MAX_PG_TIMEOUT_S)
 
     # --- pool budget ----------------------------------------------------------------------------
-    pool_min_size: int | None = Field(None, ge=0)
-    pool_max_size: int | None = Field(None, gt=0)
-    db_max_connections: int = Field(100, gt=1)
-    worker_replicas: int = Field(1, gt=0)
-    pool_acquire_timeout: float = Field(5.0, gt=0)
-    pool_retry_attempts: int = Field(8, gt=0)
-    pool_retry_initial_backoff: float = Field(0.05, gt=0)
-    pool_retry_max_backoff: float = Field(2.0, gt=0)
-    pool_retry_max_wait: float = Field(60.0, gt=0)
+    pool_min_size: int | None = Field(None, ge=0, le=MAX_POOL_SIZE)
+    pool_max_size: int | None = Field(None, gt=0, le=MAX_POOL_SIZE)
+    db_max_connections: int = Field(100, gt=1, le=MAX_BACKENDS)
+    worker_replicas: int = Field(1, gt=0, le=MAX_BACKENDS)
+    pool_acquire_timeout: float = Field(5.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    pool_retry_attempts: int = Field(8, gt=0, le=1_000)
+    pool_retry_initial_backoff: float = Field(0.05, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    pool_retry_max_backoff: float = Field(2.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    pool_retry_max_wait: float = Field(60.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
 
     # --- worker ---------------------------------------------------------------------------------
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
     concurrency: int = Field(200, gt=0, le=10_000)  # async handlers hold no connection while they run
     queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"], min_length=1)
-    claim_batch_size: int = Field(200, gt=0)
-    poll_interval: float = Field(1.0, gt=0)
-    heartbeat_interval: float = Field(5.0, gt=0)
-    lease_timeout: float = Field(30.0, gt=0)
-    rescue_interval: float = Field(5.0, gt=0)
-    cancel_check_interval: float = Field(0.5, gt=0)
-    completion_flush_interval: float = Field(0.005, ge=0)
-    max_recoveries: int = Field(3, ge=0)
-    shutdown_grace: float = Field(30.0, ge=0)
-    retry_backoff_base: float = Field(1.0, ge=0)
-    retry_backoff_max: float = Field(300.0, ge=0)
-    default_max_attempts: int = Field(5, gt=0)
+    claim_batch_size: int = Field(200, gt=0, le=10_000)  # a claim takes at most min(free slots, this)
+    poll_interval: float = Field(1.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    heartbeat_interval: float = Field(5.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    lease_timeout: float = Field(30.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    rescue_interval: float = Field(5.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    cancel_check_interval: float = Field(0.5, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    completion_flush_interval: float = Field(0.005, ge=0, le=MAX_DURATION_S)
+    max_recoveries: int = Field(3, ge=0, le=INT32_MAX)  # compared with an integer column
+    shutdown_grace: float = Field(30.0, ge=0, le=MAX_DURATION_S)
+    retry_backoff_base: float = Field(1.0, ge=0, le=MAX_DURATION_S)
+    retry_backoff_max: float = Field(300.0, ge=0, le=MAX_DURATION_S)
+    default_max_attempts: int = Field(5, gt=0, le=INT32_MAX)  # runner_jobs.max_attempts is an integer
     # A handler running longer than this is cancelled and the attempt fails (a kind may declare its own).
-    job_timeout: float = Field(3600.0, ge=0)  # 0: no limit
-    pool_exhausted_retry_delay: float = Field(1.0, ge=0)  # a job whose handler hit PoolExhausted reruns after this
-    retention: float = Field(7 * 24 * 3600.0, ge=0)  # finished jobs are deleted after this; 0 keeps them
-    cleanup_interval: float = Field(60.0, gt=0)
+    job_timeout: float = Field(3600.0, ge=0, le=MAX_DURATION_S)  # 0: no limit
+    # a job whose handler hit PoolExhausted reruns after this
+    pool_exhausted_retry_delay: float = Field(1.0, ge=0, le=MAX_DURATION_S)
+    # finished jobs are deleted after this; 0 keeps them
+    retention: float = Field(7 * 24 * 3600.0, ge=0, le=MAX_RETENTION_S)
+    cleanup_interval: float = Field(60.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
 
     # --- logs and HTTP --------------------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -181,15 +203,37 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(9187, ge=0, le=65535)
     http_enabled: bool = True
-    loop_lag_threshold: float = Field(2.0, gt=0)
-    depth_sample_interval: float = Field(5.0, gt=0)
+    loop_lag_threshold: float = Field(2.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    depth_sample_interval: float = Field(5.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
 
     # --- chain (the one AsyncWeb3 of the process, runner.chain; plugins use it) -----------------
-    chain_url: str | None = None
-    chain_max_connections: int = Field(4, gt=0)
-    chain_rpc_timeout: float = Field(10.0, gt=0)
-    chain_retry_attempts: int = Field(6, gt=0)
+    chain_url: str | None = None  # an http(s):// JSON-RPC URL, checked here (check_http_url)
+    chain_max_connections: int = Field(4, gt=0, le=MAX_POOL_SIZE)
+    chain_rpc_timeout: float = Field(10.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    chain_retry_attempts: int = Field(6, gt=0, le=1_000)
     chain_private_key: SecretStr | None = None
+
+    @field_validator("database_url", "listen_database_url")
+    @classmethod
+    def _parse_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_dsn(value.get_secret_value())  # DsnError is a ValueError: one line, without the value
+        return value
+
+    @field_validator("chain_url")
+    @classmethod
+    def _parse_chain_url(cls, value: str | None) -> str | None:
+        if value:  # empty: unset (the in-process chain)
+            check_http_url(value)
+        return value
+
+    @field_validator("idle_in_transaction_timeout")
+    @classmethod
+    def _whole_milliseconds(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_DURATION_S:
+            raise ValueError(f"must be 0 (off) or from {MIN_DURATION_S:g} to {MAX_PG_TIMEOUT_S:.0f} seconds: "
+                             f"PostgreSQL takes it in whole milliseconds, so {value!r} would be 0 = off")
+        return value
 
     @field_validator("queues", mode="before")
     @classmethod
@@ -235,6 +279,8 @@ class Settings(BaseSettings):
             if max_size < 2:
                 raise ValueError("RUNNER_POOL_MAX_SIZE must be at least 2 (one for the control plane, one for jobs)")
         min_size = self.pool_min_size if self.pool_min_size is not None else min(2, max_size)
+        if min_size > max_size:
+            raise ValueError(f"RUNNER_POOL_MIN_SIZE={min_size} exceeds the pool max of {max_size}")
         return PoolBudget(
             min_size=min_size,
             max_size=max_size,
@@ -250,7 +296,8 @@ class Settings(BaseSettings):
     def idle_in_transaction_timeout_s(self) -> float:
         if self.idle_in_transaction_timeout is not None:
             return self.idle_in_transaction_timeout
-        return self.lease_timeout / 2
+        # half the lease, which fits PostgreSQL's int32 milliseconds (a lease of up to a year is allowed)
+        return min(self.lease_timeout / 2, MAX_PG_TIMEOUT_S)
 
     def plugin_settings(self, cls: type[PluginSettings]) -> PluginSettings:
         """A plugin's settings: those validated by :func:`load_settings` with these, else read from the
@@ -261,8 +308,17 @@ class Settings(BaseSettings):
         return _validate(cls)
 
     def source_url(self, name: str) -> str | None:
-        """The DSN of a named connection from ``RUNNER_SOURCE_<NAME>_URL`` (never stored in a job)."""
-        return os.environ.get(f"RUNNER_SOURCE_{name.upper()}_URL")
+        """The DSN of a named connection from ``RUNNER_SOURCE_<NAME>_URL`` (never stored in a job), or None
+        when unset. Parsed on every call (see :func:`check_dsn`): raises :class:`SettingsError`, one line
+        naming the variable and never the value, before anything tries to connect with it."""
+        variable = f"RUNNER_SOURCE_{name.upper()}_URL"
+        dsn = os.environ.get(variable)
+        if dsn is not None:
+            try:
+                check_dsn(dsn)
+            except DsnError as error:
+                raise SettingsError(f"{variable}: {error}") from None
+        return dsn
 
 
 def source_names() -> list[str]:
@@ -308,20 +364,70 @@ def _warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def _describe(error: ValidationError, prefix: str = ENV_PREFIX) -> str:
+# pydantic's errors for a number out of its field's bounds, or no finite number at all: reworded to give
+# the whole allowed range.
+_NUMBER_ERRORS = frozenset({
+    "finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal", "float_parsing",
+    "float_type", "int_parsing", "int_parsing_size", "int_type", "int_from_float",
+})
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _allowed_range(cls: type[BaseSettings], name: str) -> str | None:
+    """``a number from 0.001 to 2147483 seconds`` for a bounded numeric field, else None."""
+    field = cls.model_fields.get(name)
+    if field is None:
+        return None
+    bounds: dict[str, float] = {}
+    for item in field.metadata:  # annotated_types.Gt, Ge, Lt, Le
+        for key in ("gt", "ge", "lt", "le"):
+            value = getattr(item, key, None)
+            if isinstance(value, int | float):
+                bounds[key] = value
+    is_float = "float" in str(field.annotation)
+    if not is_float:  # whole numbers: above 0 is from 1
+        if "gt" in bounds:
+            bounds["ge"] = bounds.pop("gt") + 1
+        if "lt" in bounds:
+            bounds["le"] = bounds.pop("lt") - 1
+    low = f"from {_number(bounds['ge'])}" if "ge" in bounds else (
+        f"above {_number(bounds['gt'])}" if "gt" in bounds else None)
+    high = f"to {_number(bounds['le'])}" if "le" in bounds else (
+        f"below {_number(bounds['lt'])}" if "lt" in bounds else None)
+    if low is None and high is None:
+        return None
+    if low is None or high is None:
+        text = (low or high or "").replace("from", "at least").replace("to", "at most")
+    elif low.startswith("from") and high.startswith("to"):
+        text = f"{low} {high}"
+    else:
+        text = f"{low} and {high.replace('to', 'at most')}"
+    unit = " seconds" if is_float else ""  # every float of the core settings is a duration
+    return f"{'a number' if is_float else 'a whole number'} {text}{unit}"
+
+
+def _describe(error: ValidationError, prefix: str = ENV_PREFIX, cls: type[BaseSettings] = BaseSettings) -> str:
     first = error.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if isinstance(part, str)]
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if loc:
-        return f"{prefix}{loc[0].upper()}: {message}"
-    return message
+    if not loc:
+        return message
+    # the core's numbers say their whole range (plugins keep pydantic's wording)
+    if cls is Settings and first.get("type") in _NUMBER_ERRORS and (allowed := _allowed_range(cls, loc[0])):
+        given = repr(first.get("input"))
+        given = given if len(given) <= 40 else given[:37] + "..."
+        return f"{prefix}{loc[0].upper()}: must be {allowed}, got {given}"
+    return f"{prefix}{loc[0].upper()}: {message}"
 
 
 def _validate(cls: type[PluginSettings]) -> PluginSettings:
     try:
         return cls()
     except ValidationError as error:
-        raise SettingsError(_describe(error, _env_prefix(cls))) from None
+        raise SettingsError(_describe(error, _env_prefix(cls), cls)) from None
 
 
 def load_settings(*, plugin_settings: Iterable[type[BaseSettings]] = (), **overrides: object) -> Settings:
@@ -335,7 +441,7 @@ def load_settings(*, plugin_settings: Iterable[type[BaseSettings]] = (), **overr
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
-        raise SettingsError(_describe(error)) from None
+        raise SettingsError(_describe(error, ENV_PREFIX, Settings)) from None
     for name, likely in unknown_variables(classes):
         hint = f"; did you mean {likely}?" if likely else ""
         if settings.strict_settings:

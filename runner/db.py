@@ -35,7 +35,8 @@ from tenacity import (
 
 from runner import metrics
 from runner.config import Settings
-from runner.errors import DatabaseUnavailable, PoolExhausted
+from runner.config.dsn import DsnError, check_dsn
+from runner.errors import DatabaseUnavailable, PoolExhausted, RunnerError, UsageError
 from runner.logs import get_logger, redact_dsn
 
 log = get_logger("runner.db")
@@ -50,6 +51,24 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InterfaceError,
 )
+# Raised by asyncpg for a DSN it cannot parse (an unknown scheme, a non-numeric port, a port past 65535),
+# before or instead of connecting: no retry can fix one. Checked before TRANSIENT_ERRORS (the first is an
+# InterfaceError).
+DSN_ERRORS: tuple[type[BaseException], ...] = (asyncpg.exceptions.ClientConfigurationError, ValueError, OverflowError)
+# The server answered and said no (a wrong password, an unknown role or database, no pg_hba.conf entry):
+# waiting does not change its answer. A refused or reset connection stays transient (TRANSIENT_ERRORS).
+REFUSALS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # 28000, and 28P01 (InvalidPasswordError)
+    asyncpg.exceptions.InvalidCatalogNameError,  # 3D000: the database does not exist
+)
+
+
+class InvalidDsn(UsageError):
+    """asyncpg cannot parse the DSN (exit 2). The message names where the DSN came from, never the DSN."""
+
+
+class DatabaseRefused(RunnerError):
+    """The server refused the connection: authentication or an unknown database (exit 1, not retried)."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +162,12 @@ class Database:
         statement_cache_size: int = 256,
         control_reserved: int = 0,
         reset: ResetHook | None = None,
+        source: str | None = None,
     ) -> None:
         self.dsn = dsn
         self.name = name
+        # where the DSN came from, for errors that must not print it (RUNNER_DATABASE_URL)
+        self.source = source or f"the DSN of pool '{name}'"
         self.min_size = min_size
         self.max_size = max_size
         self.retry = retry
@@ -182,11 +204,20 @@ class Database:
             statement_cache_size=settings.statement_cache_size,
             control_reserved=budget.control_reserved,
             reset=reset,
+            source="RUNNER_DATABASE_URL" if settings.database_url is not None else None,
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self, connect_timeout: float) -> Database:
-        """Create the pool, waiting for the server with backoff (containers start in any order)."""
+        """Create the pool, waiting for the server with backoff (containers start in any order). A DSN that
+        cannot be parsed (:class:`InvalidDsn`) or a server that refuses it (:class:`DatabaseRefused`) fails
+        at once; only an unreachable or starting server is waited for."""
+        try:
+            check_dsn(self.dsn)  # the settings' own check: RUNNER_*_URL were parsed at load already
+        except DsnError as error:
+            raise InvalidDsn(f"{self.source}: {error}") from None
+        if not 0 <= self.min_size <= self.max_size:  # asyncpg's ValueError, raised here: below, one is the DSN's
+            raise ValueError(f"pool '{self.name}': min_size {self.min_size} must be from 0 to max_size {self.max_size}")
         deadline = time.monotonic() + connect_timeout
         delay = 0.1
         last_error: BaseException | None = None
@@ -194,7 +225,15 @@ class Database:
             try:
                 self._pool = await asyncio.wait_for(self._create_pool(), max(0.1, deadline - time.monotonic()))
                 return self
-            except (*TRANSIENT_ERRORS, asyncpg.exceptions.InvalidCatalogNameError) as error:  # type: ignore[misc]
+            except DSN_ERRORS as error:
+                # asyncpg's message may quote a piece of the DSN (which can be a piece of the password)
+                raise InvalidDsn(f"{self.source}: asyncpg cannot parse this DSN ({type(error).__name__}); "
+                                 "expected a postgresql:// URL") from None
+            except REFUSALS as error:
+                raise DatabaseRefused(
+                    f"database {redact_dsn(self.dsn)} refused the connection: {error}"
+                ) from None
+            except TRANSIENT_ERRORS as error:
                 last_error = error
                 log.info("database not ready, retrying", pool=self.name, error=str(error), backoff_s=delay)
                 await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
