@@ -124,3 +124,12 @@ async def test_a_payload_python_cannot_decode_is_shown_not_a_crash(
     assert listed.returncode == 0 and str(poison) in listed.stdout
     job = await app.get(poison)
     assert job.payload["undecodable"].startswith("ValueError")
+
+
+@pytest.mark.parametrize(("name", "value"), [("RUNNER_CONSENSUS_LEADER_TIMEOUT", "inf"),
+                                             ("RUNNER_CONSENSUS_FINALITY_WINDOW", "nan"),
+                                             ("RUNNER_CONSENSUS_TX_STUCK_AFTER", "1e300")])
+async def test_plugin_settings_are_finite_and_bounded(runner_env: dict[str, str], name: str, value: str) -> None:
+    result = run_cli(runner_env, "status", **{name: value})
+    assert result.returncode == 2
+    assert one_error_line(result.stderr).startswith(f"error: {name}: ")

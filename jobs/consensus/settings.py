@@ -18,19 +18,22 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "RUNNER_CONSENSUS_"
 _RESOURCE = "consensus.settings"
+MIN_S = 0.001
+MAX_S = 365 * 24 * 3600.0
 
 
 class ConsensusSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # Finite values only, and bounded: each duration becomes a timestamp interval or a timer.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True  # run the consensus loops in `runner worker`
-    concurrency: int = Field(8, gt=0)  # transactions in the state machine at once (one per contract)
-    validators: int = Field(5, gt=0)  # validators per transaction (plus one leader)
+    concurrency: int = Field(8, gt=0, le=10_000)  # transactions in the state machine at once (one per contract)
+    validators: int = Field(5, gt=0, le=1_000)  # validators per transaction (plus one leader)
     disagree_rate: float = Field(0.0, ge=0, le=1)  # probability each validator disagrees (testing)
-    leader_timeout: float = Field(10.0, gt=0)
-    validator_timeout: float = Field(10.0, gt=0)
-    finality_window: float = Field(5.0, ge=0)  # seconds a decided transaction waits before finality
-    tx_stuck_after: float = Field(60.0, gt=0)  # no progress for this long: cancelled and recovered
+    leader_timeout: float = Field(10.0, ge=MIN_S, le=MAX_S)
+    validator_timeout: float = Field(10.0, ge=MIN_S, le=MAX_S)
+    finality_window: float = Field(5.0, ge=0, le=MAX_S)  # seconds a decided transaction waits before finality
+    tx_stuck_after: float = Field(60.0, ge=MIN_S, le=MAX_S)  # no progress for this long: cancelled and recovered
 
 
 def from_settings(settings: Settings) -> ConsensusSettings:
