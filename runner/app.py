@@ -534,7 +534,7 @@ def _configure_logging_once(settings: Settings) -> None:
     if not structlog.is_configured():
         from runner.logs import configure_logging
 
-        configure_logging(settings.log_format, settings.log_level)
+        configure_logging(settings.log_format, settings.log_level, stdlib=False)
 
 
 __all__ = ["App", "check_new_job", "check_queue_name", "load_app"]

@@ -423,10 +423,14 @@ class Database:
     # --- the single LISTEN connection -----------------------------------------------------------
     async def listen_connection(self, dsn: str | None = None) -> asyncpg.Connection:
         """A dedicated connection for LISTEN (session state cannot live behind a pooled connection)."""
-        return await asyncpg.connect(
-            dsn or self.dsn,
-            server_settings={**self.server_settings, "application_name": self.server_settings.get(
-                "application_name", "runner") [:55] + ":listen"},
-            statement_cache_size=0,
-            timeout=self.retry.acquire_timeout,
-        )
+        try:
+            return await asyncpg.connect(
+                dsn or self.dsn,
+                server_settings={**self.server_settings, "application_name": self.server_settings.get(
+                    "application_name", "runner") [:55] + ":listen"},
+                statement_cache_size=0,
+                timeout=self.retry.acquire_timeout,
+            )
+        except DSN_ERRORS as error:  # as in open(): asyncpg's message may quote a piece of the password
+            raise InvalidDsn(f"{self.source} (LISTEN): asyncpg cannot parse this DSN ({type(error).__name__})") \
+                from None
