@@ -179,7 +179,8 @@ def parse_payload(text: str, where: str, max_bytes: int) -> dict[str, Any]:
     except RecursionError:
         raise UsageError(f"{where}: the payload is nested too deeply") from None
     except ValueError as error:  # an integer past Python's digit limit, for one
-        raise UsageError(f"{where}: not valid JSON ({str(error)[:120]})") from None
+        reason = "a number has more than 4,300 digits" if "digits" in str(error) else str(error)[:120]
+        raise UsageError(f"{where}: not valid JSON ({reason})") from None
     if not isinstance(payload, dict):
         raise UsageError(f"{where}: the payload must be a JSON object, got {type(payload).__name__}")
     return payload
