@@ -350,13 +350,16 @@ COUNT_COLUMNS = ("pending", "delayed", "running", *FINISHED)
 
 def count_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts from job_counts_by_queue: totals, by kind, and by queue (each with its kinds). ``pending``
-    counts runnable jobs; pending jobs whose run_at is in the future are counted as ``delayed``."""
+    counts runnable jobs; pending jobs whose run_at is in the future are counted as ``delayed``. ``estimated``
+    lists the statuses whose counts are estimates (finished jobs past FINISHED_EXACT_UP_TO, see
+    JobQueue.job_counts_by_queue); all other counts are exact."""
     def zero() -> dict[str, int]:
         return dict.fromkeys(COUNT_COLUMNS, 0)
 
     totals = zero()
     by_kind: dict[str, dict[str, int]] = {}
     by_queue: dict[str, dict[str, Any]] = {}
+    estimated = sorted({row["status"] for row in rows if row.get("estimated")})
     for row in rows:
         column = "delayed" if row["delayed"] else row["status"]
         n = int(row["n"])
@@ -364,13 +367,16 @@ def count_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for counts in (totals, by_kind.setdefault(row["kind"], zero()), queue["jobs"],
                        queue["by_kind"].setdefault(row["kind"], zero())):
             counts[column] = counts.get(column, 0) + n
-    return {"jobs": totals, "by_kind": by_kind, "by_queue": by_queue}
+    return {"jobs": totals, "by_kind": by_kind, "by_queue": by_queue, "estimated": estimated}
 
 
 def status_table(counts: dict[str, Any]) -> Table:
     from rich.table import Table
 
-    table = Table(title="jobs (delayed: pending with run_at in the future)")
+    title = "jobs (delayed: pending with run_at in the future)"
+    if counts.get("estimated"):
+        title += f"; estimated: {', '.join(counts['estimated'])}"
+    table = Table(title=title)
     table.add_column("queue")
     table.add_column("kind")
     for column in COUNT_COLUMNS:

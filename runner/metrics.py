@@ -38,7 +38,12 @@ JOB_DURATION = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600),
 )
 JOBS_RUNNING = Gauge("runner_jobs_running", "Jobs running in this worker")
-QUEUE_DEPTH = Gauge("runner_queue_depth", "Jobs by status, sampled on an interval", ["status"])
+QUEUE_DEPTH = Gauge(
+    "runner_queue_depth",
+    "Jobs by status, sampled on an interval: pending and running exact; succeeded, failed and cancelled exact "
+    "up to 10,000 finished jobs, estimated from the planner's statistics past that",
+    ["status"],
+)
 HEARTBEAT_LAG = Gauge("runner_heartbeat_lag_seconds", "Seconds since the last successful heartbeat")
 LOOP_ERRORS = Counter("runner_loop_errors_total", "Errors raised by a worker loop's run_once", ["loop"])
 EVENT_LOOP_LAG = Gauge("runner_event_loop_lag_seconds", "Measured event loop scheduling lag")

@@ -17,6 +17,9 @@ from runner.errors import JobNotFound, UsageError
 
 Outcome = Literal["succeeded", "cancelled", "released", "error", "fatal"]
 FINISHED = ("succeeded", "failed", "cancelled")
+# Finished jobs are counted exactly up to this many rows (the newest, through the finished index); past it
+# their counts are estimates, so a count never reads the whole history.
+FINISHED_EXACT_UP_TO = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,12 +318,36 @@ class JobQueue:
             await connection.execute(sql.NOTIFY_JOBS, queue)
 
     async def job_counts(self) -> list[tuple[str, str, int]]:
-        rows = await self.db.fetch(sql.COUNT_BY_KIND_AND_STATUS)
-        return [(r["kind"], r["status"], r["n"]) for r in rows]
+        """(kind, status, n), from job_counts_by_queue: finished counts may be estimates (see there)."""
+        totals: dict[tuple[str, str], int] = {}
+        for row in await self.job_counts_by_queue():
+            totals[(row["kind"], row["status"])] = totals.get((row["kind"], row["status"]), 0) + int(row["n"])
+        return [(kind, status, n) for (kind, status), n in totals.items()]
 
     async def job_counts_by_status(self) -> dict[str, int]:
+        """Exact counts by status, scanning the whole table (history included): tests and one-off checks.
+        Loops and `status` use job_depth_by_status / job_counts_by_queue, which never scan history."""
         rows = await self.db.fetch(sql.COUNT_BY_STATUS)
         return {r["status"]: r["n"] for r in rows}
+
+    async def job_depth_by_status(self) -> tuple[dict[str, int], list[str]]:
+        """Counts by status and the statuses among them that are estimates. Pending and running: exact, through
+        the partial index on unfinished jobs. Finished: exact up to FINISHED_EXACT_UP_TO rows, else estimated
+        from the planner's statistics (pg_class.reltuples x the status frequencies in pg_stats)."""
+        counts = {r["status"]: int(r["n"]) for r in await self.db.fetch(sql.COUNT_UNFINISHED_BY_STATUS)}
+        recent = {r["status"]: int(r["n"]) for r in
+                  await self.db.fetch(sql.COUNT_RECENT_FINISHED_BY_STATUS, FINISHED_EXACT_UP_TO)}
+        if sum(recent.values()) < FINISHED_EXACT_UP_TO:
+            return {**counts, **recent}, []
+        estimates = await self._finished_estimates()
+        for status in FINISHED:
+            n = max(estimates.get(status, 0), recent.get(status, 0))
+            if n:
+                counts[status] = n
+        return counts, sorted(FINISHED)
+
+    async def _finished_estimates(self) -> dict[str, int]:
+        return {r["status"]: int(r["n"]) for r in await self.db.fetch(sql.ESTIMATE_FINISHED_BY_STATUS)}
 
     async def job_list_running(self, limit: int = 50) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.db.fetch(sql.RUNNING_JOBS, limit)]
@@ -359,8 +386,24 @@ class JobQueue:
         return await self._bulk_where(sql.PURGE_WHERE, where, await self._clock(older_than_s), batch)
 
     async def job_counts_by_queue(self) -> list[dict[str, Any]]:
-        """Rows of queue, kind, status, delayed (pending with run_at in the future) and n."""
-        return [dict(row) for row in await self.db.fetch(sql.COUNT_BY_QUEUE)]
+        """Rows of queue, kind, status, delayed (pending with run_at in the future), n and estimated. Never
+        scans history: pending and running jobs are counted exactly (partial index on unfinished jobs); so
+        are finished ones up to FINISHED_EXACT_UP_TO rows. Past that, finished rows are estimated (estimated:
+        true): each status's total from the planner's statistics, split by queue and kind in the
+        proportions of the newest FINISHED_EXACT_UP_TO finished jobs."""
+        rows = [{**dict(row), "estimated": False} for row in await self.db.fetch(sql.COUNT_UNFINISHED_BY_QUEUE)]
+        recent = [dict(row) for row in await self.db.fetch(sql.COUNT_RECENT_FINISHED_BY_QUEUE, FINISHED_EXACT_UP_TO)]
+        if sum(int(row["n"]) for row in recent) < FINISHED_EXACT_UP_TO:
+            return rows + [{**row, "estimated": False} for row in recent]
+        estimates = await self._finished_estimates()
+        sampled: dict[str, int] = {}
+        for row in recent:
+            sampled[row["status"]] = sampled.get(row["status"], 0) + int(row["n"])
+        for row in recent:
+            total = max(estimates.get(row["status"], 0), sampled[row["status"]])
+            n = round(int(row["n"]) * total / sampled[row["status"]])
+            rows.append({**row, "n": n, "estimated": True})
+        return rows
 
     async def live_workers_for_queue(self, queue: str, within_s: float) -> int:
         """Workers serving ``queue`` whose heartbeat is at most within_s seconds old."""

@@ -52,6 +52,7 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     CheckConstraint(f"status IN {JOB_STATUSES!r}".replace('"', "'"), name="runner_jobs_status_check"),
     CheckConstraint("max_attempts > 0", name="runner_jobs_max_attempts_check"),
+    # Storage parameters for churn (fillfactor, autovacuum): revision 0005, which explains them.
     # The claim walks this index in claim order and stops after LIMIT rows: an index scan at any size.
     Index(
         "runner_jobs_claim_idx",
@@ -60,7 +61,10 @@ jobs = Table(
         "id",
         postgresql_where=text("status = 'pending'"),
     ),
-    Index("runner_jobs_lease_idx", "lease_expires_at", postgresql_where=text("status = 'running'")),
+    # Revision 0005: unfinished jobs by status, queue and kind: the drain check, the exact pending/running
+    # counts and every read of running jobs (the rescuer too), bounded by live work at any history size.
+    # It replaced an index on lease_expires_at, which every heartbeat writes: heartbeats can now be HOT.
+    Index("runner_jobs_unfinished_idx", "status", "queue", "kind", postgresql_where=text(UNFINISHED)),
     Index(
         "runner_jobs_dedupe_idx",
         "dedupe_key",

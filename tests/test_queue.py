@@ -233,6 +233,41 @@ async def test_claim_is_an_index_scan_at_a_million_rows(app: App) -> None:
     assert "Sort" not in plan, plan
 
 
+async def test_drain_check_and_depth_counts_never_scan_history(app: App) -> None:
+    await app.db.execute("""
+        INSERT INTO runner_jobs (kind, payload, status, started_at, finished_at)
+        SELECT 'noop', '{}', 'succeeded', now() - g * interval '1 second', now() - g * interval '1 second'
+        FROM generate_series(1, 20000) g""")
+    await app.queue.job_enqueue_many([NewJob("noop", {}) for _ in range(5)])
+    await app.db.execute("ANALYZE runner_jobs")
+    statements = {
+        "HAS_RUNNABLE_OR_RUNNING": (queue_sql.HAS_RUNNABLE_OR_RUNNING, "('{default}', '{noop,sleep}')"),
+        "COUNT_UNFINISHED_BY_STATUS": (queue_sql.COUNT_UNFINISHED_BY_STATUS, ""),
+        "COUNT_UNFINISHED_BY_QUEUE": (queue_sql.COUNT_UNFINISHED_BY_QUEUE, ""),
+        "COUNT_RECENT_FINISHED_BY_STATUS": (queue_sql.COUNT_RECENT_FINISHED_BY_STATUS, "(1000)"),
+        "COUNT_RECENT_FINISHED_BY_QUEUE": (queue_sql.COUNT_RECENT_FINISHED_BY_QUEUE, "(1000)"),
+        "RESCUE_STALE": (queue_sql.RESCUE_STALE, "(3, 100)"),
+        "RUNNING_JOBS": (queue_sql.RUNNING_JOBS, "(50)"),
+    }
+    async with app.db.connection() as connection:  # default planner settings; custom and generic plans
+        for (name, (statement, args)), mode in [(s, m) for s in statements.items()
+                                                for m in ("force_custom_plan", "force_generic_plan")]:
+            await connection.execute(f"SET plan_cache_mode = {mode}")
+            await connection.execute(f"PREPARE p AS {statement}")  # EXPLAIN without ANALYZE: nothing runs
+            plan = "\n".join(r[0] for r in await connection.fetch(f"EXPLAIN EXECUTE p{args}"))
+            await connection.execute("DEALLOCATE p")
+            assert "Seq Scan on runner_jobs" not in plan, (name, mode, plan)
+            if name in ("RESCUE_STALE", "RUNNING_JOBS"):  # reads running entries only, not the pending ones
+                assert "Index Cond: (status = 'running'::text)" in plan, (name, mode, plan)
+        await connection.execute("RESET plan_cache_mode")
+    assert await app.queue.job_has_runnable_or_running(["default"], ["noop"])
+    counts, estimated = await app.queue.job_depth_by_status()
+    assert counts == {"pending": 5, "succeeded": 20000} and estimated == ["cancelled", "failed", "succeeded"]
+    by_queue = await app.queue.job_counts_by_queue()
+    assert sum(r["n"] for r in by_queue if r["status"] == "succeeded") == 20000  # estimate: ANALYZE just ran
+    assert all(r["estimated"] == (r["status"] == "succeeded") for r in by_queue)
+
+
 @pytest.fixture
 async def raw(database_url: str) -> asyncpg.Connection:
     connection = await asyncpg.connect(database_url)
