@@ -15,6 +15,7 @@ from runner.queue import NewJob
 from runner.worker import Worker
 from tests.conftest import start_worker, wait_exit
 from tests.pg import TestServer, holds, wait_until
+from tests.stress import log_lines
 
 
 async def test_four_worker_processes_run_each_of_2000_jobs_exactly_once(
@@ -111,9 +112,12 @@ async def test_sigterm_releases_leases_without_using_an_attempt(
 async def test_sigterm_lets_running_jobs_finish_within_the_grace(
     app: App, runner_env: dict[str, str], tmp_path: Path
 ) -> None:
-    ids = await app.queue.job_enqueue_many([NewJob("record", {"seconds": 1.0}) for _ in range(2)])
-    worker = start_worker(runner_env, log_path=tmp_path / "w.log", RUNNER_SHUTDOWN_GRACE="20")
-    await wait_until(lambda: app.db.fetchval("SELECT count(*) = 2 FROM runner_jobs WHERE status = 'running'"), 30)
+    ids = await app.queue.job_enqueue_many([NewJob("record", {"seconds": 1.0, "log_start": True}) for _ in range(2)])
+    log = tmp_path / "w.log"
+    worker = start_worker(runner_env, log_path=log, RUNNER_SHUTDOWN_GRACE="20")
+    # Both handlers have started (claimed is not enough: a job claimed but not yet started when SIGTERM
+    # comes is handed back to pending, by design).
+    await wait_until(lambda: holds(len(log_lines(log, "record started")) == 2), 30)
     worker.send_signal(signal.SIGTERM)
     assert await wait_exit(worker, 30) == 0
     statuses = await app.db.fetch("SELECT status FROM runner_jobs WHERE id = ANY($1)", ids)
