@@ -430,3 +430,14 @@ def git_commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "runner", "jobs", "config"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     return result.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def write_report(out_dir: Path | str, stem: str, text: str, data: Any, *, raw_only: bool = False) -> None:
+    """A bench's report: ``<stem>.md`` in ``out_dir``, and its figures as JSON beside it, or, with
+    ``raw_only``, under SCRATCH/work (every round's figures, not kept in the repository)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text if text.endswith("\n") else text + "\n")
+    raw = SCRATCH / "work" / f"{stem}.json" if raw_only else out / f"{stem}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -32,7 +32,6 @@ sys.path.insert(0, str(_BENCH.parent))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -58,6 +57,7 @@ from bench._common import (  # noqa: E402
     server_cpu_s,
     start_server,
     wait_for_quiet,
+    write_report,
 )
 from runner import queue_sql as sql  # noqa: E402
 from runner.embedded import EmbeddedPostgres  # noqa: E402
@@ -341,12 +341,7 @@ def main() -> None:
     args = parser.parse_args()
     data = asyncio.run(main_async(args))
     lines = report(data)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ceiling.md").write_text("\n".join(lines))
-    raw = SCRATCH / "work" / "ceiling.json"  # every figure of every round (not kept in the repository)
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_report(args.out_dir, "ceiling", "\n".join(lines), data, raw_only=True)
     print("\n".join(lines))
 
 

@@ -42,6 +42,7 @@ from bench._common import (  # noqa: E402
     median,
     run,
     start_server,
+    write_report,
 )
 from runner import queue_sql as sql  # noqa: E402
 
@@ -222,9 +223,7 @@ async def main() -> None:
         config = {"jobs": args.jobs, "history": args.history, "rounds": args.rounds, "commit": git_commit(),
                   "machine": machine(), **described}
         text = report(config, rounds, command)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "history.md").write_text(text)
-        (RESULTS / "history.json").write_text(json.dumps({"config": config, "rounds": rounds}, indent=2) + "\n")
+        write_report(RESULTS, "history", text, {"config": config, "rounds": rounds})
         print(text)
     finally:
         await server.drop(TEMPLATE)

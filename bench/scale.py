@@ -61,6 +61,7 @@ from bench._common import (  # noqa: E402
     server_cpu_s,
     start_server,
     wait_for_quiet,
+    write_report,
 )
 from runner.config.settings import LISTENER_CONNECTIONS, POOL_BUDGET_SHARE, POOL_MAX_CAP  # noqa: E402
 from tests.kinds import REFERENCE as TEST_KINDS  # noqa: E402  (record: the tests' kind)
@@ -488,10 +489,7 @@ def main() -> None:
     if (args.stress or args.stress_only) and not any(int(x) >= 2 for x in args.workers.split(",") if x):
         parser.error("a run under stress needs --workers 2 or more (one paused, another to rescue its jobs)")
     report = asyncio.run(main_async(args))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "scale.md").write_text(markdown(report))
+    write_report(args.out_dir, "scale", markdown(report), report)
     print(markdown(report))
     failed = [row for row in report["summary"] if row["duplicate_executions"] or row["executions"] != args.jobs]
     if failed:

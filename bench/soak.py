@@ -32,7 +32,6 @@ sys.path.insert(0, str(_BENCH.parent))
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -53,6 +52,7 @@ from bench._common import (  # noqa: E402
     machine,
     percentile,
     run,
+    write_report,
 )
 from runner import queue_sql as sql  # noqa: E402
 from runner.embedded import EmbeddedPostgres  # noqa: E402
@@ -350,12 +350,7 @@ def main() -> None:
     finally:
         server.stop_if_started_here()
     lines = report(data)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.md").write_text("\n".join(lines))
-    raw = SCRATCH / "work" / "soak.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_report(args.out_dir, "soak", "\n".join(lines), data, raw_only=True)
     print("\n".join(lines[:16]))
 
 

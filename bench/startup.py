@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from bench._common import (
     run,
     start_server,
     wait_for_quiet,
+    write_report,
 )
 
 HELP_TARGET_S = 0.3
@@ -203,10 +203,7 @@ def main() -> None:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     report = asyncio.run(main_async(args))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "startup.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "startup.md").write_text(markdown(report))
+    write_report(args.out_dir, "startup", markdown(report), report)
     print(markdown(report))
 
 
