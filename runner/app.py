@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from runner.config import Settings, load_settings
+from runner.config.settings import INT32_MAX
 from runner.errors import AppNotOpen, PayloadError, RunnerError, UsageError, WaitTimeout
 from runner.job import Job
 from runner.logs import get_logger, redact_dsn
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 log = get_logger("runner.app")
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
-INT32_MAX = 2**31 - 1
 MAX_QUEUE_CHARS = 128
 MAX_DEDUPE_KEY_CHARS = 1000  # far below the unique index's row limit (~2.7 kB)
 MAX_PAYLOAD_DEPTH = 100  # containers within containers; Python's json gives up near 1,000
@@ -326,23 +326,27 @@ class App:
         async with self.db.transaction() as own:
             return await self._insert(checked, own)
 
-    async def _insert(self, jobs: list[NewJob], connection: Any) -> list[tuple[int, bool]]:
+    async def _insert(self, checked: list[tuple[NewJob, str]], connection: Any) -> list[tuple[int, bool]]:
+        jobs = [job for job, _ in checked]
+        encoded = [text for _, text in checked]  # encoded once, by the checks
         if all(job.dedupe_key is None for job in jobs):
             ids: list[int] = []
             for start in range(0, len(jobs), ENQUEUE_BATCH):  # bounded statements, one transaction
-                ids += await self.queue.job_enqueue_many(jobs[start:start + ENQUEUE_BATCH], connection)
+                end = start + ENQUEUE_BATCH
+                ids += await self.queue.job_enqueue_many(jobs[start:end], connection, encoded[start:end])
             return [(job_id, True) for job_id in ids]
         # Keys: one statement per job, so each deduplicated one can report the job that holds its key.
-        return [await self.queue.job_enqueue_in(connection, job) for job in jobs]
+        return [await self.queue.job_enqueue_in(connection, job, text) for job, text in checked]
 
-    async def _checked(self, job: NewJob) -> NewJob:
+    async def _checked(self, job: NewJob) -> tuple[NewJob, str]:
+        """The job with its queue resolved, and its payload as the JSON text the insert sends."""
         kind = self.registry.get(job.kind)  # UnknownKind (a UsageError) names the known kinds
         queue = job.queue or kind.queue or "default"
         check_queue_name(queue)
-        check_new_job(job, self.settings.max_payload_bytes)
+        text = check_new_job(job, self.settings.max_payload_bytes)
         if kind.validate is not None:
             await kind.validate(job.payload, self)
-        return NewJob(job.kind, job.payload, queue, job.priority, job.delay_s, job.max_attempts, job.dedupe_key)
+        return NewJob(job.kind, job.payload, queue, job.priority, job.delay_s, job.max_attempts, job.dedupe_key), text
 
     # --- read and operate ----------------------------------------------------------------------------
     async def get(self, job_id: int) -> Job:
@@ -423,8 +427,9 @@ def payload_depth_exceeds(payload: Any, limit: int) -> bool:
     return False
 
 
-def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> None:
-    """What the database would refuse, refused first with one clear line (nothing is written)."""
+def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> str:
+    """What the database would refuse, refused first with one clear line (nothing is written).
+    Returns the payload as the JSON text to insert."""
     if not isinstance(job.payload, dict):
         raise UsageError(f"the payload must be a JSON object (a dict), got {type(job.payload).__name__}")
     if not _is_int(job.priority) or not -INT32_MAX - 1 <= job.priority <= INT32_MAX:
@@ -449,6 +454,7 @@ def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> None:
                            "(RUNNER_MAX_PAYLOAD_BYTES)")
     if "\\u0000" in text:
         raise PayloadError("the payload contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store")
+    return text
 
 
 def _payload_validator(name: str, validate: Callable[[dict[str, Any]], Any] | None) -> Any:

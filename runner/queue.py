@@ -149,13 +149,15 @@ class JobQueue:
 
     # --- producers ------------------------------------------------------------------------------
     async def job_enqueue_many(
-        self, jobs: Sequence[NewJob], connection: asyncpg.Connection | None = None
+        self, jobs: Sequence[NewJob], connection: asyncpg.Connection | None = None,
+        payloads_json: Sequence[str] | None = None,
     ) -> list[int]:
-        """Insert jobs in one statement (one transaction) and NOTIFY their queues. Deduped jobs are skipped."""
+        """Insert jobs in one statement (one transaction) and NOTIFY their queues. Deduped jobs are skipped.
+        ``payloads_json``: the payloads already encoded (runner.App's checks encode them once)."""
         args = (
             [j.kind for j in jobs],
             [j.queue for j in jobs],
-            [json.dumps(j.payload) for j in jobs],
+            list(payloads_json) if payloads_json is not None else [json.dumps(j.payload) for j in jobs],
             [j.priority for j in jobs],
             [j.delay_s for j in jobs],
             [j.max_attempts if j.max_attempts is not None else self.max_attempts_for(j.kind) for j in jobs],
@@ -167,10 +169,12 @@ class JobQueue:
             rows = await self.db.fetch(sql.ENQUEUE, *args)
         return [row["id"] for row in rows]
 
-    async def job_enqueue_in(self, connection: asyncpg.Connection, job: NewJob) -> tuple[int, bool]:
+    async def job_enqueue_in(
+        self, connection: asyncpg.Connection, job: NewJob, payload_json: str | None = None
+    ) -> tuple[int, bool]:
         """Enqueue one job inside the caller's transaction; (id, created): with its dedupe key held by an
         unfinished job, that job's id. Raises a UsageError when the key's holder finished meanwhile."""
-        ids = await self.job_enqueue_many([job], connection)
+        ids = await self.job_enqueue_many([job], connection, None if payload_json is None else [payload_json])
         if ids:
             return ids[0], True
         existing = await connection.fetchval(sql.FIND_UNFINISHED_BY_DEDUPE_KEY, job.dedupe_key)
