@@ -75,11 +75,10 @@ async def open_resources(app: App) -> None:
     try:
         chain = await open_chain(settings)
     except ChainNotConfigured as error:  # a plain install (no `chain` extra) and no RUNNER_CHAIN_URL
-        from runner.jobs.consensus.settings import _RESOURCE
+        from runner.jobs.consensus.settings import turn_off
 
         _log_info(f"consensus loops off: {error}")
-        # Off for this App: no loops (and no warning about them), --drain does not wait for consensus work.
-        app.resources[_RESOURCE] = consensus_settings(app).model_copy(update={"enabled": False})
+        turn_off(app)
         return
     app.resources["chain"] = chain
     try:

@@ -56,3 +56,9 @@ def consensus_settings(app: App) -> ConsensusSettings:
         raise UsageError(str(error)) from None  # one line and exit 2 from the CLI, as at start-up
     app.resources[_RESOURCE] = found
     return found
+
+
+def turn_off(app: App) -> None:
+    """Consensus off for this App (no chain to run on): no loops, no warning about them, and --drain does
+    not wait for consensus work."""
+    app.resources[_RESOURCE] = consensus_settings(app).model_copy(update={"enabled": False})
