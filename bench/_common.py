@@ -292,8 +292,13 @@ async def run(argv: Sequence[str], env: dict[str, str], log_path: Path, timeout_
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    """The parent's environment without RUNNER_* (a stray setting must not skew or break a run)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    """The parent's environment without RUNNER_* (a stray setting must not skew or break a run).
+
+    Bytecode is cached (outside the checkout) even when the parent set PYTHONDONTWRITEBYTECODE: an
+    installed package has its .pyc files, and compiling runner's modules from source on every start
+    (an editable checkout without them) added ~0.15 s to each process measured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.setdefault("PYTHONPYCACHEPREFIX", str(DEFAULT_HOME / "pycache"))
     env.update(extra)
     return env
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,7 +53,7 @@ class KindMetrics:
     lease_lost: Any
 
 
-@dataclass
+@dataclass(slots=True)
 class RunningJob:
     job: ClaimedJob
     context: JobContext
@@ -61,12 +63,15 @@ class RunningJob:
     renew_until: float | None = None  # monotonic; past it the heartbeat lets the lease go
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much
 class AttemptResult:
     outcome: Outcome | None
     error: str | None = None
     delay_s: float | None = None  # None: the kind's backoff decides
     result: str | None = None  # the handler's return value, JSON text
+
+
+SUCCEEDED = AttemptResult("succeeded")  # shared: most attempts end this way and nothing mutates it
 
 
 def _stop_message(running: RunningJob) -> str | None:
@@ -106,6 +111,9 @@ class Executor:
         # Job start and end are logged at debug only: checked once here, as a call per job costs more
         # than a no-op job even when the level filters it out.
         self.log_debug = settings.log_level == "debug"
+        # Read when scraped rather than set twice per job; weakly, so a closed worker is not kept alive.
+        executor = weakref.ref(self)
+        metrics.JOBS_RUNNING.set_function(lambda: len(found.active) if (found := executor()) is not None else 0)
 
     def _metrics(self, kind: str) -> KindMetrics:
         found = self._kind_metrics.get(kind)
@@ -143,12 +151,19 @@ class Executor:
         seconds = kind.timeout_s if kind is not None and kind.timeout_s is not None else self.app.settings.job_timeout
         return seconds or None
 
+    def start_many(self, jobs: list[ClaimedJob]) -> None:
+        """Start one claim's jobs; metrics are counted once per claim, not once per job."""
+        if not jobs:
+            return
+        for job in jobs:
+            self.start(job)
+        for kind, count in Counter(job.kind for job in jobs).items():
+            self._metrics(kind).claimed.inc(count)
+
     def start(self, job: ClaimedJob) -> None:
         running = RunningJob(job, JobContext(job=job, app=self.app, worker_id=self.worker_id))
         self.active[job.id] = running
         self._idle.clear()
-        self._metrics(job.kind).claimed.inc()
-        metrics.JOBS_RUNNING.set(len(self.active))
         if job.cancel_requested:  # cancelled while nobody ran it: end it without running
             running.stop_reason = "cancelled"
         elif job.undecodable is not None:  # a poison payload fails alone, at once
@@ -193,7 +208,6 @@ class Executor:
                 result = await self._attempt(running)
         finally:
             self.active.pop(job.id, None)
-            metrics.JOBS_RUNNING.set(len(self.active))
             if not self.active:
                 self._idle.set()
             self.on_slot_freed()
@@ -220,7 +234,7 @@ class Executor:
         try:
             value = await kind.handler(running.context)
             if value is None or running.context.completed_in_transaction:
-                return AttemptResult("succeeded")
+                return SUCCEEDED
             try:
                 return AttemptResult("succeeded", result=encode_result(value))
             except PayloadError as bad_result:

@@ -33,7 +33,7 @@ class NewJob:
     dedupe_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much
 class ClaimedJob:
     id: int
     kind: str
@@ -65,7 +65,7 @@ class ClaimedJob:
                    checkpoint, cancel_requested)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much
 class JobOutcome:
     job_id: int
     lease_epoch: int
@@ -79,7 +79,7 @@ class JobOutcome:
     settled_in_transaction: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much
 class WrittenOutcome:
     job_id: int
     kind: str

@@ -149,6 +149,19 @@ async def test_metrics_families_exist_and_move(worker: Worker, http_app: App) ->
     assert 0 <= value(after, "runner_heartbeat_lag_seconds") < 30
 
 
+async def test_running_jobs_gauge_follows_the_executor(worker: Worker, http_app: App) -> None:
+    assert worker.http is not None
+    url = worker.http.url
+
+    async def running_is(n: int) -> bool:
+        _, text = await get(f"{url}/metrics")
+        return value(text, "runner_jobs_running") == n
+
+    await http_app.queue.job_enqueue_many([NewJob("sleep", {"seconds": 5}) for _ in range(3)])
+    await wait_until(lambda: running_is(3), timeout_s=30)  # read at scrape time from the executor
+    await wait_until(lambda: running_is(0), timeout_s=60)
+
+
 async def test_pool_matches_configured_pool(worker: Worker, http_app: App) -> None:
     assert worker.http is not None
     status, body = await get_json(f"{worker.http.url}/pool")

@@ -58,14 +58,14 @@ def _log_info(message: str) -> None:
 
 async def open_resources(app: App) -> None:
     """The one AsyncWeb3 (app.resources["chain"]) and a deployed ConsensusMain (address in the database)."""
+    if not consensus_settings(app).enabled:  # checked first: the store's imports cost 50 ms of start-up
+        return
     import asyncpg
 
     from runner.errors import ChainNotConfigured, RunnerError
     from runner.jobs.consensus.store import ConsensusStore
 
     settings = app.settings
-    if not consensus_settings(app).enabled:
-        return
     from runner.chain import close_chain, open_chain
     from runner.jobs.consensus.contract import ensure_deployed
     from runner.jobs.consensus.emitter import EventEmitter

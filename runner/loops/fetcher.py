@@ -53,13 +53,10 @@ class Fetcher(Service):
         except BaseException:
             await asyncio.shield(self.hand_back_unrun())
             raise
+        self.executor.start_many(jobs)
         if self.stopped.is_set():  # shutting down between claim and start: give them straight back
-            for job in jobs:
-                self.executor.start(job)
             self.executor.stop_all("shutdown")
             return
-        for job in jobs:
-            self.executor.start(job)
         self.last_claimed = len(jobs)
         self.backlog = len(jobs) == limit
         if not self.backlog:
