@@ -9,10 +9,11 @@ are deleted during the run as in production. Every --interval seconds (default 5
 - claim latency: (a) the workers' own CLAIM statements from pg_stat_statements, per interval (calls, mean,
   max; the entry is reset after each sample); (b) a probe: the CLAIM statement with the worker's
   parameters but LIMIT 10, timed from a side connection inside a transaction that is rolled back, every
-  0.25 s: p50/p99 per interval (its rolled-back updates add ~40 dead tuples/s); (c) queue delay
+  0.05 s: p50/p99 per interval, and p99 per 30 s window for the flatness check (600 probes: a p99 of one
+  interval's 100 is nearly its maximum); its rolled-back updates add ~200 dead tuples/s; (c) queue delay
   created_at -> started_at of the jobs started in the interval, p50/p99;
 - pg_stat_user_tables for runner_jobs: n_live_tup, n_dead_tup, n_tup_upd, n_tup_hot_upd, n_tup_del,
-  autovacuum_count, autoanalyze_count;
+  autovacuum_count, vacuum_count (the workers' own VACUUMs, runner.loops.vacuum), autoanalyze_count;
 - pg_relation_size, pg_indexes_size of runner_jobs.
 
 Reports the samples as a table and the last half's flatness (claim p99 and table size within +-20% of the
@@ -60,6 +61,8 @@ from runner.embedded import EmbeddedPostgres  # noqa: E402
 TEMPLATE = "bench_soak_tpl"
 QUEUES = ["default"]
 TICK_S = 0.1
+PROBE_PERIOD_S = 0.05
+WINDOW_S = 30.0  # claim p99 for the flatness check: over this many seconds of probes
 
 
 def soak_server() -> Server:
@@ -118,7 +121,7 @@ class Producer:
 
 
 class Prober:
-    """Times CLAIM (worker parameters, LIMIT 10) in a rolled-back transaction every 0.25 s."""
+    """Times CLAIM (worker parameters, LIMIT 10) in a rolled-back transaction every PROBE_PERIOD_S."""
 
     def __init__(self, url: str, kinds: list[str]) -> None:
         self.url, self.kinds = url, kinds
@@ -136,7 +139,7 @@ class Prober:
                     self.latencies_ms.append((time.perf_counter() - t0) * 1000)
                 finally:
                     await transaction.rollback()
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(PROBE_PERIOD_S)
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -148,7 +151,7 @@ class Prober:
 
 STATS = """
 SELECT n_live_tup, n_dead_tup, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, autovacuum_count,
-       autoanalyze_count, pg_relation_size('runner_jobs') AS table_bytes,
+       vacuum_count, autoanalyze_count, pg_relation_size('runner_jobs') AS table_bytes,
        pg_indexes_size('runner_jobs') AS index_bytes
 FROM pg_stat_user_tables WHERE relname = 'runner_jobs'
 """
@@ -199,6 +202,8 @@ async def soak(server: Server, args: argparse.Namespace) -> dict[str, Any]:
                  "autovacuum_vacuum_threshold", "autovacuum_vacuum_cost_delay", "synchronous_commit")}
     reloptions = await admin.fetchval("SELECT reloptions FROM pg_class WHERE relname = 'runner_jobs'")
     worker_env = {"RUNNER_RETENTION": str(args.retention), "RUNNER_CLEANUP_INTERVAL": str(args.cleanup_interval)}
+    if args.vacuum_dead_rows is not None:  # else the product's default
+        worker_env["RUNNER_VACUUM_DEAD_ROWS"] = str(args.vacuum_dead_rows)
     workers = [Proc([RUNNER_CLI, "worker"], env(url, RUNNER_WORKER_ID=f"bench-soak-{i}", **worker_env),
                     SCRATCH / "logs" / f"soak-worker-{i}.log").start() for i in range(args.workers)]
     producer = Producer(url, args.jobs, args.rate)
@@ -224,14 +229,15 @@ async def soak(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             done = s["produced"] - s["remaining"]
             probe = prober.take()
             s.update(t_s=t, done=done, jobs_per_s=(done - last_done) / (t - last_t),
-                     probe_n=len(probe), probe_p50_ms=percentile(probe, 50), probe_p99_ms=percentile(probe, 99))
+                     probe_n=len(probe), probe_p50_ms=percentile(probe, 50), probe_p99_ms=percentile(probe, 99),
+                     probe_ms=[round(v, 3) for v in probe])
             samples.append(s)
             claim = s["statements"].get("claim", {})
             log(f"t={t:5.0f}s done {done:,} ({s['jobs_per_s']:,.0f}/s) remaining {s['remaining']:,} "
                 f"probe p50/p99 {s['probe_p50_ms']:.2f}/{s['probe_p99_ms']:.2f} ms claim mean "
                 f"{claim.get('mean_ms', float('nan')):.2f} ms dead {s['n_dead_tup']:,} "
                 f"table {s['table_bytes'] / 2**20:.1f} MiB idx {s['index_bytes'] / 2**20:.1f} MiB "
-                f"autovac {s['autovacuum_count']}")
+                f"autovac {s['autovacuum_count']} vacuum {s['vacuum_count']}")
             last_t, last_done = t, done
             for w in workers:
                 if not w.running():
@@ -255,7 +261,8 @@ async def soak(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         await server.drop(name)
     return {"started": started, "commit": git_commit(), "machine": machine(), "settings": settings,
             "reloptions": reloptions, "jobs": args.jobs, "rate": args.rate, "workers": args.workers,
-            "retention_s": args.retention, "cleanup_interval_s": args.cleanup_interval,
+            "retention_s": args.retention, "cleanup_interval_s": args.cleanup_interval, "interval_s": args.interval,
+            "vacuum_dead_rows": args.vacuum_dead_rows,
             "producer_behind_max_s": producer.behind_max_s, "elapsed_s": time.time() - started,
             "samples": samples}
 
@@ -274,8 +281,13 @@ def report(data: dict[str, Any]) -> list[str]:
     # the last half of the steady part: while the producer still produced (the tail drains what is left)
     steady = [s for s in samples if s["produced"] < data["jobs"]] or samples
     half = steady[len(steady) // 2:]
+    per_window = max(1, round(WINDOW_S / data["interval_s"]))
+    windows = [half[i:i + per_window] for i in range(0, len(half) - per_window + 1, per_window)]
     checks = {
-        "claim p99 (probe)": ([s["probe_p99_ms"] for s in half], "ms"),
+        f"claim p99 (probe, per {WINDOW_S:g} s window)": (
+            [percentile([v for s in w for v in s["probe_ms"]], 99) for w in windows], "ms"),
+        f"claim p99 (probe, per {data['interval_s']:g} s sample: information)": (
+            [s["probe_p99_ms"] for s in half], "ms"),
         "claim mean (workers' CLAIM, pg_stat_statements)": (
             [s["statements"].get("claim", {}).get("mean_ms", float("nan")) for s in half], "ms"),
         "table size": ([s["table_bytes"] / 2**20 for s in half], "MiB"),
@@ -283,11 +295,13 @@ def report(data: dict[str, Any]) -> list[str]:
         "jobs/s done": ([s["jobs_per_s"] for s in half], "/s"),
     }
     m, st = data["machine"], data["settings"]
+    vacuum = data.get("vacuum_dead_rows")
+    vacuum_flag = "" if vacuum is None else f" --vacuum-dead-rows {vacuum}"
     lines = [
         f"# Soak: {data['jobs']:,} no-op jobs at {data['rate']:,}/s into {data['workers']} `runner worker`",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(data['started']))}, runner {data['commit']}; "
-        f"command: `python bench/soak.py --jobs {data['jobs']} --rate {data['rate']:g}` "
+        f"command: `python bench/soak.py --jobs {data['jobs']} --rate {data['rate']:g}{vacuum_flag}` "
         f"({data['elapsed_s'] / 60:.1f} min); {m['nproc']} cores ({m['cpu']}), PostgreSQL "
         f"{st['server_version']} embedded on the same host (autovacuum_naptime {st['autovacuum_naptime']}, "
         f"vacuum scale factor {st['autovacuum_vacuum_scale_factor']}, threshold "
@@ -312,9 +326,9 @@ def report(data: dict[str, Any]) -> list[str]:
         "",
         "| t s | produced | done | jobs/s | pending+running | probe p50 / p99 ms | CLAIM calls / mean / max ms "
         "| COMPLETE mean ms | delay p50 / p99 ms | live | dead | table MiB | index MiB | upd | HOT upd % | del "
-        "| autovacuum | autoanalyze |",
+        "| autovacuum | worker vacuums | autoanalyze |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: |",
     ]
     for s in samples:
         c, k = s["statements"].get("claim", {}), s["statements"].get("complete", {})
@@ -327,8 +341,9 @@ def report(data: dict[str, Any]) -> list[str]:
             f"| {s['delay_p50_ms'] or float('nan'):.1f} / {s['delay_p99_ms'] or float('nan'):.1f} "
             f"| {s['n_live_tup']:,} | {s['n_dead_tup']:,} | {s['table_bytes'] / 2**20:.1f} "
             f"| {s['index_bytes'] / 2**20:.1f} | {s['n_tup_upd']:,} | {hot:.0f}% | {s['n_tup_del']:,} "
-            f"| {s['autovacuum_count']} | {s['autoanalyze_count']} |")
-    lines += ["", "upd, HOT upd %, del, autovacuum and autoanalyze are cumulative since the database was created "
+            f"| {s['autovacuum_count']} | {s['vacuum_count']} | {s['autoanalyze_count']} |")
+    lines += ["", "upd, HOT upd %, del, autovacuum, worker vacuums and autoanalyze are cumulative since the database "
+              "was created "
               "(PostgreSQL's statistics reach pg_stat_user_tables with up to a second's delay).", ""]
     return lines
 
@@ -341,6 +356,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--retention", type=float, default=60.0, help="RUNNER_RETENTION of the workers")
     parser.add_argument("--cleanup-interval", type=float, default=5.0, help="RUNNER_CLEANUP_INTERVAL")
+    parser.add_argument("--vacuum-dead-rows", type=int, default=None,
+                        help="RUNNER_VACUUM_DEAD_ROWS of the workers (default: runner's; 0: autovacuum only)")
     parser.add_argument("--timeout", type=float, default=4 * 3600.0)
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args()

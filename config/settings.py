@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     # finished jobs are deleted after this; 0 keeps them
     retention: float = Field(7 * 24 * 3600.0, ge=0, le=MAX_RETENTION_S)
     cleanup_interval: float = Field(60.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    # VACUUM runner_jobs once it has this many dead row versions (0: leave it to autovacuum alone),
+    # checked every vacuum_interval seconds; see runner.loops.vacuum
+    vacuum_dead_rows: int = Field(20_000, ge=0, le=2**62)
+    vacuum_interval: float = Field(5.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
 
     # --- logs and HTTP --------------------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -275,6 +275,24 @@ class JobQueue:
         status = await self.db.execute(sql.DELETE_FINISHED_BEFORE, older_than_s, limit)
         return int(status.split()[-1])
 
+    async def job_table_dead_rows(self) -> int:
+        """Dead row versions in runner_jobs by the statistics collector (updated within about a second)."""
+        return int(await self.db.fetchval(sql.JOBS_DEAD_ROWS) or 0)
+
+    async def job_table_may_vacuum(self) -> bool:
+        return bool(await self.db.fetchval(sql.MAY_VACUUM_JOBS))
+
+    async def job_table_vacuum(self) -> bool:
+        """VACUUM runner_jobs unless another worker is doing it; True when this call ran it."""
+        async with self.db.connection() as connection:
+            if not await connection.fetchval(sql.TRY_VACUUM_LOCK):
+                return False
+            try:
+                await connection.execute(sql.VACUUM_JOBS)  # no arguments: simple protocol, no transaction
+            finally:
+                await connection.fetchval(sql.VACUUM_UNLOCK)
+        return True
+
     async def worker_id_in_use(self, worker: WorkerIdentity, lease_s: float) -> str | None:
         """'host:pid (heartbeat Ns ago)' of another live process using this worker id, or None."""
         row = await self.db.fetchrow(sql.WORKER_ID_IN_USE, worker.id, worker.host, worker.pid, lease_s, lane="control")

@@ -153,6 +153,24 @@ DELETE FROM runner_jobs WHERE id IN (
 )
 """
 
+# Vacuum of the jobs table between autovacuum's rounds (runner.loops.vacuum). Every claim leaves a dead
+# entry at the front of the claim index that later claims step over until a vacuum removes it.
+JOBS_DEAD_ROWS = """
+SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'runner_jobs'::regclass
+"""
+# Owner (or PG 17's MAINTAIN privilege): anyone else's VACUUM is skipped with a warning.
+MAY_VACUUM_JOBS = """
+SELECT pg_has_role(current_user, relowner, 'USAGE')
+       OR coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false)
+FROM pg_class WHERE oid = 'runner_jobs'::regclass
+"""
+# One vacuuming worker at a time across replicas; the lock is the session's, released right after.
+TRY_VACUUM_LOCK = "SELECT pg_try_advisory_lock(hashtext('runner_jobs vacuum'))"
+VACUUM_UNLOCK = "SELECT pg_advisory_unlock(hashtext('runner_jobs vacuum'))"
+# SKIP_LOCKED: when autovacuum (or anyone) is at it already, do nothing rather than queue behind it.
+# INDEX_CLEANUP ON: the dead index entries are the point, even when few heap pages have dead rows.
+VACUUM_JOBS = "VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON) runner_jobs"
+
 DELETE_DEAD_WORKERS = """
 DELETE FROM runner_workers WHERE last_heartbeat_at < now() - $1 * interval '1 second'
 """

@@ -29,6 +29,7 @@ from runner.loops.fetcher import Fetcher
 from runner.loops.heartbeat import Heartbeat
 from runner.loops.listener import Listener
 from runner.loops.rescuer import Rescuer
+from runner.loops.vacuum import Vacuumer
 from runner.queue import WorkerIdentity
 from runner.service import Service
 
@@ -74,6 +75,7 @@ class Worker:
         self.listener = Listener(app.db, self.queues, self.fetcher.wake.set, self.canceller.notified, listen_dsn)
         self.depth = DepthSampler(app.queue, settings.depth_sample_interval)
         self.cleaner = Cleaner(app.queue, settings)
+        self.vacuumer = Vacuumer(app.queue, settings)
         self.plugin_services: list[Service] = [
             service for plugin in app.plugins if plugin.services for service in plugin.services(app)
         ]
@@ -88,7 +90,7 @@ class Worker:
     @property
     def services(self) -> list[Service]:
         core: list[Service] = [self.listener, self.fetcher, self.completer, self.heartbeat, self.rescuer,
-                               self.canceller, self.depth, self.cleaner]
+                               self.canceller, self.depth, self.cleaner, self.vacuumer]
         return core + self.plugin_services + ([self.drain] if self.drain else [])
 
     def request_stop(self) -> None:
