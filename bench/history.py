@@ -8,7 +8,7 @@ INSERT ... SELECT generate_series, then ANALYZE. Rounds alternate empty / histor
 on both (target <= 1.5x), and the plan of every hot statement at H rows (EXPLAIN, one line each: the node
 reading runner_jobs and its index). Writes bench/results/history.{md,json}.
 
-Options: ``--jobs``, ``--history``, ``--rounds``. The server is RUNNER_BENCH_DATABASE_URL, or runner's
+Options: ``--jobs``, ``--history``, ``--rounds``, ``--out-dir``, ``--name``. The server is RUNNER_BENCH_DATABASE_URL, or runner's
 embedded PostgreSQL under RUNNER_BENCH_HOME (default /tmp/runner-bench).
 """
 
@@ -201,9 +201,12 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--history", type=int, default=2_000_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--name", default="history", help="file stem under --out-dir")
     args = parser.parse_args()
     command = "python bench/history.py" + "".join(
-        f" --{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k))
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if v != parser.get_default(k) and k not in ("out_dir",))
     server = start_server()
     work = SCRATCH / "history"
     work.mkdir(parents=True, exist_ok=True)
@@ -223,7 +226,7 @@ async def main() -> None:
         config = {"jobs": args.jobs, "history": args.history, "rounds": args.rounds, "commit": git_commit(),
                   "machine": machine(), **described}
         text = report(config, rounds, command)
-        write_report(RESULTS, "history", text, {"config": config, "rounds": rounds})
+        write_report(args.out_dir, args.name, text, {"config": config, "rounds": rounds})
         print(text)
     finally:
         await server.drop(TEMPLATE)
