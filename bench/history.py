@@ -8,8 +8,8 @@ INSERT ... SELECT generate_series, then ANALYZE. Rounds alternate empty / histor
 on both (target <= 1.5x), and the plan of every hot statement at H rows (EXPLAIN, one line each: the node
 reading runner_jobs and its index). Writes bench/results/history.{md,json}.
 
-Options: ``--jobs``, ``--history``, ``--rounds``, ``--out-dir``, ``--name``. The server is RUNNER_BENCH_DATABASE_URL, or runner's
-embedded PostgreSQL under RUNNER_BENCH_HOME (default /tmp/runner-bench).
+Options: ``--jobs``, ``--history``, ``--rounds``, ``--out-dir``, ``--name``. The server is
+RUNNER_BENCH_DATABASE_URL, or runner's embedded PostgreSQL under RUNNER_BENCH_HOME (default /tmp/runner-bench).
 """
 
 from __future__ import annotations

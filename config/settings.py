@@ -200,6 +200,10 @@ class Settings(BaseSettings):
     # checked every vacuum_interval seconds; see runner.loops.vacuum
     vacuum_dead_rows: int = Field(20_000, ge=0, le=2**62)
     vacuum_interval: float = Field(5.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    # a schedule's tick up to this many seconds old is late and always enqueued; older ones are missed
+    # and follow the schedule's policy (runner.schedules)
+    schedule_grace: float = Field(60.0, ge=0, le=MAX_DURATION_S)
+    schedules_enabled: bool = True  # run the scheduler loop in this worker
 
     # --- logs and HTTP --------------------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = "auto"

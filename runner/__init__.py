@@ -47,6 +47,7 @@ _EXPORTS = {
     "DatabaseUnavailable": "runner.errors",
     "AppNotOpen": "runner.errors",
     "WaitTimeout": "runner.errors",
+    "ScheduleError": "runner.errors",
 }
 __all__ = [
     "App",
@@ -66,6 +67,7 @@ __all__ = [
     "PoolExhausted",
     "RetryLater",
     "RunnerError",
+    "ScheduleError",
     "Settings",
     "UnknownKind",
     "UsageError",

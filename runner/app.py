@@ -9,6 +9,7 @@ runs the kinds of that very object. Every enqueue (this API, the CLI, the backfi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import inspect
 import json
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from runner.config import Settings, load_settings
 from runner.config.settings import INT32_MAX
-from runner.errors import AppNotOpen, PayloadError, RunnerError, UsageError, WaitTimeout
+from runner.errors import AppNotOpen, PayloadError, RunnerError, ScheduleError, UsageError, WaitTimeout
 from runner.job import Job
 from runner.logs import get_logger, redact_dsn
 from runner.plugins import JobKind, Plugin, Registry, build_registry, load_plugins, plugin_settings
@@ -33,6 +34,7 @@ from runner.queue import JobQueue, NewJob
 
 if TYPE_CHECKING:
     from runner.db import Database
+    from runner.schedules import ScheduleSpec, ScheduleStore
 
 log = get_logger("runner.app")
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
@@ -90,6 +92,7 @@ class App:
         self._settings = settings
         self._overrides = overrides
         self._kinds: dict[str, JobKind] = {}
+        self._schedules: dict[str, ScheduleSpec] = {}
         self._opened: _Opened | None = None
         self._opening = asyncio.Lock()
         # Process-wide resources opened by plugins (the shared AsyncWeb3 lives under "chain").
@@ -142,7 +145,109 @@ class App:
         twin = App(self._settings, name=self.name, migrations=self.migrations, embedded=self.embedded,
                    entry_points=self.entry_points, **self._overrides)
         twin._kinds = dict(self._kinds)
+        twin._schedules = dict(self._schedules)
         return twin
+
+    # --- periodic jobs -------------------------------------------------------------------------------
+    def periodic(
+        self,
+        name: str,
+        *,
+        kind: str | None = None,
+        cron: str | None = None,
+        every: float | None = None,
+        timezone: str | None = None,
+        payload: dict[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        missed: str = "skip",
+        missed_limit: int = 10,
+    ) -> Callable[[H], H]:
+        """Declare a schedule: ``app.periodic("nightly", kind="report", cron="0 3 * * *", timezone="Europe/Berlin")``
+        enqueues a ``report`` job at 03:00 Berlin time every day; ``every=60`` instead, once a minute.
+
+        Workers store the declared schedules when they start (a redeploy updates them; a pause set with
+        ``runner schedule pause`` is kept). Used as a decorator without ``kind``, it also declares the
+        handler as the kind ``name``. ``missed``: ``"skip"`` (one job for ticks missed while no worker ran)
+        or ``"run-all"`` (one per missed tick, the newest ``missed_limit``). Bad rules raise
+        ``runner.ScheduleError`` here, at declaration.
+        """
+        from runner.schedules import make_spec
+
+        spec = make_spec(name, kind or name, cron=cron, every=every, timezone=timezone, payload=payload,
+                         queue=queue, priority=priority, missed=missed, missed_limit=missed_limit)
+        if queue is not None:
+            check_queue_name(queue)
+        if name in self._schedules:
+            raise ScheduleError(f"schedule {name!r} declared twice")
+        self._schedules[name] = spec
+
+        def register(handler: H) -> H:
+            return self.job(spec.kind)(handler)
+
+        return register
+
+    @property
+    def schedules(self) -> dict[str, ScheduleSpec]:
+        """The schedules this app declared in code."""
+        return dict(self._schedules)
+
+    async def checked_schedule(self, spec: ScheduleSpec) -> ScheduleSpec:
+        """The schedule with its kind known, its payload validated as an enqueue would, its queue resolved."""
+        job, _ = await self._checked(NewJob(spec.kind, spec.payload, spec.queue or "", spec.priority))
+        return dataclasses.replace(spec, queue=job.queue)
+
+    @property
+    def schedule_store(self) -> ScheduleStore:
+        from runner.schedules import ScheduleStore
+
+        return ScheduleStore(self.db, self.queue.max_attempts_for)
+
+    async def add_schedule(
+        self,
+        name: str,
+        kind: str,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        timezone: str | None = None,
+        payload: dict[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        missed: str = "skip",
+        missed_limit: int = 10,
+    ) -> dict[str, Any]:
+        """Store a schedule (as ``runner schedule add`` does); ``runner.ScheduleError`` if the name is taken
+        or the rule is bad, ``runner.UnknownKind`` / ``runner.PayloadError`` as an enqueue would."""
+        from runner.schedules import make_spec
+
+        spec = await self.checked_schedule(make_spec(
+            name, kind, cron=cron, every=every, timezone=timezone, payload=payload, queue=queue,
+            priority=priority, missed=missed, missed_limit=missed_limit))
+        if not await self.schedule_store.insert(spec):
+            raise ScheduleError(f"a schedule named {name!r} exists (`runner schedule remove {name}` first)")
+        found = await self.schedule_store.get(name)
+        assert found is not None
+        return found
+
+    async def list_schedules(self) -> list[dict[str, Any]]:
+        return await self.schedule_store.all()
+
+    async def pause_schedule(self, name: str, paused: bool = True) -> None:
+        """Pause (or, with ``paused=False``, resume: from the next tick after now) a schedule."""
+        if not await self.schedule_store.set_paused(name, paused):
+            raise _no_schedule(name)
+
+    async def remove_schedule(self, name: str) -> None:
+        if not await self.schedule_store.remove(name):
+            raise _no_schedule(name)
+
+    async def run_schedule(self, name: str) -> int:
+        """Enqueue the schedule's job now, outside its ticks; the job's id."""
+        job_id = await self.schedule_store.run_now(name)
+        if job_id is None:
+            raise _no_schedule(name)
+        return job_id
 
     @property
     def plugin(self) -> Plugin:
@@ -544,3 +649,7 @@ def _configure_logging_once(settings: Settings) -> None:
 
 
 __all__ = ["App", "check_new_job", "check_queue_name", "load_app"]
+
+
+def _no_schedule(name: str) -> UsageError:
+    return ScheduleError(f"no schedule named {name[:200]!r} (see `runner schedule list`)")

@@ -408,7 +408,8 @@ def running_table(running: list[dict[str, Any]]) -> Table:
 
 async def status_snapshot(app: App) -> dict[str, Any]:
     snapshot: dict[str, Any] = {**count_rows(await app.queue.job_counts_by_queue()),
-                                "running": await app.queue.job_list_running()}
+                                "running": await app.queue.job_list_running(),
+                                "schedules": await app.list_schedules()}
     for plugin in app.plugins:
         plugin_status = getattr(plugin, "status", None)
         if plugin_status is not None:
@@ -458,6 +459,11 @@ def status_command(
                 grid = Table.grid()
                 grid.add_row(status_table(counts))
                 grid.add_row(running_table(running))
+                schedules = await app.list_schedules()
+                if schedules:
+                    from runner.schedule_cli import schedules_table
+
+                    grid.add_row(schedules_table(schedules))
                 for table in await plugin_status_tables(app):  # consensus counts, for example
                     grid.add_row(table)
                 live.update(grid, refresh=True)
@@ -687,7 +693,9 @@ def db_url() -> None:
 def load_cli() -> typer.Typer:
     """The CLI with every plugin's commands added (plugins keep their heavy imports inside the commands)."""
     from runner.plugins import load_plugins
+    from runner.schedule_cli import register
 
+    register(cli)
     for plugin in load_plugins():
         if plugin.commands is not None:
             plugin.commands(cli)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,11 @@ class JobContext:
     @property
     def db(self) -> Database:
         return self.app.db
+
+    @property
+    def scheduled_for(self) -> datetime | None:
+        """A periodic job's tick (UTC): the time its schedule enqueued it for; None for other jobs."""
+        return self.job.schedule_tick
 
     @property
     def saved_checkpoint(self) -> dict[str, Any] | None:

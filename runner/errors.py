@@ -15,6 +15,10 @@ class UsageError(RunnerError):
     exit_code = 2
 
 
+class ScheduleError(UsageError):
+    """A schedule that cannot be stored or found: a bad cron expression, timezone, interval, policy or name."""
+
+
 class JobNotFound(UsageError):
     pass
 

@@ -35,6 +35,8 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    schedule_name: str | None = None  # a periodic job: its schedule, and the tick it was enqueued for
+    schedule_tick: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -42,7 +44,7 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

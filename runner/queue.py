@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -48,21 +49,22 @@ class ClaimedJob:
     checkpoint: dict[str, Any] | None
     cancel_requested: bool = False
     undecodable: str | None = None  # why the payload or checkpoint could not be decoded: the job fails
+    schedule_tick: datetime | None = None  # a periodic job's tick (runner.schedules)
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> ClaimedJob:
         """CLAIM returns the columns in field order, payload and checkpoint as JSON text."""
         (job_id, kind, queue, payload_text, attempts, max_attempts, recoveries, epoch, done, total,
-         checkpoint_text, cancel_requested) = row
+         checkpoint_text, cancel_requested, schedule_tick) = row
         try:
             payload = json.loads(payload_text)
             checkpoint = None if checkpoint_text is None else json.loads(checkpoint_text)
         except (ValueError, RecursionError) as error:  # too deep, a number too long, ...
             reason = f"payload cannot be decoded: {type(error).__name__}: {str(error)[:200]}"
             return cls(job_id, kind, queue, {}, attempts, max_attempts, recoveries, epoch, done, total, None,
-                       cancel_requested, reason)
+                       cancel_requested, reason, schedule_tick)
         return cls(job_id, kind, queue, payload, attempts, max_attempts, recoveries, epoch, done, total,
-                   checkpoint, cancel_requested)
+                   checkpoint, cancel_requested, None, schedule_tick)
 
 
 @dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much

@@ -48,7 +48,7 @@ SET status = 'running', lease_owner = $3, lease_expires_at = now() + $4 * interv
 FROM candidates c
 WHERE j.id = c.id
 RETURNING j.id, j.kind, j.queue, j.payload::text, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
-          j.progress_done, j.progress_total, j.checkpoint::text, j.cancel_requested
+          j.progress_done, j.progress_total, j.checkpoint::text, j.cancel_requested, j.schedule_tick
 """
 
 # Renews the leases of every job this worker runs and its worker row, in one round trip, never waiting on
@@ -228,7 +228,7 @@ WHERE b.status = 'running' AND o.id NOT IN (SELECT id FROM written)
 # commit together. Fenced like every write; zero rows means the lease is gone and the caller rolls back.
 COMPLETE_IN_TRANSACTION = """
 UPDATE runner_jobs
-SET status = 'succeeded', result = $3::jsonb, lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
+SET status = 'succeeded', result = $3::text::jsonb, lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
 WHERE id = $1 AND lease_epoch = $2 AND status = 'running'
 """
 
@@ -272,7 +272,8 @@ NOTIFY_JOBS = "SELECT pg_notify('runner_jobs', $1::text)"
 GET_JOB = """
 SELECT id, kind, queue, payload::text AS payload, status, priority, run_at, attempts, max_attempts, recoveries,
        lease_owner, lease_expires_at, lease_epoch, progress_done, progress_total, checkpoint::text AS checkpoint,
-       cancel_requested, last_error, dedupe_key, result::text AS result, created_at, started_at, finished_at
+       cancel_requested, last_error, dedupe_key, result::text AS result, created_at, started_at, finished_at,
+       schedule_name, schedule_tick
 FROM runner_jobs WHERE id = $1
 """
 
@@ -435,4 +436,87 @@ ORDER BY queue, kind, status, delayed
 LIVE_WORKERS_FOR_QUEUE = """
 SELECT count(*) FROM runner_workers
 WHERE last_heartbeat_at > now() - $2 * interval '1 second' AND $1::text = ANY(string_to_array(queues, ','))
+"""
+
+# --- periodic jobs (runner.schedules, runner.loops.scheduler) ----------------------------------------
+SCHEDULES_CHANNEL = "runner_schedules"
+_SCHEDULE_COLUMNS = """name, kind, payload::text AS payload, queue, priority, cron, every_s, timezone, missed,
+       missed_limit, paused, source, next_tick, last_tick, last_job_id, created_at, updated_at"""
+
+# A code-declared schedule, upserted at worker start: a changed definition replaces the stored one (its
+# next tick recomputed only when the rule itself changed); a pause an operator set is kept.
+SCHEDULE_UPSERT_CODE = """
+INSERT INTO runner_schedules (name, kind, payload, queue, priority, cron, every_s, timezone, missed,
+                              missed_limit, source, next_tick)
+VALUES ($1, $2, $3::text::jsonb, $4, $5, $6, $7, $8, $9, $10, 'code', $11)
+ON CONFLICT (name) DO UPDATE
+SET kind = EXCLUDED.kind, payload = EXCLUDED.payload, queue = EXCLUDED.queue, priority = EXCLUDED.priority,
+    cron = EXCLUDED.cron, every_s = EXCLUDED.every_s, timezone = EXCLUDED.timezone, missed = EXCLUDED.missed,
+    missed_limit = EXCLUDED.missed_limit, source = 'code', updated_at = now(),
+    next_tick = CASE WHEN (runner_schedules.cron, runner_schedules.every_s, runner_schedules.timezone)
+                          IS DISTINCT FROM (EXCLUDED.cron, EXCLUDED.every_s, EXCLUDED.timezone)
+                     THEN EXCLUDED.next_tick ELSE runner_schedules.next_tick END
+WHERE (runner_schedules.kind, runner_schedules.payload, runner_schedules.queue, runner_schedules.priority,
+       runner_schedules.cron, runner_schedules.every_s, runner_schedules.timezone, runner_schedules.missed,
+       runner_schedules.missed_limit, runner_schedules.source)
+      IS DISTINCT FROM (EXCLUDED.kind, EXCLUDED.payload, EXCLUDED.queue, EXCLUDED.priority, EXCLUDED.cron,
+                        EXCLUDED.every_s, EXCLUDED.timezone, EXCLUDED.missed, EXCLUDED.missed_limit, 'code')
+RETURNING name
+"""
+
+SCHEDULE_INSERT = """
+INSERT INTO runner_schedules (name, kind, payload, queue, priority, cron, every_s, timezone, missed,
+                              missed_limit, source, next_tick)
+VALUES ($1, $2, $3::text::jsonb, $4, $5, $6, $7, $8, $9, $10, 'cli', $11)
+ON CONFLICT (name) DO NOTHING
+RETURNING name
+"""
+
+SCHEDULE_LIST = f"SELECT {_SCHEDULE_COLUMNS} FROM runner_schedules ORDER BY name"
+SCHEDULE_GET = f"SELECT {_SCHEDULE_COLUMNS} FROM runner_schedules WHERE name = $1"
+SCHEDULE_CLOCK = "SELECT clock_timestamp()"
+
+# Resuming recomputes the next tick from now ($3): the ticks of the pause are not owed.
+SCHEDULE_SET_PAUSED = """
+UPDATE runner_schedules SET paused = $2, updated_at = now(), next_tick = coalesce($3, next_tick)
+WHERE name = $1
+RETURNING name
+"""
+SCHEDULE_DELETE = "DELETE FROM runner_schedules WHERE name = $1 RETURNING name"
+NOTIFY_SCHEDULES = "SELECT pg_notify('runner_schedules', $1::text)"
+
+# The due schedules, locked: a schedule another worker is firing is skipped (it fires it), so each tick is
+# looked at by one worker; the unique (schedule_name, schedule_tick) index makes a second insert a no-op.
+SCHEDULE_DUE = f"""
+SELECT {_SCHEDULE_COLUMNS}, clock_timestamp() AS now
+FROM runner_schedules
+WHERE NOT paused AND next_tick <= clock_timestamp()
+ORDER BY next_tick
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+SCHEDULE_ENQUEUE = """
+WITH inserted AS (
+    INSERT INTO runner_jobs (kind, queue, payload, priority, max_attempts, schedule_name, schedule_tick)
+    SELECT $1, $2, $3::text::jsonb, $4, $5, $6, t.tick
+    FROM unnest($7::timestamptz[]) AS t(tick)
+    ORDER BY t.tick
+    ON CONFLICT (schedule_name, schedule_tick) WHERE schedule_name IS NOT NULL DO NOTHING
+    RETURNING id, schedule_tick
+)
+SELECT i.id, i.schedule_tick, (SELECT pg_notify('runner_jobs', $2)) IS NULL AS notified
+FROM inserted i
+ORDER BY i.schedule_tick
+"""
+
+SCHEDULE_ADVANCE = """
+UPDATE runner_schedules
+SET next_tick = $2, last_tick = coalesce($3, last_tick), last_job_id = coalesce($4, last_job_id)
+WHERE name = $1
+"""
+
+# Seconds until the next active schedule's tick (NULL: none), by the database's clock.
+SCHEDULE_SECONDS_TO_NEXT = """
+SELECT extract(epoch FROM min(next_tick) - clock_timestamp())::float8 FROM runner_schedules WHERE NOT paused
 """

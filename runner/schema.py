@@ -8,6 +8,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     Identity,
     Index,
     Integer,
@@ -50,6 +51,8 @@ jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    Column("schedule_name", Text),  # revision 0006: the schedule and tick a periodic job was enqueued for
+    Column("schedule_tick", DateTime(timezone=True)),
     CheckConstraint(f"status IN {JOB_STATUSES!r}".replace('"', "'"), name="runner_jobs_status_check"),
     CheckConstraint("max_attempts > 0", name="runner_jobs_max_attempts_check"),
     # Storage parameters for churn (fillfactor, autovacuum): revision 0005, which explains them.
@@ -73,6 +76,14 @@ jobs = Table(
     ),
     # No plain index on status: every claim and completion changes it, and that index doubled the claim's
     # cost (measured). Finished jobs are found for retention through this partial index instead.
+    # Revision 0006: exactly one job per (schedule, tick) across every worker and replica.
+    Index(
+        "runner_jobs_schedule_tick_idx",
+        "schedule_name",
+        "schedule_tick",
+        unique=True,
+        postgresql_where=text("schedule_name IS NOT NULL"),
+    ),
     Index(
         "runner_jobs_finished_idx",
         "finished_at",
@@ -90,4 +101,31 @@ workers = Table(
     Column("concurrency", Integer, nullable=False, server_default="0"),
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_heartbeat_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+schedules = Table(
+    "runner_schedules",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("queue", Text),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("cron", Text),
+    Column("every_s", Float),
+    Column("timezone", Text, nullable=False, server_default="UTC"),
+    Column("missed", Text, nullable=False, server_default="skip"),
+    Column("missed_limit", Integer, nullable=False, server_default="10"),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("source", Text, nullable=False, server_default="cli"),
+    Column("next_tick", DateTime(timezone=True), nullable=False),
+    Column("last_tick", DateTime(timezone=True)),
+    Column("last_job_id", BigInteger),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("(cron IS NULL) <> (every_s IS NULL)", name="runner_schedules_one_rule_check"),
+    CheckConstraint("every_s IS NULL OR every_s > 0", name="runner_schedules_every_check"),
+    CheckConstraint("missed IN ('skip', 'run-all')", name="runner_schedules_missed_check"),
+    CheckConstraint("missed_limit > 0", name="runner_schedules_missed_limit_check"),
+    CheckConstraint("source IN ('code', 'cli')", name="runner_schedules_source_check"),
 )

@@ -29,8 +29,10 @@ from runner.loops.fetcher import Fetcher
 from runner.loops.heartbeat import Heartbeat
 from runner.loops.listener import Listener
 from runner.loops.rescuer import Rescuer
+from runner.loops.scheduler import Scheduler
 from runner.loops.vacuum import Vacuumer
 from runner.queue import WorkerIdentity
+from runner.schedules import ScheduleStore
 from runner.service import Service
 
 if TYPE_CHECKING:  # runner.http pulls in aiohttp (0.15 s): imported when the server starts
@@ -72,7 +74,12 @@ class Worker:
         self.rescuer = Rescuer(app.queue, settings, on_rescued=self.fetcher.wake.set)
         self.canceller = CancelWatcher(app.queue, self.executor, settings)
         listen_dsn = settings.listen_database_url.get_secret_value() if settings.listen_database_url else None
-        self.listener = Listener(app.db, self.queues, self.fetcher.wake.set, self.canceller.notified, listen_dsn)
+        # Periodic jobs: not in a drain (it would never end on a schedule), nor where turned off.
+        self.scheduler: Scheduler | None = Scheduler(
+            ScheduleStore(app.db, app.queue.max_attempts_for), settings, []
+        ) if settings.schedules_enabled and not drain else None
+        self.listener = Listener(app.db, self.queues, self.fetcher.wake.set, self.canceller.notified, listen_dsn,
+                                 on_schedules=self.scheduler.wake.set if self.scheduler else lambda: None)
         self.depth = DepthSampler(app.queue, settings.depth_sample_interval)
         self.cleaner = Cleaner(app.queue, settings)
         self.vacuumer = Vacuumer(app.queue, settings)
@@ -91,6 +98,8 @@ class Worker:
     def services(self) -> list[Service]:
         core: list[Service] = [self.listener, self.fetcher, self.completer, self.heartbeat, self.rescuer,
                                self.canceller, self.depth, self.cleaner, self.vacuumer]
+        if self.scheduler is not None:
+            core.append(self.scheduler)
         return core + self.plugin_services + ([self.drain] if self.drain else [])
 
     def request_stop(self) -> None:
@@ -126,6 +135,8 @@ class Worker:
         other = await self.app.queue.worker_id_in_use(self.identity, self.app.settings.lease_timeout)
         if other is not None:
             raise UsageError(f"RUNNER_WORKER_ID {self.identity.id!r} is in use by {other}; worker ids must be unique")
+        if self.scheduler is not None:  # the code's schedules, checked as enqueues are: a bad one stops the start
+            self.scheduler.declared = [await self.app.checked_schedule(spec) for spec in self.app.schedules.values()]
         if self.serve_http:
             from runner.http import HttpServer
 

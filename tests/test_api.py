@@ -177,3 +177,22 @@ async def test_the_cli_validates_against_the_apps_kinds(runner_env: dict[str, st
     assert tuple(row) == ("charge_order", "shop")  # the kind's own queue
     missing = run_cli(runner_env, "status", RUNNER_APP="tests.apps.nowhere:app")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no module named" in missing.stderr
+
+
+async def test_a_result_given_to_complete_in_is_stored_as_json(runner_env: dict[str, str]) -> None:
+    from runner.worker import Worker
+
+    app = runner.App(name="settle")
+
+    @app.job("settle")
+    async def settle(ctx: runner.JobContext) -> None:
+        async with ctx.db.transaction() as connection:  # the runner's own pool: its jsonb codec is set
+            await ctx.complete_in(connection, {"settled": ctx.payload["n"], "text": "a \"quoted\" value"})
+
+    app.configure(load_settings())
+    async with app:
+        job_id = await app.enqueue("settle", {"n": 3})
+        await Worker(app, drain=True, install_signal_handlers=False).run()
+        job = await app.get(job_id)
+        assert (job.status, job.result) == ("succeeded", {"settled": 3, "text": "a \"quoted\" value"})
+        assert await app.db.fetchval("SELECT jsonb_typeof(result) FROM runner_jobs WHERE id = $1", job_id) == "object"

@@ -46,7 +46,7 @@ async def test_schema_metadata_matches_the_migrations(database_url: str) -> None
 
 
 def _runner_tables(name: str | None, type_: str, _parent: object) -> bool:
-    return type_ != "table" or name in ("runner_jobs", "runner_workers")
+    return type_ != "table" or name in ("runner_jobs", "runner_workers", "runner_schedules")
 
 
 async def test_enqueue_show_status_cancel_retry_json(runner_env: dict[str, str], app: App) -> None:

@@ -316,3 +316,27 @@ async def test_drain_waits_for_a_retry_in_its_backoff(app: App) -> None:
     row = await app.queue.job_get(job_id)
     assert (row["status"], row["attempts"]) == ("failed", 2)  # both attempts ran before the drain ended
     assert (await app.queue.job_get(delayed))["status"] == "pending"  # a delayed job is not waited for
+
+
+async def test_a_claim_that_returns_after_stop_hands_back_only_what_it_claimed(app: App) -> None:
+    # SIGTERM while a claim is in flight: the claimed jobs go straight back, the running ones keep their grace
+    [running_id] = await app.queue.job_enqueue_many([NewJob("record", {"seconds": 1.0, "log_start": True})])
+    worker = Worker(app, install_signal_handlers=False)
+    task = asyncio.create_task(worker.run())
+
+    async def started() -> bool:
+        running = worker.executor.active.get(running_id)
+        return running is not None and running.started
+
+    try:
+        await wait_until(started, timeout_s=30)
+        worker.fetcher.stop()  # as at shutdown: no more claims from its loop
+        [late_id] = await app.queue.job_enqueue_many([NewJob("noop", {})])
+        await worker.fetcher.run_once()  # the claim that was in flight when the stop came
+        assert worker.executor.active[running_id].stop_reason is None
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+    assert (await app.queue.job_get(running_id))["status"] == "succeeded"
+    late = await app.queue.job_get(late_id)
+    assert (late["status"], late["attempts"]) == ("pending", 0)

@@ -54,8 +54,9 @@ class Fetcher(Service):
             await asyncio.shield(self.hand_back_unrun())
             raise
         self.executor.start_many(jobs)
-        if self.stopped.is_set():  # shutting down between claim and start: give them straight back
-            self.executor.stop_all("shutdown")
+        if self.stopped.is_set():  # shutting down between claim and start: give these straight back
+            for job in jobs:  # only these: the jobs already running get their shutdown grace
+                self.executor.stop_job(job.id, "shutdown")
             return
         self.last_claimed = len(jobs)
         self.backlog = len(jobs) == limit

@@ -14,7 +14,7 @@ import asyncpg
 
 from runner.db import Database
 from runner.logs import get_logger
-from runner.queue_sql import CANCEL_CHANNEL, JOBS_CHANNEL
+from runner.queue_sql import CANCEL_CHANNEL, JOBS_CHANNEL, SCHEDULES_CHANNEL
 from runner.service import Service
 
 log = get_logger("runner.listener")
@@ -30,12 +30,14 @@ class Listener(Service):
         on_jobs: Callable[[], None],
         on_cancel: Callable[[int], None],
         dsn: str | None = None,
+        on_schedules: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(interval_s=2.0, timeout_s=10.0, jitter=0.0)
         self.db = db
         self.queues = set(queues)
         self.on_jobs = on_jobs
         self.on_cancel = on_cancel
+        self.on_schedules = on_schedules
         self.dsn = dsn
         self.connection: asyncpg.Connection | None = None
         self.connects = 0
@@ -58,6 +60,7 @@ class Listener(Service):
         try:
             await connection.add_listener(JOBS_CHANNEL, self._jobs_notified)
             await connection.add_listener(CANCEL_CHANNEL, self._cancel_notified)
+            await connection.add_listener(SCHEDULES_CHANNEL, self._schedules_notified)
         except BaseException:
             connection.terminate()
             raise
@@ -65,12 +68,17 @@ class Listener(Service):
         self.connection = connection
         self.connects += 1
         self.connected_at = time.monotonic()
-        log.info("listening", channels=[JOBS_CHANNEL, CANCEL_CHANNEL], reconnect=self.connects > 1)
+        log.info("listening", channels=[JOBS_CHANNEL, CANCEL_CHANNEL, SCHEDULES_CHANNEL],
+                 reconnect=self.connects > 1)
         self.on_jobs()  # catch up on anything enqueued while we were not listening
+        self.on_schedules()
 
     def _jobs_notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload in self.queues:
             self.on_jobs()
+
+    def _schedules_notified(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
+        self.on_schedules()
 
     def _cancel_notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
