@@ -97,3 +97,30 @@ async def test_three_worker_processes_enqueue_each_tick_once(
     assert {b - a for a, b in pairwise(ticks)} == {timedelta(seconds=1)}  # none missed
     fired_by = {i for i in range(3) if "schedule fired" in (tmp_path / f"w{i}.log").read_text()}
     assert fired_by  # whichever worker fired each tick; the database kept it to one job
+
+    # No worker for 6 ticks, then one starts: with --missed skip, the ticks older than the grace (2 s)
+    # are not enqueued; the late ones are, and then every tick again.
+    last_before = ticks[-1]
+
+    async def six_ticks_later() -> bool:
+        return bool(await app.db.fetchval("SELECT clock_timestamp() > $1::timestamptz + interval '6.5 seconds'", last_before))
+
+    await wait_until(six_ticks_later, timeout_s=30)
+    restarted = start_worker(runner_env, log_path=tmp_path / "w-restarted.log", RUNNER_WORKER_ID="sched-again",
+                             RUNNER_SCHEDULE_GRACE="2")
+    try:
+        async def three_more() -> bool:
+            return bool(await app.db.fetchval(
+                "SELECT count(*) >= 3 FROM runner_jobs WHERE schedule_name = 'every-second' AND schedule_tick > $1",
+                last_before))
+
+        await wait_until(three_more, timeout_s=120)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert await wait_exit(restarted, 60) == 0
+    after = [r["schedule_tick"] for r in await app.db.fetch(
+        "SELECT schedule_tick FROM runner_jobs WHERE schedule_name = 'every-second' AND schedule_tick > $1 "
+        "ORDER BY schedule_tick", last_before)]
+    assert after[0] - last_before >= timedelta(seconds=4)  # the missed ticks of the gap were skipped
+    assert {b - a for a, b in pairwise(after)} == {timedelta(seconds=1)}
+    assert "schedule ticks missed while no worker ran" in (tmp_path / "w-restarted.log").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -10,7 +11,15 @@ import typer
 
 from runner.cli import fail, settings_or_exit, with_app
 from runner.errors import UsageError
-from runner.jobs.backfill.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONNECTION, BackfillSpec, parse_spec
+from runner.jobs.backfill.spec import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONNECTION,
+    VERIFY_CHUNK_ROWS,
+    VERIFY_MAX_REPORTED,
+    VERIFY_PARALLEL,
+    BackfillSpec,
+    parse_spec,
+)
 from runner.jobs.backfill.where import parse_where
 
 if TYPE_CHECKING:
@@ -18,6 +27,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from runner.app import App
+    from runner.jobs.backfill.verify import VerifyReport
 
 KIND = "backfill"
 POLL_S = 0.25
@@ -29,8 +39,9 @@ def register(app: typer.Typer) -> None:
 
 
 def backfill_command(
-    source_table: Annotated[str, typer.Argument(metavar="SRC_TABLE", help="schema.table to copy from")],
-    dest_table: Annotated[str, typer.Argument(metavar="DEST_TABLE", help="schema.table to copy into")],
+    tables: Annotated[list[str], typer.Argument(
+        metavar="[verify] SRC_TABLE DEST_TABLE",
+        help="schema.table to copy from and to; with `verify` first, compare them instead of copying")],
     source: Annotated[str, typer.Option(help="Source connection (RUNNER_SOURCE_<NAME>_URL)")] = DEFAULT_CONNECTION,
     dest: Annotated[str, typer.Option(help="Destination connection")] = DEFAULT_CONNECTION,
     key: Annotated[str | None, typer.Option(help="Unique key column (default: the primary key)")] = None,
@@ -42,22 +53,76 @@ def backfill_command(
     allow_narrowing: Annotated[bool, typer.Option(
         help="Accept destination columns narrower than the source's (a row that does not fit fails the job)")] = False,
     wait: Annotated[bool, typer.Option(help="Show progress; exit 0 only if the job succeeded")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="After the copy (implies --wait), compare the tables as `backfill verify` does")] = False,
+    parallel: Annotated[int, typer.Option(help="verify: key ranges compared at once")] = VERIFY_PARALLEL,
+    chunk_rows: Annotated[int, typer.Option(help="verify: source rows per key range")] = VERIFY_CHUNK_ROWS,
+    as_json: Annotated[bool, typer.Option("--json", help="verify: the report as JSON")] = False,
 ) -> None:
-    """Copy a table between PostgreSQL databases in keyset batches (prints the job id)."""
+    """Copy a table between PostgreSQL databases in keyset batches (prints the job id), or, as
+    `runner backfill verify SRC DEST`, compare two tables by key range: exit 0 when equal, 1 listing the
+    key ranges that differ."""
     settings = settings_or_exit()
+    comparing = len(tables) == 3 and tables[0] == "verify"
     try:
+        if len(tables) != 2 and not comparing:
+            raise UsageError("give SRC_TABLE DEST_TABLE to copy, or `verify SRC_TABLE DEST_TABLE` to compare")
+        source_table, dest_table = tables[-2:]
+        if not 1 <= parallel <= 64 or not 1_000 <= chunk_rows <= 10_000_000:
+            raise UsageError("--parallel must be 1 to 64 and --chunk-rows 1,000 to 10,000,000")
         spec = parse_spec({
             "source": source, "source_table": source_table, "dest": dest, "dest_table": dest_table, "key": key,
             "filters": [parse_where(w).to_json() for w in where or []], "batch_size": batch_size, "mode": mode,
-            "create_table": create_table, "allow_narrowing": allow_narrowing,
+            "create_table": create_table and not comparing, "allow_narrowing": allow_narrowing or comparing,
         })
     except UsageError as error:
         raise fail(str(error), 2) from None
 
     async def body(app: App) -> int:
-        return await enqueue(app, spec, wait)
+        if comparing:
+            return await run_verify(app, spec, parallel, chunk_rows, as_json)
+        code = await enqueue(app, spec, wait or verify)
+        if verify and code == 0:
+            verified = dataclasses.replace(spec, create_table=False, allow_narrowing=True)
+            return await run_verify(app, verified, parallel, chunk_rows, as_json)
+        return code
 
     raise typer.Exit(with_app(settings, body))
+
+
+async def run_verify(app: App, spec: BackfillSpec, parallel: int, chunk_rows: int, as_json: bool) -> int:
+    """Compare the two tables; print the report; 0 when equal, 1 when not."""
+    import json
+
+    from runner.jobs.backfill.plan import build_plan
+    from runner.jobs.backfill.pools import named_pools
+    from runner.jobs.backfill.verify import Verifier
+
+    pools = named_pools(app)
+    async with pools.use(spec.source) as source_db, pools.use(spec.dest) as dest_db:
+        plan = await build_plan(spec, source_db, dest_db)
+        report = await Verifier(plan, source_db, dest_db, chunk_rows=chunk_rows, parallel=parallel).run()
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print_report(report)
+    return 0 if report.equal else 1
+
+
+def print_report(report: VerifyReport) -> None:
+    rate = report.source_rows / report.seconds if report.seconds else 0.0
+    summary = (f"{report.source} ({report.source_rows:,} rows) and {report.dest} ({report.dest_rows:,} rows), "
+               f"{report.ranges} key ranges, {report.seconds:.2f} s ({rate:,.0f} rows/s)")
+    if report.equal:
+        print(f"equal: {summary}")
+        return
+    print(f"differ: {summary}; {len(report.differing)} key ranges differ:")
+    for diff in report.differing[:VERIFY_MAX_REPORTED]:
+        print(f"  {diff.range.describe(report.key)}: source {diff.source_rows:,} rows, "
+              f"destination {diff.dest_rows:,}")
+    if len(report.differing) > VERIFY_MAX_REPORTED:
+        more = len(report.differing) - VERIFY_MAX_REPORTED
+        print(f"  ... and {more} more (--json lists the first {VERIFY_MAX_REPORTED})")
 
 
 async def enqueue(app: App, spec: BackfillSpec, wait: bool) -> int:

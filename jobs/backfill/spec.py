@@ -19,6 +19,10 @@ from runner.errors import PayloadError
 DEFAULT_CONNECTION = "default"
 DEFAULT_SCHEMA = "public"
 DEFAULT_BATCH_SIZE = 10_000
+# backfill verify: source rows per compared key range, ranges compared at once, differing ranges printed
+VERIFY_CHUNK_ROWS = 100_000
+VERIFY_PARALLEL = 4
+VERIFY_MAX_REPORTED = 50
 MAX_BATCH_SIZE = 100_000  # a worker holds up to 4 batches of a job in memory (2 queued, 1 read, 1 written)
 COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
 NULL_TESTS = ("is_null", "not_null")

@@ -137,6 +137,27 @@ class Statements:
         key = quote_ident(self.key.name)
         return f"SELECT {self.column_list} FROM {qualified(self.source)} WHERE {where} ORDER BY {key}"
 
+    # --- verify (runner.jobs.backfill.verify) ------------------------------------------------------
+    def range_digest(self, table: TableName, lower: str | None, upper: str | None,
+                     hashable: frozenset[str]) -> tuple[str, list[Any]]:
+        """Rows and an order-independent digest of ``lower < key <= upper`` within the filters: the sum of a
+        64-bit hash of each row (``hash_record_extended``), its columns cast to the source's types, so equal
+        values of other types (``bigint`` against ``integer``, ``numeric(12,4)`` against ``numeric``) hash
+        alike; a type without a hash function (json, xml, point, ...) is hashed as its text. One pass over the
+        range, no rows in memory."""
+        params = Params()
+        where = self._where(params, lower, upper)
+        row = ", ".join(f"{quote_ident(c.name)}::{c.type}" + ("" if c.name in hashable else "::text")
+                        for c in self.columns)
+        digest = f"sum(hash_record_extended(ROW({row}), 0)::numeric)"
+        return (f"SELECT count(*) AS rows, coalesce({digest}, 0)::text AS digest FROM {qualified(table)} "
+                f"WHERE {where}"), params.values
+
+    @staticmethod
+    def hash_probe(column: Column) -> str:
+        """Fails for a type without an extended hash function (checked before any row is read)."""
+        return f"SELECT hash_record_extended(ROW(NULL::{column.type}), 0)"
+
     # --- destination ----------------------------------------------------------------------------
     def create_stage(self) -> str:
         columns = ", ".join(f"{quote_ident(c.name)} {c.type}" for c in self.columns)
@@ -180,3 +201,4 @@ class Statements:
             action = "DO NOTHING"
         return (f"INSERT INTO {qualified(self.dest)} ({self.column_list}) OVERRIDING SYSTEM VALUE "
                 f"SELECT {self.column_list} FROM {STAGE}{where} ON CONFLICT ({key}) {action}")
+
