@@ -103,7 +103,8 @@ async def test_three_worker_processes_enqueue_each_tick_once(
     last_before = ticks[-1]
 
     async def six_ticks_later() -> bool:
-        return bool(await app.db.fetchval("SELECT clock_timestamp() > $1::timestamptz + interval '6.5 seconds'", last_before))
+        return bool(await app.db.fetchval(
+            "SELECT clock_timestamp() > $1::timestamptz + interval '6.5 seconds'", last_before))
 
     await wait_until(six_ticks_later, timeout_s=30)
     restarted = start_worker(runner_env, log_path=tmp_path / "w-restarted.log", RUNNER_WORKER_ID="sched-again",
