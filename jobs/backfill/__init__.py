@@ -6,6 +6,7 @@ made at enqueue and again at run time, and :mod:`runner.jobs.backfill.pools` for
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.plugins import JobKind, Plugin
@@ -19,10 +20,10 @@ if TYPE_CHECKING:
     from runner.context import JobContext
 
 
-async def handle(ctx: JobContext) -> None:
+async def handle(ctx: JobContext) -> dict[str, Any] | None:
     from runner.jobs.backfill.mover import handle
 
-    await handle(ctx)
+    return await handle(ctx)
 
 
 async def validate(payload: dict[str, Any], app: App) -> None:
@@ -58,4 +59,5 @@ plugin = Plugin(
     kinds=(JobKind("backfill", handle, validate, timeout_s=BACKFILL_TIMEOUT_S),),
     commands=commands,
     close_resources=close_named_pools,
+    migrations=Path(__file__).with_name("migrations"),  # the incremental backfills' watermarks
 )

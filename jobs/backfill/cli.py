@@ -52,6 +52,8 @@ def backfill_command(
     create_table: Annotated[bool, typer.Option(help="Create the destination from the source's columns")] = False,
     allow_narrowing: Annotated[bool, typer.Option(
         help="Accept destination columns narrower than the source's (a row that does not fit fails the job)")] = False,
+    since_column: Annotated[str | None, typer.Option(
+        help="Incremental: copy (upsert) only rows whose COLUMN is past the previous run's watermark")] = None,
     wait: Annotated[bool, typer.Option(help="Show progress; exit 0 only if the job succeeded")] = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="After the copy (implies --wait), compare the tables as `backfill verify` does")] = False,
@@ -74,6 +76,7 @@ def backfill_command(
             "source": source, "source_table": source_table, "dest": dest, "dest_table": dest_table, "key": key,
             "filters": [parse_where(w).to_json() for w in where or []], "batch_size": batch_size, "mode": mode,
             "create_table": create_table and not comparing, "allow_narrowing": allow_narrowing or comparing,
+            **({"since_column": since_column} if since_column and not comparing else {}),
         })
     except UsageError as error:
         raise fail(str(error), 2) from None

@@ -31,11 +31,12 @@ the batch's keys in a rolled-back transaction) and the job fails with a PayloadE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -43,10 +44,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from runner.context import JobContext
 from runner.db import TRANSIENT_ERRORS, Database
 from runner.errors import DatabaseUnavailable, LeaseLost, PayloadError, PoolExhausted
+from runner.jobs.backfill.catalog import Column
 from runner.jobs.backfill.plan import Plan, build_plan, create_dest_table
 from runner.jobs.backfill.pools import named_pools
 from runner.jobs.backfill.spec import parse_spec
-from runner.jobs.backfill.sql import STAGE, quote_ident
+from runner.jobs.backfill.sql import STAGE, WATERMARK_GET, WATERMARK_SET, quote_ident, since_filters
 
 T = TypeVar("T")
 Route = Literal["direct", "probe", "stage"]  # how a batch enters the destination
@@ -94,7 +96,7 @@ class Position:
     total: int
 
 
-async def handle(ctx: JobContext) -> None:
+async def handle(ctx: JobContext) -> dict[str, Any] | None:
     spec = parse_spec(ctx.payload)
     pools = named_pools(ctx.app)
     async with pools.use(spec.source) as source_db, pools.use(spec.dest) as dest_db:
@@ -102,8 +104,62 @@ async def handle(ctx: JobContext) -> None:
         if plan.dest is None:
             await retrying(ctx, "create table", functools.partial(create_dest_table, plan, dest_db))
             plan = await retrying(ctx, "validate", functools.partial(build_plan, spec, source_db, dest_db))
-        backfill = Backfill(ctx, plan, source_db, dest_db, await start(ctx, plan, source_db))
+        window: Window | None = None
+        if spec.since_column is not None:
+            window = await retrying(ctx, "watermark", functools.partial(since_window, ctx, plan, source_db))
+            if window.upto is None:
+                ctx.log.info("incremental backfill: no rows past the watermark", watermark=window.after)
+                return window.result(0)
+            plan = window.applied(plan)
+        backfill = Backfill(ctx, plan, source_db, dest_db, await start(ctx, plan, source_db), window)
         await backfill.run()
+        if window is not None and not ctx.completed_in_transaction:  # the watermark moves with the completion
+            async def settle() -> None:
+                async with ctx.app.db.transaction() as connection:
+                    await backfill.complete(connection)
+
+            await retrying(ctx, "watermark", settle)
+    return None
+
+
+@dataclass(frozen=True)
+class Window:
+    """One incremental run: the rows whose since_column is past ``after`` (the stored watermark; None: the
+    first run) and at most ``upto`` (its largest value when the run began; None: nothing new)."""
+
+    stream: str
+    column: Column
+    after: str | None
+    upto: str | None
+
+    def applied(self, plan: Plan) -> Plan:
+        assert self.upto is not None
+        filters = plan.statements.filters + since_filters(self.column, self.after, self.upto)
+        return dataclasses.replace(plan, statements=dataclasses.replace(plan.statements, filters=filters))
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"since": [self.after, self.upto]}
+
+    def result(self, rows: int) -> dict[str, Any]:
+        return {"rows": rows, "since": self.after, "watermark": self.upto or self.after}
+
+
+async def since_window(ctx: JobContext, plan: Plan, source_db: Database) -> Window:
+    """The window a resumed attempt already began (its checkpoint), else from the stored watermark."""
+    spec = plan.spec
+    assert spec.since_column is not None
+    column = plan.source.column(spec.since_column)
+    assert column is not None
+    saved = (ctx.saved_checkpoint or {}).get("since")
+    if isinstance(saved, list) and len(saved) == 2:
+        return Window(spec.stream, column, saved[0], saved[1])
+    after = await ctx.app.db.fetchval(WATERMARK_GET, spec.stream)
+    sql, args = plan.statements.since_max(column)
+    upto = await source_db.fetchval(sql, *args)
+    if upto is not None and after is not None and await source_db.fetchval(
+            f"SELECT ($1::text)::{column.type} <= ($2::text)::{column.type}", upto, after):
+        upto = None  # nothing changed since the last run
+    return Window(spec.stream, column, after, upto)
 
 
 async def start(ctx: JobContext, plan: Plan, source_db: Database) -> Position:
@@ -137,7 +193,9 @@ async def retrying(ctx: JobContext, step: str, operation: Callable[[], Awaitable
 
 
 class Backfill:
-    def __init__(self, ctx: JobContext, plan: Plan, source_db: Database, dest_db: Database, at: Position) -> None:
+    def __init__(self, ctx: JobContext, plan: Plan, source_db: Database, dest_db: Database, at: Position,
+                 window: Window | None = None) -> None:
+        self.window = window
         self.ctx = ctx
         self.plan = plan
         self.statements = plan.statements
@@ -168,7 +226,17 @@ class Backfill:
         if last and done != self.at.total:  # the source changed while we copied: the total is what we moved
             self.ctx.log.warning("the source changed during the backfill", counted=self.at.total, copied=done)
             self.at.total = done
-        await self.ctx.checkpoint({"last_key": upper}, done=done, total=self.at.total, connection=connection)
+        state: dict[str, Any] = {"last_key": upper, **(self.window.checkpoint() if self.window else {})}
+        await self.ctx.checkpoint(state, done=done, total=self.at.total, connection=connection)
+
+    async def complete(self, connection: asyncpg.Connection, last_rows: int = 0) -> None:
+        """Succeed in ``connection``'s transaction (the runner's database), with an incremental run's new
+        watermark: both commit, or neither."""
+        if self.window is None:
+            await self.ctx.complete_in(connection)
+            return
+        await connection.execute(WATERMARK_SET, self.window.stream, self.window.upto, self.ctx.job_id)
+        await self.ctx.complete_in(connection, self.window.result(self.at.done + last_rows))
 
     def _advance(self, upper: str, rows: int) -> None:
         self.at.last_key, self.at.done = upper, self.at.done + rows
@@ -276,7 +344,7 @@ class Backfill:
             if self.atomic:
                 await self._checkpoint(batch.upper, batch.rows, connection, last)
                 if last:
-                    await self.ctx.complete_in(connection)
+                    await self.complete(connection, batch.rows)
         if not self.atomic:
             await self._checkpoint(batch.upper, batch.rows, None)
         self._advance(batch.upper, batch.rows)

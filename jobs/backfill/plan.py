@@ -69,6 +69,8 @@ async def build_plan(spec: BackfillSpec, source_db: Database, dest_db: Database)
         filters = tuple(_typed_filter(source, f) for f in spec.filters)
         statements = Statements(spec.source_table, spec.dest_table, source.columns, key, filters, spec.mode)
         await _check_filters(connection, statements)
+        if spec.since_column is not None:
+            await _check_since_column(connection, source, statements, spec.since_column)
     async with dest_db.connection() as connection:
         dest = await describe(connection, spec.dest_table)
         await _check_dest(connection, spec, statements, dest)
@@ -140,6 +142,15 @@ async def _check_filters(connection: asyncpg.Connection, statements: Statements)
     sql, _ = statements.count()
     async with as_payload_error("filters"):
         await connection.prepare(sql)  # parse analysis: every operator exists for its column type
+
+
+async def _check_since_column(connection: asyncpg.Connection, source: Table, statements: Statements,
+                              name: str) -> None:
+    column = source.column(name)
+    if column is None:
+        raise PayloadError(f"since_column {name!r} does not exist in {_show(source.name)}")
+    async with as_payload_error(f"since_column {name!r}"):  # max() needs an ordering (json has none)
+        await connection.prepare(statements.since_max(column)[0])
 
 
 # --- destination ------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ A payload names connections, never DSNs::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ NULL_TESTS = ("is_null", "not_null")
 OPS = (*COMPARISONS, "in", *NULL_TESTS)
 MODES = ("insert", "upsert")
 FIELDS = frozenset({"source", "source_table", "dest", "dest_table", "key", "filters", "batch_size", "mode",
-                    "create_table", "allow_narrowing"})
+                    "create_table", "allow_narrowing", "since_column"})
 _CONNECTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _MAX_NAME = 63  # NAMEDATALEN - 1: a longer name cannot exist in the catalog
 
@@ -88,6 +90,14 @@ class BackfillSpec:
     mode: Mode
     create_table: bool
     allow_narrowing: bool = False  # a destination column narrower than its source column is refused unless set
+    # Incremental: copy (upsert) only the rows whose since_column is past the previous run's watermark
+    since_column: str | None = None
+
+    @property
+    def stream(self) -> str:
+        """What the watermark of an incremental backfill belongs to: the same tables, column and filters."""
+        return json.dumps([self.source, str(self.source_table), self.dest, str(self.dest_table), self.since_column,
+                           [f.to_json() for f in self.filters]], separators=(",", ":"))
 
     @property
     def same_connection(self) -> bool:
@@ -110,6 +120,7 @@ class BackfillSpec:
             "mode": self.mode,
             "create_table": self.create_table,
             "allow_narrowing": self.allow_narrowing,
+            **({"since_column": self.since_column} if self.since_column else {}),
         }
 
 
@@ -137,7 +148,10 @@ def parse_spec(payload: dict[str, Any]) -> BackfillSpec:
         mode=_mode(payload.get("mode", "insert")),
         create_table=_flag(payload.get("create_table", False), "create_table"),
         allow_narrowing=_flag(payload.get("allow_narrowing", False), "allow_narrowing"),
+        since_column=_since_column(payload.get("since_column")),
     )
+    if spec.since_column is not None and spec.mode != "upsert":  # changed rows must replace their old copies
+        spec = dataclasses.replace(spec, mode="upsert")
     if spec.same_connection and spec.source_table == spec.dest_table:
         raise PayloadError(f"source and destination are the same table ({spec.source_table} on {spec.source!r})")
     return spec
@@ -147,6 +161,15 @@ def _connection(value: Any, field: str) -> str:
     if not isinstance(value, str) or not _CONNECTION_NAME.match(value):
         raise PayloadError(f"{field} must be a connection name (letters, digits, _), got {value!r}")
     return value.lower()
+
+
+def _since_column(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise PayloadError(f"since_column must be a column name, got {value!r}")
+    check_identifier(value, "since_column")
+    return value
 
 
 def _key(value: Any) -> str | None:

@@ -137,6 +137,13 @@ class Statements:
         key = quote_ident(self.key.name)
         return f"SELECT {self.column_list} FROM {qualified(self.source)} WHERE {where} ORDER BY {key}"
 
+    def since_max(self, column: Column) -> tuple[str, list[Any]]:
+        """An incremental run's new watermark: the since_column's largest value within the filters, as text."""
+        params = Params()
+        where = self._where(params, None)
+        sql = f"SELECT max({quote_ident(column.name)})::text FROM {qualified(self.source)} WHERE {where}"
+        return sql, params.values
+
     # --- verify (runner.jobs.backfill.verify) ------------------------------------------------------
     def range_digest(self, table: TableName, lower: str | None, upper: str | None,
                      hashable: frozenset[str]) -> tuple[str, list[Any]]:
@@ -202,3 +209,17 @@ class Statements:
         return (f"INSERT INTO {qualified(self.dest)} ({self.column_list}) OVERRIDING SYSTEM VALUE "
                 f"SELECT {self.column_list} FROM {STAGE}{where} ON CONFLICT ({key}) {action}")
 
+
+def since_filters(column: Column, after: str | None, upto: str) -> tuple[TypedFilter, ...]:
+    """The window of one incremental run: past the previous watermark, up to this run's."""
+    window = [TypedFilter(Filter(column.name, "<=", upto), column.type)]
+    if after is not None:
+        window.insert(0, TypedFilter(Filter(column.name, ">", after), column.type))
+    return tuple(window)
+
+
+WATERMARK_GET = "SELECT watermark FROM runner_backfill_watermarks WHERE stream = $1"
+WATERMARK_SET = """
+INSERT INTO runner_backfill_watermarks (stream, watermark, job_id) VALUES ($1, $2, $3)
+ON CONFLICT (stream) DO UPDATE SET watermark = EXCLUDED.watermark, job_id = EXCLUDED.job_id, updated_at = now()
+"""
