@@ -54,6 +54,8 @@ def backfill_command(
         help="Accept destination columns narrower than the source's (a row that does not fit fails the job)")] = False,
     since_column: Annotated[str | None, typer.Option(
         help="Incremental: copy (upsert) only rows whose COLUMN is past the previous run's watermark")] = None,
+    max_rows_per_second: Annotated[float | None, typer.Option(
+        help="Copy at most this many rows per second on average")] = None,
     wait: Annotated[bool, typer.Option(help="Show progress; exit 0 only if the job succeeded")] = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="After the copy (implies --wait), compare the tables as `backfill verify` does")] = False,
@@ -77,6 +79,7 @@ def backfill_command(
             "filters": [parse_where(w).to_json() for w in where or []], "batch_size": batch_size, "mode": mode,
             "create_table": create_table and not comparing, "allow_narrowing": allow_narrowing or comparing,
             **({"since_column": since_column} if since_column and not comparing else {}),
+            **({"max_rows_per_second": max_rows_per_second} if max_rows_per_second is not None else {}),
         })
     except UsageError as error:
         raise fail(str(error), 2) from None

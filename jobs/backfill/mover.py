@@ -70,6 +70,29 @@ PROBE = "runner_backfill_probe"
 NUMERIC_KEYS = ("smallint", "integer", "bigint", "numeric")
 
 
+PROGRESS_LOG_EVERY_S = 10.0  # a long backfill logs rows, rows/s and ETA this often
+
+
+class Throttle:
+    """Paces batches to at most ``rate`` rows per second on average (None: no limit); the first is free."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.started: float | None = None
+        self.granted = 0
+
+    async def wait(self, rows: int) -> None:
+        if self.rate is None:
+            return
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        due = self.started + self.granted / self.rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        self.granted += rows
+
+
 def is_data_error(error: BaseException) -> bool:
     return isinstance(error, asyncpg.PostgresError) and str(error.sqlstate or "")[:2] in DATA_ERROR_CLASSES
 
@@ -113,13 +136,16 @@ async def handle(ctx: JobContext) -> dict[str, Any] | None:
             plan = window.applied(plan)
         backfill = Backfill(ctx, plan, source_db, dest_db, await start(ctx, plan, source_db), window)
         await backfill.run()
-        if window is not None and not ctx.completed_in_transaction:  # the watermark moves with the completion
+        if ctx.completed_in_transaction:
+            return None  # the last batch completed the job, its result with it
+        if window is not None:  # the watermark moves with the completion
             async def settle() -> None:
                 async with ctx.app.db.transaction() as connection:
                     await backfill.complete(connection)
 
             await retrying(ctx, "watermark", settle)
-    return None
+            return None
+        return backfill.result()
 
 
 @dataclass(frozen=True)
@@ -196,6 +222,14 @@ class Backfill:
     def __init__(self, ctx: JobContext, plan: Plan, source_db: Database, dest_db: Database, at: Position,
                  window: Window | None = None) -> None:
         self.window = window
+        saved = (ctx.saved_checkpoint or {}).get("counts")
+        # rows inserted, updated (upserts) and skipped (existing keys) by every attempt: kept in the checkpoint
+        self.counts: dict[str, int] = dict(saved) if isinstance(saved, dict) else {
+            "inserted": 0, "updated": 0, "skipped": 0}
+        self.throttle = Throttle(plan.spec.max_rows_per_second)
+        self.next_log = time.monotonic() + PROGRESS_LOG_EVERY_S
+        self.started = time.monotonic()
+        self.done_at_start = at.done
         self.ctx = ctx
         self.plan = plan
         self.statements = plan.statements
@@ -215,7 +249,7 @@ class Backfill:
             self.ctx.log.warning("the source changed during the backfill", counted=self.at.total, copied=self.at.done)
             self.at.total = self.at.done
             await self.ctx.progress(self.at.done, self.at.total)
-        self.ctx.log.info("backfill finished", rows=self.at.done, rows_this_attempt=moved,
+        self.ctx.log.info("backfill finished", rows=self.at.done, rows_this_attempt=moved, **self.counts,
                           seconds=round(elapsed, 3), rows_per_s=round(moved / elapsed) if elapsed > 0 else None)
 
     # --- progress -------------------------------------------------------------------------------
@@ -226,17 +260,23 @@ class Backfill:
         if last and done != self.at.total:  # the source changed while we copied: the total is what we moved
             self.ctx.log.warning("the source changed during the backfill", counted=self.at.total, copied=done)
             self.at.total = done
-        state: dict[str, Any] = {"last_key": upper, **(self.window.checkpoint() if self.window else {})}
+        state: dict[str, Any] = {"last_key": upper, "counts": self.counts,
+                                 **(self.window.checkpoint() if self.window else {})}
         await self.ctx.checkpoint(state, done=done, total=self.at.total, connection=connection)
 
     async def complete(self, connection: asyncpg.Connection, last_rows: int = 0) -> None:
         """Succeed in ``connection``'s transaction (the runner's database), with an incremental run's new
         watermark: both commit, or neither."""
-        if self.window is None:
-            await self.ctx.complete_in(connection)
-            return
-        await connection.execute(WATERMARK_SET, self.window.stream, self.window.upto, self.ctx.job_id)
-        await self.ctx.complete_in(connection, self.window.result(self.at.done + last_rows))
+        if self.window is not None:
+            await connection.execute(WATERMARK_SET, self.window.stream, self.window.upto, self.ctx.job_id)
+        await self.ctx.complete_in(connection, self.result(self.at.done + last_rows))
+
+    def result(self, rows: int | None = None) -> dict[str, Any]:
+        """The job's result: rows copied, inserted / updated / skipped, this attempt's seconds (and an
+        incremental run's window)."""
+        rows = self.at.done if rows is None else rows
+        found = {"rows": rows, **self.counts, "seconds": round(time.monotonic() - self.started, 3)}
+        return {**found, **self.window.result(rows)} if self.window is not None else found
 
     def _advance(self, upper: str, rows: int) -> None:
         self.at.last_key, self.at.done = upper, self.at.done + rows
@@ -250,6 +290,9 @@ class Backfill:
             raise LeaseLost(f"job {self.ctx.job_id}: lease epoch {self.ctx.job.lease_epoch} is no longer current")
         last_key = (job["checkpoint"] or {}).get("last_key")
         self.at.last_key = None if last_key is None else str(last_key)
+        counts = (job["checkpoint"] or {}).get("counts")
+        if isinstance(counts, dict):
+            self.counts = dict(counts)
         self.at.done = job["progress_done"]
 
     async def _write(self, step: str, write: Callable[[], Awaitable[None]]) -> None:
@@ -277,11 +320,24 @@ class Backfill:
                 # Look one batch ahead: the last one, when atomic, also completes the job.
                 following = await queue.get()
                 self.ctx.raise_if_cancelled()
+                await self.throttle.wait(item.rows)
                 await self._write("write batch", functools.partial(self._write_batch, item, following is None))
+                self._log_progress()
                 item = following
         finally:
             reader.cancel()
             await asyncio.wait([reader])
+
+    def _log_progress(self) -> None:
+        now = time.monotonic()
+        if now < self.next_log:
+            return
+        self.next_log = now + PROGRESS_LOG_EVERY_S
+        elapsed = now - self.started
+        rate = (self.at.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+        left = max(0, self.at.total - self.at.done)
+        self.ctx.log.info("backfill progress", rows=self.at.done, total=self.at.total, rows_per_s=round(rate),
+                          eta_s=round(left / rate) if rate > 0 else None, **self.counts)
 
     async def _read_ahead(self, queue: asyncio.Queue[Batch | BaseException | None]) -> None:
         lower = self.at.last_key
@@ -334,20 +390,33 @@ class Backfill:
             raise PayloadError(await self._describe_data_error(batch, error)) from None
 
     async def _commit_batch(self, batch: Batch, direct: bool, last: bool = False) -> None:
+        before = dict(self.counts)
+        try:
+            await self._commit_batch_counted(batch, direct, last)
+        except BaseException:
+            self.counts = before  # rolled back (or unknown: _reload re-reads the committed checkpoint)
+            raise
+        if not self.atomic:
+            await self._checkpoint(batch.upper, batch.rows, None)
+        self._advance(batch.upper, batch.rows)
+
+    async def _commit_batch_counted(self, batch: Batch, direct: bool, last: bool) -> None:
         async with self.dest_db.transaction() as connection:
             if direct:
                 await self._copy(connection, batch, self.plan.spec.dest_table.name, self.plan.spec.dest_table.schema)
+                self.counts["inserted"] += batch.rows
             else:
                 await connection.execute(self.statements.create_stage())
                 await self._copy(connection, batch, STAGE, None)
-                await connection.execute(self.statements.insert_from_stage())
+                written = await connection.fetchrow(self.statements.insert_from_stage_counted())
+                assert written is not None
+                self.counts["inserted"] += written["inserted"]
+                self.counts["updated"] += written["updated"]
+                self.counts["skipped"] += batch.rows - written["inserted"] - written["updated"]
             if self.atomic:
                 await self._checkpoint(batch.upper, batch.rows, connection, last)
                 if last:
                     await self.complete(connection, batch.rows)
-        if not self.atomic:
-            await self._checkpoint(batch.upper, batch.rows, None)
-        self._advance(batch.upper, batch.rows)
 
     # --- a row that does not fit ---------------------------------------------------------------------
     def _show_key(self, key: str) -> str:

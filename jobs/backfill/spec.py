@@ -31,7 +31,7 @@ NULL_TESTS = ("is_null", "not_null")
 OPS = (*COMPARISONS, "in", *NULL_TESTS)
 MODES = ("insert", "upsert")
 FIELDS = frozenset({"source", "source_table", "dest", "dest_table", "key", "filters", "batch_size", "mode",
-                    "create_table", "allow_narrowing", "since_column"})
+                    "create_table", "allow_narrowing", "since_column", "max_rows_per_second"})
 _CONNECTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _MAX_NAME = 63  # NAMEDATALEN - 1: a longer name cannot exist in the catalog
 
@@ -92,6 +92,7 @@ class BackfillSpec:
     allow_narrowing: bool = False  # a destination column narrower than its source column is refused unless set
     # Incremental: copy (upsert) only the rows whose since_column is past the previous run's watermark
     since_column: str | None = None
+    max_rows_per_second: float | None = None  # a cap on the copy's average rate (None: as fast as it goes)
 
     @property
     def stream(self) -> str:
@@ -121,6 +122,7 @@ class BackfillSpec:
             "create_table": self.create_table,
             "allow_narrowing": self.allow_narrowing,
             **({"since_column": self.since_column} if self.since_column else {}),
+            **({"max_rows_per_second": self.max_rows_per_second} if self.max_rows_per_second else {}),
         }
 
 
@@ -149,6 +151,7 @@ def parse_spec(payload: dict[str, Any]) -> BackfillSpec:
         create_table=_flag(payload.get("create_table", False), "create_table"),
         allow_narrowing=_flag(payload.get("allow_narrowing", False), "allow_narrowing"),
         since_column=_since_column(payload.get("since_column")),
+        max_rows_per_second=_rate(payload.get("max_rows_per_second")),
     )
     if spec.since_column is not None and spec.mode != "upsert":  # changed rows must replace their old copies
         spec = dataclasses.replace(spec, mode="upsert")
@@ -161,6 +164,15 @@ def _connection(value: Any, field: str) -> str:
     if not isinstance(value, str) or not _CONNECTION_NAME.match(value):
         raise PayloadError(f"{field} must be a connection name (letters, digits, _), got {value!r}")
     return value.lower()
+
+
+def _rate(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 1 <= value <= 1e9:
+        raise PayloadError(f"max_rows_per_second must be a number from 1 to 1e9, got {value!r}")
+    return float(value)
 
 
 def _since_column(value: Any) -> str | None:

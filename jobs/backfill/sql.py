@@ -198,6 +198,12 @@ class Statements:
         return (f"INSERT INTO {probe} (v) SELECT {quote_ident(column.name)} FROM {STAGE} "
                 f"WHERE {key} = ($1::text)::{self.key.type}")
 
+    def insert_from_stage_counted(self) -> str:
+        """:meth:`insert_from_stage`, returning (inserted, updated): a row that existed has a non-zero xmax."""
+        return (f"WITH written AS ({self.insert_from_stage()} RETURNING (xmax = 0) AS fresh) "
+                "SELECT count(*) FILTER (WHERE fresh) AS inserted, count(*) FILTER (WHERE NOT fresh) AS updated "
+                "FROM written")
+
     def insert_from_stage(self, where: str = "") -> str:
         """INSERT ... SELECT from the stage, idempotent by key."""
         key = quote_ident(self.key.name)

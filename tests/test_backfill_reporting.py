@@ -1,0 +1,44 @@
+"""What a backfill reports: inserted / updated / skipped rows in its result, its progress in the log while it
+runs, and a rows-per-second cap that holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runner.app import App
+from runner.jobs.backfill import mover
+from tests.test_backfill import make_table, run_backfill
+
+
+def copy(**extra: Any) -> dict[str, Any]:
+    return {"source_table": "public.src", "dest_table": "public.dst", "batch_size": 250, **extra}
+
+
+async def test_a_rerun_into_a_full_table_says_what_it_skipped_and_updated(app: App, database_url: str) -> None:
+    await make_table(database_url, "public.src", 1000)
+    first = await run_backfill(app, copy(create_table=True))
+    assert {k: first["result"][k] for k in ("rows", "inserted", "updated", "skipped")} == {
+        "rows": 1000, "inserted": 1000, "updated": 0, "skipped": 0}
+    again = await run_backfill(app, copy())  # insert mode: every key exists, nothing is written
+    assert {k: again["result"][k] for k in ("rows", "inserted", "updated", "skipped")} == {
+        "rows": 1000, "inserted": 0, "updated": 0, "skipped": 1000}
+    await make_table(database_url, "public.src", 100, first=1001)
+    upserted = await run_backfill(app, copy(mode="upsert"))
+    assert {k: upserted["result"][k] for k in ("rows", "inserted", "updated", "skipped")} == {
+        "rows": 1100, "inserted": 100, "updated": 1000, "skipped": 0}
+    assert upserted["result"]["seconds"] > 0
+
+
+async def test_the_rate_cap_holds_and_progress_is_logged(
+        app: App, database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(mover, "PROGRESS_LOG_EVERY_S", 0.5)
+    await make_table(database_url, "public.src", 3000)
+    job = await run_backfill(app, copy(create_table=True, batch_size=150, max_rows_per_second=1000))
+    assert job["status"] == "succeeded" and job["progress_done"] == 3000
+    rate = 3000 / (job["finished_at"] - job["started_at"]).total_seconds()
+    assert 800 <= rate <= 1200, rate  # within 20% of the cap (without it: tens of thousands of rows/s)
+    progress = [line for line in capsys.readouterr().err.splitlines() if '"backfill progress"' in line]
+    assert len(progress) >= 3, progress  # every 0.5 s over ~3 s: rows, total, rows/s, ETA
+    assert all('"eta_s"' in line and '"rows_per_s"' in line for line in progress)
