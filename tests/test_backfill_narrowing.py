@@ -193,7 +193,8 @@ async def test_a_row_that_does_not_fit_fails_the_job_at_once_naming_its_key(
     # the batches before it are committed and checkpointed; nothing of the failing one
     assert await fetchval(dest_url, "SELECT count(*) FROM dst") == 700
     assert await fetchval(dest_url, "SELECT max(id) FROM dst") == 700
-    assert job["progress_done"] == 700 and job["checkpoint"] == {"last_key": "700"}
+    assert job["progress_done"] == 700 and job["checkpoint"]["last_key"] == "700"
+    assert job["checkpoint"]["counts"] == {"inserted": 700, "updated": 0, "skipped": 0}
 
 
 async def test_a_constraint_violation_on_the_direct_route_is_fatal_too(app: App, database_url: str) -> None:

@@ -9,7 +9,11 @@ import pytest
 
 from runner.app import App
 from runner.jobs.backfill import mover
-from tests.test_backfill import make_table, run_backfill
+from runner.jobs.backfill.pools import close_named_pools
+from tests import test_backfill
+from tests.test_backfill import digest, execute, make_table, run_backfill
+
+other_url = test_backfill.other_url  # the fixture: a second database, the connection 'other'
 
 
 def copy(**extra: Any) -> dict[str, Any]:
@@ -42,3 +46,24 @@ async def test_the_rate_cap_holds_and_progress_is_logged(
     progress = [line for line in capsys.readouterr().err.splitlines() if '"backfill progress"' in line]
     assert len(progress) >= 3, progress  # every 0.5 s over ~3 s: rows, total, rows/s, ETA
     assert all('"eta_s"' in line and '"rows_per_s"' in line for line in progress)
+
+
+async def test_wide_rows_under_a_short_statement_timeout_still_complete(
+        app: App, database_url: str, other_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # ~3.5 kB of incompressible text per row: a 10,000-row batch is 35 MB, far past a 100 ms statement timeout
+    await execute(other_url, "CREATE TABLE public.wide (id bigint PRIMARY KEY, body text NOT NULL)")
+    await execute(other_url, "INSERT INTO public.wide SELECT g, (SELECT string_agg(md5(g::text || i::text), '') "
+                             "FROM generate_series(1, 110) i) FROM generate_series(1, 10000) g")
+    # RUNNER_STATEMENT_TIMEOUT=0.1 for the named connections (this app's own pool keeps its own)
+    tight = App.assemble(app.settings.model_copy(update={"statement_timeout": 0.1}), app.dsn, app.db, app.queue,
+                         app.plugins, app.registry)
+    try:
+        job = await run_backfill(tight, {"source": "other", "source_table": "public.wide",
+                                         "dest_table": "public.wide", "create_table": True, "batch_size": 10000})
+    finally:
+        await close_named_pools(tight)
+    assert job["status"] == "succeeded", job["last_error"]
+    assert job["progress_done"] == 10000 and job["result"]["inserted"] == 10000
+    assert job["checkpoint"]["batch_size"] < 10000  # the size it settled on, kept for a resumed attempt
+    assert "halving the batch" in capsys.readouterr().err
+    assert await digest(other_url, "public.wide") == await digest(database_url, "public.wide")

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import asyncpg
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from runner.context import JobContext
 from runner.db import TRANSIENT_ERRORS, Database
@@ -70,6 +70,7 @@ PROBE = "runner_backfill_probe"
 NUMERIC_KEYS = ("smallint", "integer", "bigint", "numeric")
 
 
+MIN_BATCH_ROWS = 10  # a batch is halved on a statement timeout down to this
 PROGRESS_LOG_EVERY_S = 10.0  # a long backfill logs rows, rows/s and ETA this often
 
 
@@ -201,13 +202,23 @@ async def start(ctx: JobContext, plan: Plan, source_db: Database) -> Position:
     return Position(None, 0, total)
 
 
-async def retrying(ctx: JobContext, step: str, operation: Callable[[], Awaitable[T]]) -> T:
+def is_statement_timeout(error: BaseException) -> bool:
+    return isinstance(error, asyncpg.exceptions.QueryCanceledError) and "statement timeout" in str(error)
+
+
+async def retrying(ctx: JobContext, step: str, operation: Callable[[], Awaitable[T]], *,
+                   shrinkable: bool = False) -> T:
+    """``operation``, retried on transient errors for up to RETRY_FOR_S. ``shrinkable``: a batch step, whose
+    statement timeout is not retried as is but raised, for the pipeline to retry it with smaller batches."""
     def warn(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         ctx.log.warning("backfill step failed; retrying", step=step, error=repr(error), attempt=state.attempt_number)
 
+    def transient(error: BaseException) -> bool:
+        return isinstance(error, TRANSIENT) and not (shrinkable and is_statement_timeout(error))
+
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT),
+        retry=retry_if_exception(transient),
         stop=stop_after_delay(RETRY_FOR_S),
         wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
         before_sleep=warn,
@@ -227,6 +238,9 @@ class Backfill:
         self.counts: dict[str, int] = dict(saved) if isinstance(saved, dict) else {
             "inserted": 0, "updated": 0, "skipped": 0}
         self.throttle = Throttle(plan.spec.max_rows_per_second)
+        shrunk = (ctx.saved_checkpoint or {}).get("batch_size")  # a smaller size an earlier attempt settled on
+        self.batch_size = min(plan.spec.batch_size, shrunk) if isinstance(shrunk, int) and shrunk > 0 \
+            else plan.spec.batch_size
         self.next_log = time.monotonic() + PROGRESS_LOG_EVERY_S
         self.started = time.monotonic()
         self.done_at_start = at.done
@@ -260,7 +274,7 @@ class Backfill:
         if last and done != self.at.total:  # the source changed while we copied: the total is what we moved
             self.ctx.log.warning("the source changed during the backfill", counted=self.at.total, copied=done)
             self.at.total = done
-        state: dict[str, Any] = {"last_key": upper, "counts": self.counts,
+        state: dict[str, Any] = {"last_key": upper, "counts": self.counts, "batch_size": self.batch_size,
                                  **(self.window.checkpoint() if self.window else {})}
         await self.ctx.checkpoint(state, done=done, total=self.at.total, connection=connection)
 
@@ -305,10 +319,27 @@ class Backfill:
             first = False
             await write()
 
-        await retrying(self.ctx, step, attempt)
+        await retrying(self.ctx, step, attempt, shrinkable=True)
 
     # --- the pipeline: COPY out, COPY in -------------------------------------------------------------
     async def _pipeline(self) -> None:
+        """Batches until the end; a batch that hits the statement timeout is tried again at half the size
+        (from the committed checkpoint), so wide rows under a short timeout still make progress."""
+        while True:
+            try:
+                await self._pipeline_once()
+                return
+            except asyncpg.exceptions.QueryCanceledError as error:
+                if not is_statement_timeout(error) or self.batch_size <= MIN_BATCH_ROWS:
+                    raise
+                self.batch_size = max(MIN_BATCH_ROWS, self.batch_size // 2)
+                self.ctx.log.warning("backfill batch hit the statement timeout; halving the batch",
+                                     batch_size=self.batch_size, error=str(error))
+                await retrying(self.ctx, "reload checkpoint", self._reload)
+                if self.ctx.completed_in_transaction:
+                    return
+
+    async def _pipeline_once(self) -> None:
         self.route = await retrying(self.ctx, "probe destination", self._choose_route)
         queue: asyncio.Queue[Batch | BaseException | None] = asyncio.Queue(maxsize=READ_AHEAD)
         reader = asyncio.create_task(self._read_ahead(queue), name=f"backfill-read-{self.ctx.job_id}")
@@ -343,7 +374,7 @@ class Backfill:
         lower = self.at.last_key
         try:
             while True:
-                batch = await retrying(self.ctx, "read batch", functools.partial(self._read, lower))
+                batch = await retrying(self.ctx, "read batch", functools.partial(self._read, lower), shrinkable=True)
                 await queue.put(batch)
                 if batch is None:
                     return
@@ -352,7 +383,7 @@ class Backfill:
             await queue.put(error)
 
     async def _read(self, lower: str | None) -> Batch | None:
-        bound_sql, args = self.statements.upper_bound(lower, self.plan.spec.batch_size)
+        bound_sql, args = self.statements.upper_bound(lower, self.batch_size)
         chunks: list[bytes] = []
 
         async def sink(data: bytes) -> None:
