@@ -121,3 +121,4 @@ async def test_a_copy_with_verify_checks_it_after(runner_env: dict[str, str], da
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert int(lines[0]) > 0 and lines[-1].startswith("equal: public.src (5,000 rows) and public.copy")
+    assert "succeeded: 5,000 rows (5,000 inserted, 0 updated, 0 skipped)" in result.stderr

@@ -174,7 +174,12 @@ async def watch(app: App, job_id: int) -> int:
         print(f"stopped watching; job {job_id} goes on (runner cancel {job_id} stops it)", file=sys.stderr)
         return 1
     if job["status"] == "succeeded":
-        print(f"job {job_id} succeeded: {job['progress_done']:,} rows", file=sys.stderr)
+        found = job.get("result")
+        result: dict[str, Any] = found if isinstance(found, dict) else {}
+        split = ", ".join(f"{result[k]:,} {k}" for k in ("inserted", "updated", "skipped")
+                          if isinstance(result.get(k), int))
+        print(f"job {job_id} succeeded: {job['progress_done']:,} rows" + (f" ({split})" if split else ""),
+              file=sys.stderr)
         return 0
     print(f"error: job {job_id} {job['status']}: {job['last_error'] or ''}".rstrip(": "), file=sys.stderr)
     return 1
