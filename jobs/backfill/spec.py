@@ -144,13 +144,13 @@ def parse_spec(payload: dict[str, Any]) -> BackfillSpec:
         source_table=TableName.parse(payload.get("source_table"), "source_table"),
         dest=_connection(payload.get("dest", DEFAULT_CONNECTION), "dest"),
         dest_table=TableName.parse(payload.get("dest_table"), "dest_table"),
-        key=_key(payload.get("key")),
+        key=_column_name(payload.get("key"), "key"),
         filters=_filters(payload.get("filters", [])),
         batch_size=_batch_size(payload.get("batch_size", DEFAULT_BATCH_SIZE)),
         mode=_mode(payload.get("mode", "insert")),
         create_table=_flag(payload.get("create_table", False), "create_table"),
         allow_narrowing=_flag(payload.get("allow_narrowing", False), "allow_narrowing"),
-        since_column=_since_column(payload.get("since_column")),
+        since_column=_column_name(payload.get("since_column"), "since_column"),
         max_rows_per_second=_rate(payload.get("max_rows_per_second")),
     )
     if spec.since_column is not None and spec.mode != "upsert":  # changed rows must replace their old copies
@@ -175,21 +175,12 @@ def _rate(value: Any) -> float | None:
     return float(value)
 
 
-def _since_column(value: Any) -> str | None:
+def _column_name(value: Any, field: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise PayloadError(f"since_column must be a column name, got {value!r}")
-    check_identifier(value, "since_column")
-    return value
-
-
-def _key(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise PayloadError(f"key must be a column name, got {value!r}")
-    check_identifier(value, "key")
+        raise PayloadError(f"{field} must be a column name, got {value!r}")
+    check_identifier(value, field)
     return value
 
 
