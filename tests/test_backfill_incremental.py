@@ -81,3 +81,23 @@ async def test_since_column_is_checked_and_implies_upsert(app: App, other_url: s
         await kind.validate(payload(since_column="nope"), app)
     with pytest.raises(PayloadError, match="since_column 'j'"):  # json has no ordering: no max()
         await kind.validate(payload(since_column="j"), app)
+
+
+async def test_a_scheduled_incremental_backfill_keeps_a_copy_fresh(
+        app: App, database_url: str, other_url: str) -> None:
+    from runner.worker import Worker
+
+    await execute(other_url, DDL.format(table="public.orders"))
+    await execute(other_url, "INSERT INTO public.orders SELECT g, 'v', now() FROM generate_series(1, 50) g")
+    # as `runner schedule add orders-nightly backfill --every 86400 --payload '{…, "since_column": …}'`
+    await app.add_schedule("orders-nightly", "backfill", every=86400, payload=payload())
+    for changed in (None, "UPDATE public.orders SET v = 'w', updated_at = now() WHERE id <= 10"):
+        if changed:
+            await execute(other_url, changed)
+        await app.db.execute("UPDATE runner_schedules SET next_tick = clock_timestamp() - interval '1 second'")
+        [fired] = await app.schedule_store.fire_due(grace_s=60)  # the night's tick, come due
+        await Worker(app, drain=True, install_signal_handlers=False).run()
+        [job_id] = fired.job_ids
+        job = await app.queue.job_get(job_id)
+        assert job["status"] == "succeeded" and job["progress_done"] == (10 if changed else 50)
+        assert await same(other_url, database_url)
