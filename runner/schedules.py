@@ -245,11 +245,9 @@ class ScheduleStore:
 
     @staticmethod
     def _row(spec: ScheduleSpec, now: datetime) -> tuple[Any, ...]:
-        rule = spec.rule
-        first = rule.first_tick_after(now, anchor=None if rule.every_s is None else now + timedelta(
-            seconds=rule.every_s))
+        rule = spec.rule  # the first tick: cron's next after now, or one interval from now
         return (spec.name, spec.kind, json.dumps(spec.payload), spec.queue, spec.priority, rule.cron, rule.every_s,
-                rule.timezone, spec.missed, spec.missed_limit, first)
+                rule.timezone, spec.missed, spec.missed_limit, rule.first_tick_after(now))
 
     async def all(self) -> list[dict[str, Any]]:
         return [_decoded(row) for row in await self.db.fetch(sql.SCHEDULE_LIST)]

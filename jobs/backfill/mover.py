@@ -48,7 +48,14 @@ from runner.jobs.backfill.catalog import Column
 from runner.jobs.backfill.plan import Plan, build_plan, create_dest_table
 from runner.jobs.backfill.pools import named_pools
 from runner.jobs.backfill.spec import parse_spec
-from runner.jobs.backfill.sql import STAGE, WATERMARK_GET, WATERMARK_SET, quote_ident, since_filters
+from runner.jobs.backfill.sql import (
+    STAGE,
+    WATERMARK_GET,
+    WATERMARK_SET,
+    not_after_sql,
+    quote_ident,
+    since_filters,
+)
 
 T = TypeVar("T")
 Route = Literal["direct", "probe", "stage"]  # how a batch enters the destination
@@ -183,8 +190,7 @@ async def since_window(ctx: JobContext, plan: Plan, source_db: Database) -> Wind
     after = await ctx.app.db.fetchval(WATERMARK_GET, spec.stream)
     sql, args = plan.statements.since_max(column)
     upto = await source_db.fetchval(sql, *args)
-    if upto is not None and after is not None and await source_db.fetchval(
-            f"SELECT ($1::text)::{column.type} <= ($2::text)::{column.type}", upto, after):
+    if upto is not None and after is not None and await source_db.fetchval(not_after_sql(column.type), upto, after):
         upto = None  # nothing changed since the last run
     return Window(spec.stream, column, after, upto)
 

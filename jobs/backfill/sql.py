@@ -77,6 +77,11 @@ def filter_sql(item: TypedFilter, bind: Binder) -> str:
     return f"{column} {SQL_OPS[f.op]} ({bind(f.value)}::text)::{item.type}"
 
 
+def not_after_sql(type_: str) -> str:
+    """Whether value $1 is at or before value $2, both as text, compared as ``type_`` (keys, watermarks)."""
+    return f"SELECT ($1::text)::{type_} <= ($2::text)::{type_}"
+
+
 def cast_value_sql(type_: str, many: bool) -> str:
     """Checks that a filter value is valid input for its column's type."""
     return f"SELECT ($1::text[])::{type_}[]" if many else f"SELECT ($1::text)::{type_}"

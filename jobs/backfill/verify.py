@@ -22,6 +22,7 @@ import asyncpg
 from runner.db import Database
 from runner.jobs.backfill.plan import Plan, as_payload_error
 from runner.jobs.backfill.spec import VERIFY_CHUNK_ROWS, VERIFY_MAX_REPORTED, VERIFY_PARALLEL, TableName
+from runner.jobs.backfill.sql import not_after_sql
 
 NARROW_TO = 100
 SPLIT_INTO = 10
@@ -122,17 +123,13 @@ class Verifier:
             while True:
                 sql, args = self.statements.upper_bound(lower, step)
                 upper = await connection.fetchval(sql, *args)
-                if upper is None or (key_range.upper is not None and await self._at_or_past(
-                        connection, upper, key_range.upper)):
+                if upper is None or (key_range.upper is not None and await connection.fetchval(
+                        not_after_sql(self.statements.key.type), key_range.upper, upper)):
                     break
                 bounds.append(upper)
                 lower = upper
         edges = [key_range.lower, *bounds, key_range.upper]
         return [KeyRange(a, b) for a, b in pairwise(edges)]
-
-    async def _at_or_past(self, connection: Any, key: str, limit: str) -> bool:
-        type_ = self.statements.key.type
-        return bool(await connection.fetchval(f"SELECT ($1::text)::{type_} >= ($2::text)::{type_}", key, limit))
 
     async def compare(self, key_range: KeyRange) -> tuple[tuple[int, str], tuple[int, str]]:
         async with self.slots:
