@@ -3,7 +3,10 @@ runs, and a rows-per-second cap that holds."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import asyncpg
 
 import pytest
 
@@ -48,22 +51,42 @@ async def test_the_rate_cap_holds_and_progress_is_logged(
     assert all('"eta_s"' in line and '"rows_per_s"' in line for line in progress)
 
 
+async def full_copy_seconds(url: str, table: str) -> float:
+    """The fastest of three whole-table COPYs out on this machine, now: the batch size the test starts at."""
+    connection = await asyncpg.connect(url)
+
+    async def discard(_: bytes) -> None:
+        return None
+
+    try:
+        times = []
+        for _ in range(3):
+            began = time.monotonic()
+            await connection.copy_from_query(f"SELECT * FROM {table}", output=discard)
+            times.append(time.monotonic() - began)
+    finally:
+        await connection.close()
+    return min(times)
+
+
 async def test_wide_rows_under_a_short_statement_timeout_still_complete(
         app: App, database_url: str, other_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    # ~3.5 kB of incompressible text per row: a 10,000-row batch is 35 MB, far past a 100 ms statement timeout
+    # ~3.5 kB of incompressible text per row, 10,000 rows: 35 MB, read in one batch to begin with
     await execute(other_url, "CREATE TABLE public.wide (id bigint PRIMARY KEY, body text NOT NULL)")
     await execute(other_url, "INSERT INTO public.wide SELECT g, (SELECT string_agg(md5(g::text || i::text), '') "
                              "FROM generate_series(1, 110) i) FROM generate_series(1, 10000) g")
-    # RUNNER_STATEMENT_TIMEOUT=0.1 for the named connections (this app's own pool keeps its own)
-    tight = App.assemble(app.settings.model_copy(update={"statement_timeout": 0.1}), app.dsn, app.db, app.queue,
-                         app.plugins, app.registry)
-    try:
+    # The timeout is a fifth of what reading the whole table takes on this machine right now, so the first
+    # batch cannot fit however fast the machine is, and a batch a tenth the size or smaller can.
+    timeout = max(0.02, round(await full_copy_seconds(other_url, "public.wide") / 5, 3))
+    tight = App.assemble(app.settings.model_copy(update={"statement_timeout": timeout}), app.dsn, app.db,
+                         app.queue, app.plugins, app.registry)  # for the named connections; the app's own pool
+    try:                                                       # keeps its own
         job = await run_backfill(tight, {"source": "other", "source_table": "public.wide",
                                          "dest_table": "public.wide", "create_table": True, "batch_size": 10000})
     finally:
         await close_named_pools(tight)
     assert job["status"] == "succeeded", job["last_error"]
     assert job["progress_done"] == 10000 and job["result"]["inserted"] == 10000
-    assert job["checkpoint"]["batch_size"] < 10000  # the size it settled on, kept for a resumed attempt
+    assert job["checkpoint"]["batch_size"] < 10000, timeout  # the size it settled on, kept for a resumed attempt
     assert "halving the batch" in capsys.readouterr().err
     assert await digest(other_url, "public.wide") == await digest(database_url, "public.wide")
