@@ -62,6 +62,11 @@ class RetryLater(RunnerError):
         self.delay_s = delay_s
 
 
+class JobFailed(RunnerError):
+    """Raised by a handler to fail the job now, without using the attempts it has left (a retry cannot
+    help: a parallel backfill whose chunks failed, say). ``runner retry`` runs it again."""
+
+
 class JobCancelled(RunnerError):
     """The job was cancelled by a user while it ran."""
 

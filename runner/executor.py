@@ -20,7 +20,7 @@ import structlog
 
 from runner import metrics
 from runner.context import JobContext, encode_result
-from runner.errors import JobCancelled, LeaseLost, PayloadError, PoolExhausted, RetryLater, RunnerError
+from runner.errors import JobCancelled, JobFailed, LeaseLost, PayloadError, PoolExhausted, RetryLater, RunnerError
 from runner.logs import get_logger, redact
 from runner.policy import Backoff
 from runner.queue import ClaimedJob, JobOutcome, Outcome
@@ -261,7 +261,7 @@ class Executor:
             return AttemptResult("cancelled", describe_error(cancelled))
         except LeaseLost:
             return AttemptResult(None)
-        except PayloadError as refused:  # the job's input, not the code: its message says it all
+        except (PayloadError, JobFailed) as refused:  # the job's input, or the handler's verdict: no retry
             return AttemptResult("fatal", describe_error(refused))
         except RunnerError as failure:
             return AttemptResult("error", describe_error(failure, with_traceback=True))

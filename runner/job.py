@@ -37,6 +37,7 @@ class Job:
     finished_at: datetime | None
     schedule_name: str | None = None  # a periodic job: its schedule, and the tick it was enqueued for
     schedule_tick: datetime | None = None
+    parent_id: int | None = None  # a child job (a parallel backfill's chunk): the job that made it
 
     @property
     def finished(self) -> bool:

@@ -46,12 +46,25 @@ class JobKind:
     retry_backoff: Backoff | None = None
     # The queue a new job of this kind goes to when the enqueuer names none (else "default").
     queue: str | None = None
+    # At most this many jobs of this kind run at once in one worker (None: up to its concurrency): heavy
+    # kinds (a backfill chunk holds two connections and its batches) then spread over workers and replicas.
+    # Either a number or a function of the app's settings, read once when the worker starts.
+    max_running: int | Callable[[App], int] | None = None
 
     def __post_init__(self) -> None:
         if self.timeout_s is not None and self.timeout_s < 0:
             raise ValueError(f"job kind {self.name!r}: timeout_s must be >= 0")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError(f"job kind {self.name!r}: max_attempts must be >= 1")
+        if isinstance(self.max_running, int) and self.max_running < 1:
+            raise ValueError(f"job kind {self.name!r}: max_running must be >= 1")
+
+    def running_cap(self, app: App) -> int | None:
+        """max_running for this app (None: no cap)."""
+        cap = self.max_running(app) if callable(self.max_running) else self.max_running
+        if cap is not None and cap < 1:
+            raise ValueError(f"job kind {self.name!r}: max_running must be >= 1, got {cap}")
+        return cap
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class NewJob:
     delay_s: float = 0.0
     max_attempts: int | None = None  # None: the kind's own policy, else RUNNER_DEFAULT_MAX_ATTEMPTS
     dedupe_key: str | None = None
+    parent_id: int | None = None  # the job this one was made by (its cancel and retry reach this one)
 
 
 @dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much
@@ -164,6 +165,7 @@ class JobQueue:
             [j.delay_s for j in jobs],
             [j.max_attempts if j.max_attempts is not None else self.max_attempts_for(j.kind) for j in jobs],
             [j.dedupe_key for j in jobs],
+            [j.parent_id for j in jobs],
         )
         if connection is not None:
             rows = await connection.fetch(sql.ENQUEUE, *args)
@@ -328,6 +330,7 @@ class JobQueue:
                 raise UsageError(f"job {job_id} has already finished ({row['status']})")
             status = await connection.fetchval(sql.REQUEST_CANCEL, job_id)
             await connection.execute(sql.NOTIFY_CANCEL, str(job_id))
+            await connection.execute(sql.CANCEL_CHILDREN, job_id)
         return str(status)
 
     async def job_retry(self, job_id: int) -> None:
@@ -340,6 +343,18 @@ class JobQueue:
             if queue is None:
                 raise UsageError(f"job {job_id} is {row['status']}; only failed or cancelled jobs can be retried")
             await connection.execute(sql.NOTIFY_JOBS, queue)
+            await connection.execute(sql.RETRY_CHILDREN, job_id)
+
+    async def job_notify(self, queues: Sequence[str]) -> None:
+        """Wake the workers of these queues (NOTIFY runner_jobs), as an enqueue does."""
+        for queue in queues:
+            await self.db.execute(sql.NOTIFY_JOBS, queue, lane="control")
+
+    async def job_children(self, job_id: int, connection: asyncpg.Connection | None = None) -> list[dict[str, Any]]:
+        """The jobs ``job_id`` made (a parallel backfill's chunks), oldest first, JSON columns decoded."""
+        rows = await (connection.fetch(sql.CHILDREN, job_id) if connection is not None
+                      else self.db.fetch(sql.CHILDREN, job_id))
+        return [job_row(row) for row in rows]
 
     async def job_counts(self) -> list[tuple[str, str, int]]:
         """(kind, status, n), from job_counts_by_queue: finished counts may be estimates (see there)."""

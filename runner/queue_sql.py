@@ -11,11 +11,11 @@ CANCEL_CHANNEL = "runner_cancel"
 
 ENQUEUE = """
 WITH inserted AS (
-    INSERT INTO runner_jobs (kind, queue, payload, priority, run_at, max_attempts, dedupe_key)
+    INSERT INTO runner_jobs (kind, queue, payload, priority, run_at, max_attempts, dedupe_key, parent_id)
     SELECT t.kind, t.queue, t.payload::jsonb, t.priority,
-           now() + t.delay * interval '1 second', t.max_attempts, t.dedupe_key
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::int[], $7::text[])
-         WITH ORDINALITY AS t(kind, queue, payload, priority, delay, max_attempts, dedupe_key, ord)
+           now() + t.delay * interval '1 second', t.max_attempts, t.dedupe_key, t.parent_id
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::int[], $7::text[], $8::bigint[])
+         WITH ORDINALITY AS t(kind, queue, payload, priority, delay, max_attempts, dedupe_key, parent_id, ord)
     ORDER BY t.ord
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running') DO NOTHING
     RETURNING id, queue
@@ -257,6 +257,23 @@ RETURNING status
 
 NOTIFY_CANCEL = "SELECT pg_notify('runner_cancel', $1::text)"
 
+# A parent's cancel reaches its children (a parallel backfill's chunks), as REQUEST_CANCEL does for one
+# job: pending ones end cancelled, running ones are asked to stop (NOTIFY runner_cancel). Returns how many.
+CANCEL_CHILDREN = """
+WITH written AS (
+    UPDATE runner_jobs
+    SET cancel_requested = true,
+        status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+        finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
+        last_error = CASE WHEN status = 'pending' THEN 'cancelled with its parent job ' || $1::text
+                          ELSE last_error END
+    WHERE parent_id = $1 AND status IN ('pending', 'running') AND NOT cancel_requested
+    RETURNING id, status
+)
+SELECT count(*) AS n, count(pg_notify('runner_cancel', id::text)) FILTER (WHERE status = 'running') AS notified
+FROM written
+"""
+
 RETRY = """
 UPDATE runner_jobs
 SET status = 'pending', attempts = 0, recoveries = 0, run_at = now(), cancel_requested = false,
@@ -267,13 +284,34 @@ RETURNING queue
 
 NOTIFY_JOBS = "SELECT pg_notify('runner_jobs', $1::text)"
 
+# A parent's retry reaches its failed and cancelled children (as RETRY does); the succeeded ones keep
+# their work. One NOTIFY per queue they are in.
+RETRY_CHILDREN = """
+WITH written AS (
+    UPDATE runner_jobs
+    SET status = 'pending', attempts = 0, recoveries = 0, run_at = now(), cancel_requested = false,
+        finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+    WHERE parent_id = $1 AND status IN ('failed', 'cancelled')
+    RETURNING queue
+)
+SELECT count(*) AS n, (SELECT count(pg_notify('runner_jobs', q.queue)) FROM (SELECT DISTINCT queue FROM written) q)
+FROM written
+"""
+
+# A parent's children, through the partial index on parent_id: what a parallel backfill watches.
+CHILDREN = """
+SELECT id, kind, status, attempts, recoveries, progress_done, progress_total, payload::text AS payload,
+       checkpoint::text AS checkpoint, result::text AS result, last_error, lease_owner, started_at, finished_at
+FROM runner_jobs WHERE parent_id = $1 ORDER BY id
+"""
+
 # JSON columns come back as text and are decoded per row (runner.queue.job_row): a payload another
 # producer wrote that Python cannot decode is shown as such instead of failing the read.
 GET_JOB = """
 SELECT id, kind, queue, payload::text AS payload, status, priority, run_at, attempts, max_attempts, recoveries,
        lease_owner, lease_expires_at, lease_epoch, progress_done, progress_total, checkpoint::text AS checkpoint,
        cancel_requested, last_error, dedupe_key, result::text AS result, created_at, started_at, finished_at,
-       schedule_name, schedule_tick
+       schedule_name, schedule_tick, parent_id
 FROM runner_jobs WHERE id = $1
 """
 

@@ -53,6 +53,7 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("schedule_name", Text),  # revision 0006: the schedule and tick a periodic job was enqueued for
     Column("schedule_tick", DateTime(timezone=True)),
+    Column("parent_id", BigInteger),  # revision 0008: the job that made this one (a parallel backfill's chunk)
     CheckConstraint(f"status IN {JOB_STATUSES!r}".replace('"', "'"), name="runner_jobs_status_check"),
     CheckConstraint("max_attempts > 0", name="runner_jobs_max_attempts_check"),
     # Storage parameters for churn (fillfactor, autovacuum): revision 0005, which explains them.
@@ -84,6 +85,8 @@ jobs = Table(
         unique=True,
         postgresql_where=text("schedule_name IS NOT NULL"),
     ),
+    # Revision 0008: a parent's children (only child jobs are in it).
+    Index("runner_jobs_parent_idx", "parent_id", postgresql_where=text("parent_id IS NOT NULL")),
     Index(
         "runner_jobs_finished_idx",
         "finished_at",

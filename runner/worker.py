@@ -69,7 +69,8 @@ class Worker:
 
         self.completer = Completer(app.queue, settings)
         self.executor = Executor(app, self.concurrency, self.completer, settings.worker_id)
-        self.fetcher = Fetcher(app.queue, self.executor, settings, self.queues, list(app.registry.kinds))
+        caps = {name: cap for name, kind in app.registry.kinds.items() if (cap := kind.running_cap(app)) is not None}
+        self.fetcher = Fetcher(app.queue, self.executor, settings, self.queues, list(app.registry.kinds), caps)
         self.heartbeat = Heartbeat(app.queue, self.executor, settings, self.identity)
         self.rescuer = Rescuer(app.queue, settings, on_rescued=self.fetcher.wake.set)
         self.canceller = CancelWatcher(app.queue, self.executor, settings)

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import asyncpg
-
 import pytest
 
 from runner.app import App

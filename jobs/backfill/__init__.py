@@ -15,6 +15,7 @@ from runner.plugins import JobKind, Plugin
 # tenacity, the app) are imported by the handler, the validator and the command when they first run.
 if TYPE_CHECKING:
     import typer
+    from pydantic_settings import BaseSettings
 
     from runner.app import App
     from runner.context import JobContext
@@ -54,9 +55,25 @@ def commands(cli: typer.Typer) -> None:
 # checkpoint, so a day bounds a stuck one without cutting real ones short.
 BACKFILL_TIMEOUT_S = 24 * 3600.0
 
+def chunks_per_worker(app: App) -> int:
+    from runner.jobs.backfill.settings import backfill_settings
+
+    return backfill_settings(app).chunks_per_worker
+
+
+def settings_class() -> type[BaseSettings]:
+    from runner.jobs.backfill.settings import BackfillSettings
+
+    return BackfillSettings
+
+
 plugin = Plugin(
     name="backfill",
-    kinds=(JobKind("backfill", handle, validate, timeout_s=BACKFILL_TIMEOUT_S),),
+    # A parallel backfill (parallel > 1) is a parent that splits the copy into backfill_chunk jobs, each
+    # an ordinary backfill of one key range (runner.jobs.backfill.parallel).
+    kinds=(JobKind("backfill", handle, validate, timeout_s=BACKFILL_TIMEOUT_S),
+           JobKind("backfill_chunk", handle, validate, timeout_s=BACKFILL_TIMEOUT_S, max_running=chunks_per_worker)),
+    settings=settings_class,
     commands=commands,
     close_resources=close_named_pools,
     migrations=Path(__file__).with_name("migrations"),  # the incremental backfills' watermarks

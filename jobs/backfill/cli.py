@@ -12,8 +12,10 @@ import typer
 from runner.cli import fail, settings_or_exit, with_app
 from runner.errors import UsageError
 from runner.jobs.backfill.spec import (
+    DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONNECTION,
+    MAX_PARALLEL,
     VERIFY_CHUNK_ROWS,
     VERIFY_MAX_REPORTED,
     VERIFY_PARALLEL,
@@ -59,7 +61,11 @@ def backfill_command(
     wait: Annotated[bool, typer.Option(help="Show progress; exit 0 only if the job succeeded")] = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="After the copy (implies --wait), compare the tables as `backfill verify` does")] = False,
-    parallel: Annotated[int, typer.Option(help="verify: key ranges compared at once")] = VERIFY_PARALLEL,
+    parallel: Annotated[int | None, typer.Option(
+        help="Copy as N key-range chunks, jobs that any worker runs (balanced by rows); verify: key ranges "
+             f"compared at once (default {VERIFY_PARALLEL})")] = None,
+    batch_bytes: Annotated[int, typer.Option(
+        help="Bytes of COPY data per batch at most (a running copy holds up to 4 batches)")] = DEFAULT_BATCH_BYTES,
     chunk_rows: Annotated[int, typer.Option(help="verify: source rows per key range")] = VERIFY_CHUNK_ROWS,
     as_json: Annotated[bool, typer.Option("--json", help="verify: the report as JSON")] = False,
 ) -> None:
@@ -72,25 +78,28 @@ def backfill_command(
         if len(tables) != 2 and not comparing:
             raise UsageError("give SRC_TABLE DEST_TABLE to copy, or `verify SRC_TABLE DEST_TABLE` to compare")
         source_table, dest_table = tables[-2:]
-        if not 1 <= parallel <= 64 or not 1_000 <= chunk_rows <= 10_000_000:
-            raise UsageError("--parallel must be 1 to 64 and --chunk-rows 1,000 to 10,000,000")
+        compare_at_once = VERIFY_PARALLEL if parallel is None or (not comparing and parallel == 1) else parallel
+        if not 1 <= compare_at_once <= MAX_PARALLEL or not 1_000 <= chunk_rows <= 10_000_000:
+            raise UsageError(f"--parallel must be 1 to {MAX_PARALLEL} and --chunk-rows 1,000 to 10,000,000")
         spec = parse_spec({
             "source": source, "source_table": source_table, "dest": dest, "dest_table": dest_table, "key": key,
             "filters": [parse_where(w).to_json() for w in where or []], "batch_size": batch_size, "mode": mode,
             "create_table": create_table and not comparing, "allow_narrowing": allow_narrowing or comparing,
             **({"since_column": since_column} if since_column and not comparing else {}),
             **({"max_rows_per_second": max_rows_per_second} if max_rows_per_second is not None else {}),
+            **({"parallel": parallel} if parallel is not None and not comparing else {}),
+            "batch_bytes": batch_bytes,
         })
     except UsageError as error:
         raise fail(str(error), 2) from None
 
     async def body(app: App) -> int:
         if comparing:
-            return await run_verify(app, spec, parallel, chunk_rows, as_json)
+            return await run_verify(app, spec, compare_at_once, chunk_rows, as_json)
         code = await enqueue(app, spec, wait or verify)
         if verify and code == 0:
-            verified = dataclasses.replace(spec, create_table=False, allow_narrowing=True)
-            return await run_verify(app, verified, parallel, chunk_rows, as_json)
+            verified = dataclasses.replace(spec, create_table=False, allow_narrowing=True, parallel=1)
+            return await run_verify(app, verified, compare_at_once, chunk_rows, as_json)
         return code
 
     raise typer.Exit(with_app(settings, body))
@@ -178,7 +187,9 @@ async def watch(app: App, job_id: int) -> int:
         result: dict[str, Any] = found if isinstance(found, dict) else {}
         split = ", ".join(f"{result[k]:,} {k}" for k in ("inserted", "updated", "skipped")
                           if isinstance(result.get(k), int))
-        print(f"job {job_id} succeeded: {job['progress_done']:,} rows" + (f" ({split})" if split else ""),
+        chunks = result.get("chunks")
+        where = f" in {len(chunks)} chunks" if isinstance(chunks, list) else ""
+        print(f"job {job_id} succeeded: {job['progress_done']:,} rows{where}" + (f" ({split})" if split else ""),
               file=sys.stderr)
         return 0
     print(f"error: job {job_id} {job['status']}: {job['last_error'] or ''}".rstrip(": "), file=sys.stderr)

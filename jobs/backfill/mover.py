@@ -52,9 +52,10 @@ from runner.jobs.backfill.sql import (
     STAGE,
     WATERMARK_GET,
     WATERMARK_SET,
+    TypedFilter,
     not_after_sql,
     quote_ident,
-    since_filters,
+    range_filters,
 )
 
 T = TypeVar("T")
@@ -78,6 +79,9 @@ NUMERIC_KEYS = ("smallint", "integer", "bigint", "numeric")
 
 
 MIN_BATCH_ROWS = 10  # a batch is halved on a statement timeout down to this
+# The first batch of an attempt is at most this many rows: its COPY data gives the bytes per row, from which
+# later batches are sized to --batch-bytes (a 100k-row batch of 3.5 kB rows would be 350 MB).
+FIRST_BATCH_ROWS = 1_000
 PROGRESS_LOG_EVERY_S = 10.0  # a long backfill logs rows, rows/s and ETA this often
 
 
@@ -127,6 +131,11 @@ class Position:
     total: int
 
 
+def with_filters(plan: Plan, extra: tuple[TypedFilter, ...]) -> Plan:
+    filters = plan.statements.filters + extra
+    return dataclasses.replace(plan, statements=dataclasses.replace(plan.statements, filters=filters))
+
+
 async def handle(ctx: JobContext) -> dict[str, Any] | None:
     spec = parse_spec(ctx.payload)
     pools = named_pools(ctx.app)
@@ -135,6 +144,12 @@ async def handle(ctx: JobContext) -> dict[str, Any] | None:
         if plan.dest is None:
             await retrying(ctx, "create table", functools.partial(create_dest_table, plan, dest_db))
             plan = await retrying(ctx, "validate", functools.partial(build_plan, spec, source_db, dest_db))
+        if spec.parallel > 1:
+            from runner.jobs.backfill.parallel import run_parent
+
+            return await run_parent(ctx, plan, source_db)
+        if spec.chunk is not None:
+            plan = with_filters(plan, range_filters(plan.key, spec.chunk.after, spec.chunk.upto))
         window: Window | None = None
         if spec.since_column is not None:
             window = await retrying(ctx, "watermark", functools.partial(since_window, ctx, plan, source_db))
@@ -168,8 +183,7 @@ class Window:
 
     def applied(self, plan: Plan) -> Plan:
         assert self.upto is not None
-        filters = plan.statements.filters + since_filters(self.column, self.after, self.upto)
-        return dataclasses.replace(plan, statements=dataclasses.replace(plan.statements, filters=filters))
+        return with_filters(plan, range_filters(self.column, self.after, self.upto))
 
     def checkpoint(self) -> dict[str, Any]:
         return {"since": [self.after, self.upto]}
@@ -247,6 +261,7 @@ class Backfill:
         shrunk = (ctx.saved_checkpoint or {}).get("batch_size")  # a smaller size an earlier attempt settled on
         self.batch_size = min(plan.spec.batch_size, shrunk) if isinstance(shrunk, int) and shrunk > 0 \
             else plan.spec.batch_size
+        self.row_bytes: float | None = None  # COPY bytes per row, from the batches read so far
         self.next_log = time.monotonic() + PROGRESS_LOG_EVERY_S
         self.started = time.monotonic()
         self.done_at_start = at.done
@@ -388,8 +403,21 @@ class Backfill:
         except Exception as error:  # handed to the writer, which raises it
             await queue.put(error)
 
+    def _batch_rows(self) -> int:
+        """Rows in the next batch: batch_size (or the smaller size a statement timeout left), and no more
+        than fit in batch_bytes at the bytes per row seen so far."""
+        if self.row_bytes is None:
+            return min(self.batch_size, FIRST_BATCH_ROWS)
+        fit = int(self.plan.spec.batch_bytes / max(self.row_bytes, 1.0))
+        return max(1, min(self.batch_size, max(MIN_BATCH_ROWS, fit)))
+
+    def _saw(self, batch: Batch) -> None:
+        if batch.rows:
+            seen = len(batch.data) / batch.rows  # wider rows count at once; narrower ones by halves
+            self.row_bytes = seen if self.row_bytes is None else max(seen, (self.row_bytes + seen) / 2)
+
     async def _read(self, lower: str | None) -> Batch | None:
-        bound_sql, args = self.statements.upper_bound(lower, self.batch_size)
+        bound_sql, args = self.statements.upper_bound(lower, self._batch_rows())
         chunks: list[bytes] = []
 
         async def sink(data: bytes) -> None:
@@ -401,7 +429,9 @@ class Backfill:
                 return None
             status = await connection.copy_from_query(
                 self.statements.copy_out(lower, upper), output=sink, format=self.plan.copy_format)
-        return Batch(lower, upper, copied_rows(status), b"".join(chunks))
+        batch = Batch(lower, upper, copied_rows(status), b"".join(chunks))
+        self._saw(batch)
+        return batch
 
     async def _write_batch(self, batch: Batch, last: bool = False) -> None:
         if self.at.last_key == batch.upper:
@@ -548,7 +578,9 @@ class Backfill:
         probe each batch's range, else (other column types) always go through the stage."""
         if not self.plan.copy_direct:
             return "stage"
-        return "probe" if await self._dest_has(self.at.last_key, None) else "direct"
+        chunk = self.plan.spec.chunk  # only this chunk's range: the next chunks may be writing theirs
+        lower = self.at.last_key if self.at.last_key is not None or chunk is None else chunk.after
+        return "probe" if await self._dest_has(lower, chunk.upto if chunk else None) else "direct"
 
     async def _dest_has(self, lower: str | None, upper: str | None) -> bool:
         sql, args = self.statements.any_in_range(lower, upper)

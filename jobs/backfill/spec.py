@@ -31,7 +31,12 @@ NULL_TESTS = ("is_null", "not_null")
 OPS = (*COMPARISONS, "in", *NULL_TESTS)
 MODES = ("insert", "upsert")
 FIELDS = frozenset({"source", "source_table", "dest", "dest_table", "key", "filters", "batch_size", "mode",
-                    "create_table", "allow_narrowing", "since_column", "max_rows_per_second"})
+                    "create_table", "allow_narrowing", "since_column", "max_rows_per_second", "parallel", "chunk",
+                    "batch_bytes"})
+MAX_PARALLEL = 64
+DEFAULT_BATCH_BYTES = 32 * 1024 * 1024  # per batch; a running backfill holds at most 4 batches
+MIN_BATCH_BYTES = 64 * 1024
+MAX_BATCH_BYTES = 1024 * 1024 * 1024
 _CONNECTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _MAX_NAME = 63  # NAMEDATALEN - 1: a longer name cannot exist in the catalog
 
@@ -79,6 +84,24 @@ class Filter:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One key range of a parallel backfill, ``after < key <= upto`` (None: open), run as its own job."""
+
+    index: int  # from 1
+    of: int
+    after: str | None
+    upto: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "of": self.of, "after": self.after, "upto": self.upto}
+
+    def describe(self, key: str) -> str:
+        parts = ([] if self.after is None else [f"{key} > {self.after}"]) + \
+            ([] if self.upto is None else [f"{key} <= {self.upto}"])
+        return " and ".join(parts) or "every key"
+
+
+@dataclass(frozen=True)
 class BackfillSpec:
     source: str
     source_table: TableName
@@ -93,6 +116,9 @@ class BackfillSpec:
     # Incremental: copy (upsert) only the rows whose since_column is past the previous run's watermark
     since_column: str | None = None
     max_rows_per_second: float | None = None  # a cap on the copy's average rate (None: as fast as it goes)
+    parallel: int = 1  # > 1: split into this many key-range chunks, each a job of its own (backfill_chunk)
+    chunk: Chunk | None = None  # set on a chunk's own payload
+    batch_bytes: int = DEFAULT_BATCH_BYTES  # a batch holds at most about this many bytes of COPY data
 
     @property
     def stream(self) -> str:
@@ -123,7 +149,14 @@ class BackfillSpec:
             "allow_narrowing": self.allow_narrowing,
             **({"since_column": self.since_column} if self.since_column else {}),
             **({"max_rows_per_second": self.max_rows_per_second} if self.max_rows_per_second else {}),
+            **({"parallel": self.parallel} if self.parallel > 1 else {}),
+            **({"chunk": self.chunk.to_json()} if self.chunk else {}),
+            **({"batch_bytes": self.batch_bytes} if self.batch_bytes != DEFAULT_BATCH_BYTES else {}),
         }
+
+    def chunk_payload(self, chunk: Chunk) -> dict[str, Any]:
+        """A chunk's own payload: this copy, of one key range, into a table that exists by then."""
+        return dataclasses.replace(self, parallel=1, chunk=chunk, create_table=False).to_payload()
 
 
 def check_identifier(name: str, field: str) -> None:
@@ -152,7 +185,15 @@ def parse_spec(payload: dict[str, Any]) -> BackfillSpec:
         allow_narrowing=_flag(payload.get("allow_narrowing", False), "allow_narrowing"),
         since_column=_column_name(payload.get("since_column"), "since_column"),
         max_rows_per_second=_rate(payload.get("max_rows_per_second")),
+        parallel=_parallel(payload.get("parallel", 1)),
+        chunk=_chunk(payload.get("chunk")),
+        batch_bytes=_batch_bytes(payload.get("batch_bytes", DEFAULT_BATCH_BYTES)),
     )
+    if spec.parallel > 1 and spec.since_column is not None:
+        raise PayloadError("parallel and since_column do not go together: an incremental run is one stream "
+                           "(its window is small); run the first full copy with parallel, then the increments")
+    if spec.parallel > 1 and spec.chunk is not None:
+        raise PayloadError("a chunk of a parallel backfill cannot itself be parallel")
     if spec.since_column is not None and spec.mode != "upsert":  # changed rows must replace their old copies
         spec = dataclasses.replace(spec, mode="upsert")
     if spec.same_connection and spec.source_table == spec.dest_table:
@@ -164,6 +205,32 @@ def _connection(value: Any, field: str) -> str:
     if not isinstance(value, str) or not _CONNECTION_NAME.match(value):
         raise PayloadError(f"{field} must be a connection name (letters, digits, _), got {value!r}")
     return value.lower()
+
+
+def _parallel(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARALLEL:
+        raise PayloadError(f"parallel must be an integer from 1 to {MAX_PARALLEL}, got {value!r}")
+    return value
+
+
+def _batch_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BATCH_BYTES <= value <= MAX_BATCH_BYTES:
+        raise PayloadError(f"batch_bytes must be an integer from {MIN_BATCH_BYTES:,} to {MAX_BATCH_BYTES:,}, "
+                           f"got {value!r}")
+    return value
+
+
+def _chunk(value: Any) -> Chunk | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"index", "of", "after", "upto"}:
+        raise PayloadError("chunk must be an object with index, of, after and upto")
+    index, of, bounds = value["index"], value["of"], (value["after"], value["upto"])
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (index, of)) or not 1 <= index <= of:
+        raise PayloadError(f"chunk index and of must be integers, 1 <= index <= of, got {index!r} and {of!r}")
+    if not all(b is None or (isinstance(b, str) and "\x00" not in b) for b in bounds):
+        raise PayloadError("chunk after and upto must be keys as text, or null")
+    return Chunk(index, of, *bounds)
 
 
 def _rate(value: Any) -> float | None:

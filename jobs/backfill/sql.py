@@ -149,6 +149,18 @@ class Statements:
         sql = f"SELECT max({quote_ident(column.name)})::text FROM {qualified(self.source)} WHERE {where}"
         return sql, params.values
 
+    def split_points(self, parts: int, sample_percent: float | None) -> tuple[str, list[Any]]:
+        """The keys that cut the rows within the filters into ``parts`` ranges of equal row counts (the
+        1/parts, 2/parts, ... quantiles of the key), as text; from a block sample of ``sample_percent`` of
+        the table when set (large tables), else exact."""
+        params = Params(offset=1)
+        where = self._where(params, None)
+        key = quote_ident(self.key.name)
+        sample = "" if sample_percent is None else f" TABLESAMPLE SYSTEM ({float(sample_percent)!r}) REPEATABLE (0)"
+        sql = (f"SELECT (percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY {key}))::text[] "
+               f"FROM {qualified(self.source)}{sample} WHERE {where}")
+        return sql, [[i / parts for i in range(1, parts)], *params.values]
+
     # --- verify (runner.jobs.backfill.verify) ------------------------------------------------------
     def range_digest(self, table: TableName, lower: str | None, upper: str | None,
                      hashable: frozenset[str]) -> tuple[str, list[Any]]:
@@ -221,12 +233,11 @@ class Statements:
                 f"SELECT {self.column_list} FROM {STAGE}{where} ON CONFLICT ({key}) {action}")
 
 
-def since_filters(column: Column, after: str | None, upto: str) -> tuple[TypedFilter, ...]:
-    """The window of one incremental run: past the previous watermark, up to this run's."""
-    window = [TypedFilter(Filter(column.name, "<=", upto), column.type)]
-    if after is not None:
-        window.insert(0, TypedFilter(Filter(column.name, ">", after), column.type))
-    return tuple(window)
+def range_filters(column: Column, after: str | None, upto: str | None) -> tuple[TypedFilter, ...]:
+    """``after < column <= upto`` (None: open): an incremental run's window past the previous watermark, or
+    the key range of a parallel backfill's chunk."""
+    bounds = [(">", after), ("<=", upto)]
+    return tuple(TypedFilter(Filter(column.name, op, value), column.type) for op, value in bounds if value is not None)
 
 
 WATERMARK_GET = "SELECT watermark FROM runner_backfill_watermarks WHERE stream = $1"

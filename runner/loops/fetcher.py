@@ -3,18 +3,22 @@
 Woken by NOTIFY on enqueue, by a freed slot while a backlog remains, or by the poll interval. A claim
 whose result never reached us (a timeout, a dropped connection) may still have committed: after any
 failed claim, the jobs this worker owns but does not run are handed back at once, no attempt used.
+
+Kinds with a per-worker cap (``JobKind.max_running``) are left out of the claim while at their cap; the
+jobs of a kind one claim took past its cap are handed back the same way, for other workers to claim.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 
 from runner import metrics
 from runner.config import Settings
 from runner.executor import Executor
 from runner.logs import get_logger
-from runner.queue import JobQueue
+from runner.queue import ClaimedJob, JobQueue
 from runner.service import Service
 
 log = get_logger("runner.fetcher")
@@ -24,7 +28,8 @@ class Fetcher(Service):
     name = "fetcher"
 
     def __init__(
-        self, queue: JobQueue, executor: Executor, settings: Settings, queues: Sequence[str], kinds: Sequence[str]
+        self, queue: JobQueue, executor: Executor, settings: Settings, queues: Sequence[str], kinds: Sequence[str],
+        caps: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(interval_s=settings.poll_interval, timeout_s=30.0)
         self.queue = queue
@@ -32,6 +37,7 @@ class Fetcher(Service):
         self.settings = settings
         self.queues = list(queues)
         self.kinds = sorted(kinds)
+        self.caps = dict(caps or {})  # kind -> the most jobs of it this worker runs at once
         self.backlog = True  # until a claim comes back short, assume more is waiting
         self.last_claimed = -1
         executor.on_slot_freed = self._slot_freed
@@ -47,13 +53,20 @@ class Fetcher(Service):
             self.backlog = True
             return
         limit = min(free, self.settings.claim_batch_size)
+        room = self._room() if self.caps else {}
+        kinds = [kind for kind in self.kinds if room.get(kind, 1) > 0] if room else self.kinds
         try:
             jobs = await self.queue.job_claim(
-                self.queues, limit, self.settings.worker_id, self.settings.lease_timeout, self.kinds)
+                self.queues, limit, self.settings.worker_id, self.settings.lease_timeout, kinds)
         except BaseException:
             await asyncio.shield(self.hand_back_unrun())
             raise
+        over = self._past_caps(jobs, room) if room else set()
+        if over:
+            jobs = [job for job in jobs if job.id not in over]
         self.executor.start_many(jobs)
+        if over:
+            await asyncio.shield(self._hand_back_over_cap(len(over)))
         if self.stopped.is_set():  # shutting down between claim and start: give these straight back
             for job in jobs:  # only these: the jobs already running get their shutdown grace
                 self.executor.stop_job(job.id, "shutdown")
@@ -64,6 +77,36 @@ class Fetcher(Service):
             self.on_short_claim()
         if self.backlog and self.executor.free_slots() > 0:
             self.wake.set()
+
+    def _room(self) -> dict[str, int]:
+        """Per capped kind: how many more of its jobs this worker may start now."""
+        running = Counter(r.job.kind for r in self.executor.active.values() if r.job.kind in self.caps)
+        return {kind: cap - running[kind] for kind, cap in self.caps.items()}
+
+    @staticmethod
+    def _past_caps(jobs: list[ClaimedJob], room: dict[str, int]) -> set[int]:
+        """The ids of the claimed jobs that would take their kind past its cap."""
+        left = dict(room)
+        over = set()
+        for job in jobs:
+            if job.kind in left:
+                left[job.kind] -= 1
+                if left[job.kind] < 0:
+                    over.add(job.id)
+        return over
+
+    async def _hand_back_over_cap(self, count: int) -> None:
+        """They have no task here: releasing what this worker owns and does not run releases exactly them."""
+        keep = [*self.executor.active, *(job_id for job_id, _ in self.executor.completer.pending_leases())]
+        try:
+            released = await self.queue.job_release_owned_except(self.settings.worker_id, keep)
+            await self.queue.job_notify(self.queues)  # for the workers with room
+        except Exception as error:  # the rescuer gets them after a lease; nothing is lost
+            log.warning("could not hand back claims past a kind's cap", error=repr(error))
+            return
+        for job in released:
+            metrics.JOBS_RELEASED.labels(job.kind, "over_cap").inc()
+        log.debug("claims past a kind's cap handed back", count=count, released=len(released))
 
     async def hand_back_unrun(self) -> None:
         """Release every running job this worker owns but has no task or pending outcome for."""
