@@ -80,7 +80,8 @@ async def test_a_sampled_split_of_a_large_table_stays_balanced(
     monkeypatch.setattr(parallel, "SAMPLE_ABOVE_ROWS", 10_000)
     monkeypatch.setattr(parallel, "SAMPLE_ROWS", 15_000)
     await execute(other_url, "CREATE TABLE public.big (id bigint PRIMARY KEY, v int)")
-    await execute(other_url, "INSERT INTO public.big SELECT g::bigint * g, g FROM generate_series(1, 100000) g")  # skewed
+    await execute(other_url,  # skewed: the keys are squares
+                  "INSERT INTO public.big SELECT g::bigint * g, g FROM generate_series(1, 100000) g")
     job_id = await enqueue(app, {"source": "other", "source_table": "public.big", "dest_table": "public.big",
                                  "create_table": True, "batch_size": 5000, "parallel": 4})
     await drain(app)

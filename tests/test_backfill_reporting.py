@@ -3,6 +3,7 @@ runs, and a rows-per-second cap that holds."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -12,7 +13,10 @@ import pytest
 from runner.app import App
 from runner.jobs.backfill import mover
 from runner.jobs.backfill.pools import close_named_pools
+from runner.queue import NewJob
+from runner.worker import Worker
 from tests import test_backfill
+from tests.pg import wait_until
 from tests.test_backfill import digest, execute, make_table, run_backfill
 
 other_url = test_backfill.other_url  # the fixture: a second database, the connection 'other'
@@ -88,4 +92,90 @@ async def test_wide_rows_under_a_short_statement_timeout_still_complete(
     assert job["progress_done"] == 10000 and job["result"]["inserted"] == 10000
     assert job["checkpoint"]["batch_size"] < 10000, timeout  # the size it settled on, kept for a resumed attempt
     assert "halving the batch" in capsys.readouterr().err
+    assert await digest(other_url, "public.wide") == await digest(database_url, "public.wide")
+
+
+async def test_a_locked_destination_slows_the_copy_down_instead_of_failing(
+        app: App, database_url: str, other_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Without the back-off, a step still failing after RETRY_FOR_S fails the attempt: here after 0.5 s.
+    monkeypatch.setattr(mover, "RETRY_FOR_S", 0.5)
+    await make_table(database_url, "public.src", 3000)
+    await make_table(other_url, "public.dst", 0)
+    # A 1 s statement timeout on the named connections: a write waits 0.5 s for a lock, then backs off.
+    tight = App.assemble(app.settings.model_copy(update={"statement_timeout": 1.0}), app.dsn, app.db, app.queue,
+                         app.plugins, app.registry)
+    job_id = await enqueue_backfill(tight, {"source_table": "public.src", "dest": "other", "dest_table": "public.dst",
+                                            "batch_size": 100, "max_rows_per_second": 1000})
+    worker = asyncio.create_task(Worker(tight, drain=True, install_signal_handlers=False).run())
+    blocker = await asyncpg.connect(other_url)
+    try:
+        await wait_until(lambda: moved(tight, job_id), timeout_s=30)
+        async with blocker.transaction():  # writes wait (reads do not) for 3 s: six lock timeouts and more
+            await blocker.execute("LOCK TABLE public.dst IN EXCLUSIVE MODE")
+            await asyncio.sleep(3)  # the pressure itself, not a wait for a condition
+        await worker
+    finally:
+        await blocker.close()
+        await close_named_pools(tight)
+    job = await app.queue.job_get(job_id)
+    assert job["status"] == "succeeded", job["last_error"]
+    assert job["attempts"] == 0 and job["progress_done"] == 3000
+    assert "backfill under database pressure" in capsys.readouterr().err
+    assert await digest(database_url, "public.src") == await digest(other_url, "public.dst")
+
+
+async def enqueue_backfill(app: App, payload: dict[str, Any]) -> int:
+    kind = app.registry.get("backfill")
+    assert kind.validate is not None
+    await kind.validate(payload, app)
+    job_id, _ = await app.queue.job_enqueue(NewJob("backfill", payload))
+    return job_id
+
+
+async def moved(app: App, job_id: int) -> bool:
+    return int((await app.queue.job_get(job_id))["progress_done"]) > 0
+
+
+def test_under_pressure_the_rate_halves_then_doubles_back_after_clean_batches() -> None:
+    capped = mover.Throttle(1000)
+    assert capped.slow_down() is None  # no batches yet: nothing to halve
+    capped.recent.extend([(0.0, 100), (1.0, 900), (2.0, 900)])  # 900 rows/s reached
+    assert capped.slow_down() == 450
+    for _ in range(mover.SPEED_UP_AFTER_BATCHES):
+        capped.clean_batch(100)
+    assert capped.rate == 900
+    for _ in range(mover.SPEED_UP_AFTER_BATCHES):
+        capped.clean_batch(100)
+    assert capped.rate == 1000  # never past the cap given
+    free = mover.Throttle(None)
+    free.recent.extend([(0.0, 100), (1.0, 5000), (2.0, 5000)])
+    assert free.slow_down() == 2500
+    for _ in range(mover.SPEED_UP_AFTER_BATCHES):
+        free.clean_batch(100)
+    assert free.rate is None  # back to the rate it had before: no limit again
+
+
+async def test_batches_stay_within_batch_bytes(app: App, database_url: str, other_url: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2,000 rows of ~3.5 kB: 10,000-row batches would be one 7 MB batch; 256 kB batches are ~70 rows
+    await execute(other_url, "CREATE TABLE public.wide (id bigint PRIMARY KEY, body text NOT NULL)")
+    await execute(other_url, "INSERT INTO public.wide SELECT g, (SELECT string_agg(md5(g::text || i::text), '') "
+                             "FROM generate_series(1, 110) i) FROM generate_series(1, 2000) g")
+    sizes: list[int] = []
+    read = mover.Backfill._read
+
+    async def recording(self: mover.Backfill, lower: str | None) -> mover.Batch | None:
+        batch = await read(self, lower)
+        if batch is not None:
+            sizes.append(len(batch.data))
+        return batch
+
+    monkeypatch.setattr(mover.Backfill, "_read", recording)
+    limit = 256 * 1024
+    job = await run_backfill(app, {"source": "other", "source_table": "public.wide", "dest_table": "public.wide",
+                                   "create_table": True, "batch_size": 10000, "batch_bytes": limit})
+    assert job["status"] == "succeeded", job["last_error"]
+    assert len(sizes) >= 2000 * 3500 // limit and sum(sizes) > 2000 * 3500
+    assert max(sizes[1:]) <= 1.1 * limit, sizes  # the first (100 rows) measures the rows; the rest fit
     assert await digest(other_url, "public.wide") == await digest(database_url, "public.wide")

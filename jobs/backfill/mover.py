@@ -31,6 +31,7 @@ the batch's keys in a rolled-back transaction) and the job fails with a PayloadE
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import time
@@ -81,17 +82,30 @@ NUMERIC_KEYS = ("smallint", "integer", "bigint", "numeric")
 MIN_BATCH_ROWS = 10  # a batch is halved on a statement timeout down to this
 # The first batch of an attempt is at most this many rows: its COPY data gives the bytes per row, from which
 # later batches are sized to --batch-bytes (a 100k-row batch of 3.5 kB rows would be 350 MB).
-FIRST_BATCH_ROWS = 1_000
+FIRST_BATCH_ROWS = 100
 PROGRESS_LOG_EVERY_S = 10.0  # a long backfill logs rows, rows/s and ETA this often
+# Under pressure (lock waits, statement timeouts at the smallest batch, deadlocks) a backfill pauses, up to
+# PRESSURE_MAX_PAUSE_S at a time, halves its rate and goes on; it fails only after this long without a batch.
+PRESSURE_MAX_PAUSE_S = 30.0
+PRESSURE_GIVE_UP_S = 3600.0
+SPEED_UP_AFTER_BATCHES = 5  # clean batches after which a slowed-down backfill doubles its rate
+RECENT_BATCHES = 10  # the rate reached is measured over this many batches
 
 
 class Throttle:
-    """Paces batches to at most ``rate`` rows per second on average (None: no limit); the first is free."""
+    """Paces batches to at most ``rate`` rows per second on average (None: no limit); the first is free.
+
+    Under pressure :meth:`slow_down` halves the rate the last batches reached; after
+    SPEED_UP_AFTER_BATCHES clean batches :meth:`clean_batch` doubles it, back up to the cap given."""
 
     def __init__(self, rate: float | None) -> None:
+        self.cap = rate  # the user's --max-rows-per-second (None: none)
         self.rate = rate
         self.started: float | None = None
         self.granted = 0
+        self.clean = 0
+        self.reached = 0.0  # the rate before the last slow-down: past it, an uncapped copy is uncapped again
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECENT_BATCHES)
 
     async def wait(self, rows: int) -> None:
         if self.rate is None:
@@ -103,6 +117,36 @@ class Throttle:
         if due > now:
             await asyncio.sleep(due - now)
         self.granted += rows
+
+    def slow_down(self) -> float | None:
+        """Half the rate the last batches reached (at least 1 row/s); None while too few batches went
+        through to tell. The pacing starts again from now."""
+        if len(self.recent) < 2 or self.recent[-1][0] <= self.recent[0][0]:
+            return None
+        rows = sum(n for _, n in list(self.recent)[1:])
+        reached = rows / (self.recent[-1][0] - self.recent[0][0])
+        self.reached = max(self.reached, reached)
+        self.rate = max(1.0, min(self.rate or reached, reached) / 2)
+        self.started, self.granted, self.clean = None, 0, 0
+        self.recent.clear()
+        return self.rate
+
+    def clean_batch(self, rows: int) -> None:
+        self.recent.append((time.monotonic(), rows))
+        if self.rate is None or self.rate == self.cap:
+            return
+        self.clean += 1
+        if self.clean >= SPEED_UP_AFTER_BATCHES:
+            faster = self.rate * 2
+            self.rate = None if self.cap is None and faster >= self.reached else min(faster, self.cap or faster)
+            self.started, self.granted, self.clean = None, 0, 0
+
+
+def is_pressure(error: BaseException) -> bool:
+    """A database too busy for this batch right now: a lock wait that timed out, a statement timeout, a
+    deadlock. Slowing down helps; failing the job would not."""
+    return is_statement_timeout(error) or isinstance(
+        error, asyncpg.exceptions.LockNotAvailableError | asyncpg.exceptions.DeadlockDetectedError)
 
 
 def is_data_error(error: BaseException) -> bool:
@@ -229,13 +273,14 @@ def is_statement_timeout(error: BaseException) -> bool:
 async def retrying(ctx: JobContext, step: str, operation: Callable[[], Awaitable[T]], *,
                    shrinkable: bool = False) -> T:
     """``operation``, retried on transient errors for up to RETRY_FOR_S. ``shrinkable``: a batch step, whose
-    statement timeout is not retried as is but raised, for the pipeline to retry it with smaller batches."""
+    pressure errors (:func:`is_pressure`) are not retried as is but raised, for the pipeline to go on with
+    smaller batches or more slowly."""
     def warn(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         ctx.log.warning("backfill step failed; retrying", step=step, error=repr(error), attempt=state.attempt_number)
 
     def transient(error: BaseException) -> bool:
-        return isinstance(error, TRANSIENT) and not (shrinkable and is_statement_timeout(error))
+        return isinstance(error, TRANSIENT) and not (shrinkable and is_pressure(error))
 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(transient),
@@ -262,6 +307,8 @@ class Backfill:
         self.batch_size = min(plan.spec.batch_size, shrunk) if isinstance(shrunk, int) and shrunk > 0 \
             else plan.spec.batch_size
         self.row_bytes: float | None = None  # COPY bytes per row, from the batches read so far
+        # Half the statement timeout: a write that waits on a lock fails as a lock wait, before it times out.
+        self.lock_timeout_ms = int(ctx.app.settings.statement_timeout * 500)
         self.next_log = time.monotonic() + PROGRESS_LOG_EVERY_S
         self.started = time.monotonic()
         self.done_at_start = at.done
@@ -344,24 +391,46 @@ class Backfill:
 
     # --- the pipeline: COPY out, COPY in -------------------------------------------------------------
     async def _pipeline(self) -> None:
-        """Batches until the end; a batch that hits the statement timeout is tried again at half the size
-        (from the committed checkpoint), so wide rows under a short timeout still make progress."""
+        """Batches until the end, from the committed checkpoint after each setback: a batch that hits the
+        statement timeout is tried again at half the size, so wide rows under a short timeout still make
+        progress; under pressure (a lock wait, a timeout at the smallest batch, a deadlock) the copy pauses
+        and goes on at half the rate instead of failing (for up to PRESSURE_GIVE_UP_S without a batch)."""
+        pause, since = 0.0, None
         while True:
+            done_before = self.at.done
             try:
                 await self._pipeline_once()
                 return
-            except asyncpg.exceptions.QueryCanceledError as error:
-                if not is_statement_timeout(error) or self.batch_size <= MIN_BATCH_ROWS:
+            except asyncpg.PostgresError as error:
+                if not is_pressure(error):
                     raise
-                self.batch_size = max(MIN_BATCH_ROWS, self.batch_size // 2)
-                self.ctx.log.warning("backfill batch hit the statement timeout; halving the batch",
-                                     batch_size=self.batch_size, error=str(error))
+                went_on = self.at.done > done_before or since is None  # batches went through since the last setback
+                if went_on:
+                    pause, since = 0.0, None
+                if is_statement_timeout(error) and self.batch_size > MIN_BATCH_ROWS:
+                    self.batch_size = max(MIN_BATCH_ROWS, self.batch_size // 2)
+                    self.ctx.log.warning("backfill batch hit the statement timeout; halving the batch",
+                                         batch_size=self.batch_size, error=str(error))
+                else:
+                    now = time.monotonic()
+                    since = now if since is None else since
+                    if now - since > PRESSURE_GIVE_UP_S:
+                        raise
+                    pause = min(PRESSURE_MAX_PAUSE_S, max(0.25, pause * 2))
+                    if went_on:  # once per episode: while nothing goes through, only the pauses grow
+                        self.throttle.slow_down()
+                    rate = self.throttle.rate
+                    self.ctx.log.warning("backfill under database pressure; pausing, then slowing down",
+                                         pause_s=pause, rows_per_s=None if rate is None else round(rate),
+                                         error=str(error))
+                    self.ctx.raise_if_cancelled()
+                    await asyncio.sleep(pause)
                 await retrying(self.ctx, "reload checkpoint", self._reload)
                 if self.ctx.completed_in_transaction:
                     return
 
     async def _pipeline_once(self) -> None:
-        self.route = await retrying(self.ctx, "probe destination", self._choose_route)
+        self.route = await retrying(self.ctx, "probe destination", self._choose_route, shrinkable=True)
         queue: asyncio.Queue[Batch | BaseException | None] = asyncio.Queue(maxsize=READ_AHEAD)
         reader = asyncio.create_task(self._read_ahead(queue), name=f"backfill-read-{self.ctx.job_id}")
         try:
@@ -374,6 +443,7 @@ class Backfill:
                 self.ctx.raise_if_cancelled()
                 await self.throttle.wait(item.rows)
                 await self._write("write batch", functools.partial(self._write_batch, item, following is None))
+                self.throttle.clean_batch(item.rows)
                 self._log_progress()
                 item = following
         finally:
@@ -469,6 +539,8 @@ class Backfill:
 
     async def _commit_batch_counted(self, batch: Batch, direct: bool, last: bool) -> None:
         async with self.dest_db.transaction() as connection:
+            if self.lock_timeout_ms:  # a lock wait is pressure, not a batch too big: tell the two apart
+                await connection.execute(f"SET LOCAL lock_timeout = {self.lock_timeout_ms}")
             if direct:
                 await self._copy(connection, batch, self.plan.spec.dest_table.name, self.plan.spec.dest_table.schema)
                 self.counts["inserted"] += batch.rows
