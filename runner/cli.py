@@ -481,18 +481,66 @@ def status_command(
 def show_command(
     job_id: int, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False
 ) -> None:
-    """One job in full."""
+    """One job in full, with the jobs it made (a parallel backfill's chunks) and, while it runs, its rate."""
     settings = settings_or_exit()
-    job = with_app(settings, lambda app: app.queue.job_get(job_id))
+
+    async def read(app: App) -> tuple[dict[str, Any], list[dict[str, Any]], datetime]:
+        return (await app.queue.job_get(job_id), await app.queue.job_children(job_id),
+                await app.queue.clock())
+
+    job, children, now = with_app(settings, read)
+    rate = progress_rate(job, now)
     if as_json:
-        print(json.dumps(job, default=json_default))
+        print(json.dumps({**job, **({"rows_per_s": rate[0], "eta_s": rate[1]} if rate else {}),
+                          "children": [child_summary(c) for c in children]}, default=json_default))
         return
     from rich.table import Table
 
     table = Table(show_header=False)
     for key, value in job.items():
         table.add_row(key, json.dumps(value, default=json_default) if isinstance(value, dict) else str(value))
+    if rate:
+        table.add_row("rate", f"{rate[0]:,.0f} per second" + (f", ETA {rate[1]:,.0f} s" if rate[1] is not None else ""))
     console().print(table)
+    if children:
+        console().print(children_table(children))
+
+
+def progress_rate(job: dict[str, Any], now: datetime) -> tuple[float, float | None] | None:
+    """A running job's (items per second since this attempt started, seconds left) from its progress."""
+    started = job.get("started_at")
+    if job["status"] != "running" or started is None or not job["progress_done"]:
+        return None
+    elapsed = (now - started).total_seconds()
+    if elapsed <= 0:
+        return None
+    rate = job["progress_done"] / elapsed
+    total = job["progress_total"]
+    return rate, (max(0, total - job["progress_done"]) / rate if total is not None else None)
+
+
+def child_summary(child: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "kind", "status", "attempts", "recoveries", "progress_done", "progress_total", "lease_owner",
+            "started_at", "finished_at", "last_error")
+    chunk = (child.get("payload") or {}).get("chunk") if isinstance(child.get("payload"), dict) else None
+    return {**{k: child[k] for k in keys}, **({"chunk": chunk} if chunk else {})}
+
+
+def children_table(children: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"{len(children)} jobs made by this one")
+    for column in ("id", "status", "range", "progress", "attempts", "owner", "last error"):
+        table.add_column(column)
+    for child in children:
+        chunk = child_summary(child).get("chunk") or {}
+        bounds = [f"> {chunk['after']}" if chunk.get("after") is not None else "",
+                  f"<= {chunk['upto']}" if chunk.get("upto") is not None else ""]
+        total = child["progress_total"]
+        table.add_row(str(child["id"]), child["status"], " ".join(b for b in bounds if b) or "-",
+                      f"{child['progress_done']:,}" + (f" / {total:,}" if total is not None else ""),
+                      str(child["attempts"]), child["lease_owner"] or "", short(child["last_error"], 40))
+    return table
 
 
 # Filters shared by list, cancel, retry and purge (each repeatable; several values of one: any of them).

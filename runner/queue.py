@@ -448,6 +448,10 @@ class JobQueue:
         """Workers serving ``queue`` whose heartbeat is at most within_s seconds old."""
         return int(await self.db.fetchval(sql.LIVE_WORKERS_FOR_QUEUE, queue, within_s))
 
+    async def clock(self) -> datetime:
+        """The database server's now(): what job timestamps are measured against."""
+        return await self._clock(0)  # type: ignore[no-any-return]
+
     async def _clock(self, minus_s: float) -> Any:
         from datetime import timedelta
 

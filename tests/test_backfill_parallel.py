@@ -17,7 +17,7 @@ from runner.jobs.backfill import parallel
 from runner.queue import NewJob
 from runner.worker import Worker
 from tests import test_backfill
-from tests.conftest import start_worker
+from tests.conftest import run_cli, start_worker
 from tests.pg import TestServer, wait_until
 from tests.test_backfill import digest, execute, make_table
 from tests.test_backfill_crash import WORKER_ENV, finished, stop, tail
@@ -194,3 +194,40 @@ async def test_parallel_4_on_2_worker_processes_survives_kill_9_and_a_server_res
 
 async def _has(owners: Any, n: int) -> bool:
     return len(await owners()) >= n
+
+
+async def test_the_cli_copies_in_parallel_waits_and_shows_the_chunks(
+        app: App, runner_env: dict[str, str], database_url: str, other_url: str, tmp_path: Path) -> None:
+    await make_table(other_url, "public.src", 3000)
+    log = tmp_path / "worker.log"
+    worker = start_worker(runner_env, log_path=log, **WORKER_ENV)
+    try:
+        copied = await asyncio.to_thread(run_cli, runner_env, "backfill", "public.src", "public.dst", "--source",
+                                         "other", "--create-table", "--parallel", "3", "--batch-size", "200",
+                                         "--wait", "--verify")
+    finally:
+        assert stop(worker) == 0, tail(log)
+    assert copied.returncode == 0, copied.stderr
+    job_id = int(copied.stdout.split()[0])
+    assert f"job {job_id} succeeded: 3,000 rows in 3 chunks (3,000 inserted, 0 updated, 0 skipped)" in copied.stderr
+    assert "equal:" in copied.stdout  # --verify after the copy
+    shown = await asyncio.to_thread(run_cli, runner_env, "show", str(job_id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    children = json.loads(shown.stdout)["children"]
+    assert [c["status"] for c in children] == ["succeeded"] * 3
+    assert [c["chunk"]["index"] for c in children] == [1, 2, 3]
+    table = await asyncio.to_thread(run_cli, runner_env, "show", str(job_id), COLUMNS="200")
+    assert "3 jobs made by this one" in table.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--parallel", "0"], "--parallel must be 1 to 64"),
+    (["--parallel", "2", "--since-column", "created_at"], "parallel and since_column do not go together"),
+    (["--batch-bytes", "10"], "batch_bytes must be an integer from 65,536"),
+])
+async def test_bad_parallel_options_are_one_line_and_exit_2(
+        runner_env: dict[str, str], other_url: str, args: list[str], message: str) -> None:
+    result = await asyncio.to_thread(run_cli, runner_env, "backfill", "public.src", "public.dst", "--source",
+                                     "other", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
