@@ -1,6 +1,7 @@
-"""Backfill benchmark (not a test): runner's backfill against a raw COPY pipe and an old-style loop.
+"""Backfill benchmark (not a test): runner's backfill against raw COPY pipes and an old-style loop.
 
-    python bench/backfill.py [--rows 1000000] [--batch-size 10000] [--json bench/results/backfill.json]
+    python bench/backfill.py [--rows 1000000] [--batch-size 10000] [--parallel 2,4] [--workers 2]
+                             [--json bench/results/backfill.json]
 
 One run, one server (RUNNER_BENCH_DATABASE_URL, or an embedded PostgreSQL under RUNNER_BENCH_HOME,
 default /tmp/runner-bench). A source database gets a table of --rows rows (bigint key, int, text,
@@ -16,15 +17,24 @@ the same primary key, and every copy is checked exact (row count and md5 over th
   psycopg2 in a thread, as it ran (psycopg2's executemany sends one INSERT per row; needs
   ``pip install psycopg2-binary``, left out otherwise), and on asyncpg, whose executemany pipelines a page.
 
-Targets: runner >= 70% of the raw pipe, >= 10x the old-style loop.
+- parallel: ``--parallel N`` backfills (N key-range chunks) run by --workers worker processes (started
+  before the job, RUNNER_BACKFILL_CHUNKS_PER_WORKER = N / workers), beside N raw pipes run at once (each
+  ``psql | psql`` of one key range, and N asyncpg pipes in one process): the machine's limit for N streams;
+- ``backfill verify`` of the copy (in-process), in rows per second of the source.
+
+Targets: single stream >= 85% of one raw pipe; --parallel N >= 80% of N raw pipes at once; verify
+>= 500k rows/s; >= 10x the old-style loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +49,7 @@ sys.path.insert(0, str(_BENCH.parent))
 
 import asyncpg  # noqa: E402
 
-from bench._common import Server, fresh_name, log, machine, start_server, wait_for_quiet  # noqa: E402
+from bench._common import Server, base_env, fresh_name, log, machine, start_server, wait_for_quiet  # noqa: E402
 
 SOURCE_TABLE = "src"
 OLD_STYLE_PAGE = 10_000
@@ -152,6 +162,127 @@ async def raw_asyncpg(bench: Bench) -> float:
     finally:
         await source.close()
         await dest.close()
+
+
+def key_ranges(rows: int, n: int) -> list[tuple[int, int]]:
+    """n ranges ``lo < id <= hi`` of equal row counts (the bench's ids are 1..rows)."""
+    bounds = [rows * i // n for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+async def raw_asyncpg_many(bench: Bench, n: int) -> float:
+    """n asyncpg pipes at once in this process, one key range each."""
+    async def one(lo: int, hi: int) -> None:
+        source, dest = await connect(bench.url(bench.source_db)), await connect(bench.url(bench.dest_db))
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+
+        async def sink(data: bytes) -> None:
+            await chunks.put(data)
+
+        async def stream() -> AsyncIterator[bytes]:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+
+        async def copy_out() -> None:
+            await source.copy_from_query(f"SELECT {COLUMNS} FROM {SOURCE_TABLE} WHERE id > {lo} AND id <= {hi}",
+                                         output=sink, format="binary")
+            await chunks.put(None)
+
+        try:
+            await asyncio.gather(copy_out(), dest.copy_to_table("dst", source=stream(), format="binary"))
+        finally:
+            await source.close()
+            await dest.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(lo, hi) for lo, hi in key_ranges(bench.rows, n)))
+    return time.perf_counter() - started
+
+
+async def raw_psql_many(bench: Bench, n: int) -> float:
+    """n ``psql | psql`` pipes at once, one key range each: no Python in the way."""
+    psql = psql_path()
+    assert psql is not None
+
+    def pipe(lo: int, hi: int) -> subprocess.Popen[bytes]:
+        out = [str(psql), "-X", "-q", "-d", bench.url(bench.source_db), "-c",
+               f"COPY (SELECT {COLUMNS} FROM {SOURCE_TABLE} WHERE id > {lo} AND id <= {hi}) TO STDOUT "
+               "(FORMAT binary)"]
+        into = [str(psql), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", bench.url(bench.dest_db), "-c",
+                "COPY dst FROM STDIN (FORMAT binary)"]
+        producer = subprocess.Popen(out, stdout=subprocess.PIPE)
+        consumer = subprocess.Popen(into, stdin=producer.stdout, stdout=subprocess.DEVNULL)
+        assert producer.stdout is not None
+        producer.stdout.close()
+        consumer.producer = producer  # type: ignore[attr-defined]
+        return consumer
+
+    def run() -> float:
+        started = time.perf_counter()
+        consumers = [pipe(lo, hi) for lo, hi in key_ranges(bench.rows, n)]
+        failed = [c for c in consumers if c.wait() != 0 or c.producer.wait() != 0]  # type: ignore[attr-defined]
+        if failed:
+            raise RuntimeError("psql | psql failed")
+        return time.perf_counter() - started
+
+    return await asyncio.to_thread(run)
+
+
+async def runner_parallel(bench: Bench, n: int, workers: int) -> float:
+    """A --parallel n backfill across databases, run by ``workers`` worker processes started beforehand;
+    the parent job's own duration (counting and splitting included)."""
+    from runner.app import App
+    from runner.config import load_settings
+
+    env = base_env(**{k: v for k, v in os.environ.items() if k.startswith("RUNNER_")},
+                   RUNNER_BACKFILL_CHUNKS_PER_WORKER=str(max(1, -(-n // workers))))
+    processes = [subprocess.Popen([sys.executable, "-m", "runner", "worker"], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
+    app = await App.open(load_settings())
+    try:
+        while len(await app.db.fetch("SELECT id FROM runner_workers")) < workers:  # every worker is up
+            await asyncio.sleep(0.1)
+        payload = {"source": "bsrc", "source_table": f"public.{SOURCE_TABLE}", "dest": "bdst",
+                   "dest_table": "public.dst", "batch_size": bench.batch_size, "parallel": n, "create_table": True}
+        job_id = await app.enqueue("backfill", payload, max_attempts=1)
+        job = await app.wait(job_id, poll=0.05)
+    finally:
+        await app.close()
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=60)
+    if job.status != "succeeded":
+        raise RuntimeError(f"parallel backfill job {job_id} {job.status}: {job.last_error}")
+    assert job.started_at is not None and job.finished_at is not None
+    return (job.finished_at - job.started_at).total_seconds()
+
+
+async def verify_copy(bench: Bench) -> float:
+    """``runner backfill verify`` of the copy in bdst against the source, in-process; its seconds."""
+    from runner.app import App
+    from runner.config import load_settings
+    from runner.jobs.backfill.plan import build_plan
+    from runner.jobs.backfill.pools import close_named_pools, named_pools
+    from runner.jobs.backfill.spec import parse_spec
+    from runner.jobs.backfill.verify import Verifier
+
+    spec = parse_spec({"source": "bsrc", "source_table": f"public.{SOURCE_TABLE}", "dest": "bdst",
+                       "dest_table": "public.dst", "allow_narrowing": True})
+    app = await App.open(load_settings())
+    try:
+        pools = named_pools(app)
+        async with pools.use("bsrc") as source_db, pools.use("bdst") as dest_db:
+            plan = await build_plan(spec, source_db, dest_db)
+            started = time.perf_counter()
+            report = await Verifier(plan, source_db, dest_db).run()
+            seconds = time.perf_counter() - started
+        await close_named_pools(app)
+    finally:
+        await app.close()
+    if not report.equal:
+        raise RuntimeError(f"verify found {len(report.differing)} differing ranges in an exact copy")
+    return seconds
 
 
 def psql_path() -> Path | None:
@@ -280,8 +411,10 @@ async def runner_backfill(bench: Bench, *, same_database: bool) -> float:
 
 # --- the run ----------------------------------------------------------------------------------------
 async def measure(bench: Bench, method: str, run: Callable[[], Awaitable[float]], dest_db: str,
-                  create: bool = True) -> Result:
-    await fresh_table(bench.url(dest_db), "dst", create=create)
+                  create: bool | None = True) -> Result:
+    """create: a fresh destination table (False: none, the method makes it; None: keep the last copy)."""
+    if create is not None:
+        await fresh_table(bench.url(dest_db), "dst", create=create)
     background = await wait_for_quiet(bench.quiet_cores, bench.quiet_wait_s)
     log(f"{method} ... (other processes keep {background:.2f} cores busy)")
     seconds = await run()
@@ -291,13 +424,24 @@ async def measure(bench: Bench, method: str, run: Callable[[], Awaitable[float]]
     return result
 
 
-async def run_all(bench: Bench, skip_old: bool) -> list[Result]:
+async def run_all(bench: Bench, skip_old: bool, parallel: list[int], workers: int) -> list[Result]:
     results = [await measure(bench, "raw pipe: asyncpg COPY out -> COPY in", lambda: raw_asyncpg(bench),
                              bench.dest_db)]
     if psql_path() is not None:
         results.append(await measure(bench, "raw pipe: psql | psql", lambda: raw_psql(bench), bench.dest_db))
     results.append(await measure(bench, "runner backfill, across databases",
                                  lambda: runner_backfill(bench, same_database=False), bench.dest_db, create=False))
+    results.append(await measure(bench, "runner backfill verify (of the copy above)", lambda: verify_copy(bench),
+                                 bench.dest_db, create=None))
+    for n in parallel:
+        results.append(await measure(bench, f"{n} raw pipes at once: asyncpg, one process",
+                                     functools.partial(raw_asyncpg_many, bench, n), bench.dest_db))
+        if psql_path() is not None:
+            results.append(await measure(bench, f"{n} raw pipes at once: psql | psql",
+                                         functools.partial(raw_psql_many, bench, n), bench.dest_db))
+        results.append(await measure(bench, f"runner backfill --parallel {n}, {workers} workers",
+                                     functools.partial(runner_parallel, bench, n, workers), bench.dest_db,
+                                     create=False))
     results.append(await measure(bench, "runner backfill, within one database",
                                  lambda: runner_backfill(bench, same_database=True), bench.source_db, create=False))
     results.append(await measure(bench, "within one database: keyset INSERT ... SELECT ... ON CONFLICT",
@@ -314,17 +458,30 @@ async def run_all(bench: Bench, skip_old: bool) -> list[Result]:
 
 
 def report(results: list[Result], bench: Bench, info: dict[str, object]) -> str:
-    raw = max((r for r in results if r.method.startswith("raw")), key=lambda r: r.rows_per_s)
-    runner = next(r for r in results if r.method == "runner backfill, across databases")
+    by_method = {r.method: r for r in results}
+    single_raw = max((r for r in results if r.method.startswith("raw pipe")), key=lambda r: r.rows_per_s)
+    runner = by_method["runner backfill, across databases"]
     olds = [r for r in results if r.method.startswith("old")]
-    lines = ["| method | rows | seconds | rows/s | vs best raw pipe | exact | background cores |",
+    lines = ["| method | rows | seconds | rows/s | vs best single raw pipe | exact | background cores |",
              "|---|---:|---:|---:|---:|:-:|---:|"]
     for r in results:
         lines.append(f"| {r.method} | {r.rows:,} | {r.seconds:.2f} | {r.rows_per_s:,.0f} | "
-                     f"{r.rows_per_s / raw.rows_per_s:.0%} | {'yes' if r.exact else 'NO'} | {r.background_cores:.2f} |")
+                     f"{r.rows_per_s / single_raw.rows_per_s:.0%} | {'yes' if r.exact else 'NO'} | "
+                     f"{r.background_cores:.2f} |")
     lines.append("")
-    lines.append(f"runner (across databases) / best raw pipe = {runner.rows_per_s / raw.rows_per_s:.0%} "
-                 "(target >= 70%)")
+    lines.append(f"single stream: runner (across databases) / best raw pipe = "
+                 f"{runner.rows_per_s / single_raw.rows_per_s:.0%} (target >= 85%)")
+    for r in results:
+        if r.method.startswith("runner backfill --parallel"):
+            n = r.method.split()[3].rstrip(",")
+            raws = [x for x in results if x.method.startswith(f"{n} raw pipes at once")]
+            best = max(raws, key=lambda x: x.rows_per_s)
+            lines.append(f"parallel {n}: runner / best of {n} raw pipes at once ({best.method.split(': ')[1]}) = "
+                         f"{r.rows_per_s / best.rows_per_s:.0%} (target >= 80%); "
+                         f"{r.rows_per_s / runner.rows_per_s:.2f}x runner's single stream")
+    verify = by_method.get("runner backfill verify (of the copy above)")
+    if verify is not None:
+        lines.append(f"verify: {verify.rows_per_s:,.0f} rows/s (target >= 500,000)")
     for old in olds:
         lines.append(f"runner (across databases) / {old.method} = {runner.rows_per_s / old.rows_per_s:.1f}x "
                      "(target >= 10x)")
@@ -351,6 +508,8 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--skip-old", action="store_true", help="leave out the (slow) old-style loop")
+    parser.add_argument("--parallel", default="2,4", help="chunk counts to measure, comma-separated ('' for none)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes for the parallel runs")
     parser.add_argument("--quiet-cores", type=float, default=0.5,
                         help="before each run, wait until other processes keep fewer cores than this busy...")
     parser.add_argument("--quiet-wait", type=float, default=60.0, help="...but at most this many seconds")
@@ -373,7 +532,8 @@ async def main() -> None:
         await migrate(bench.url(bench.runner_db), load_plugins())
         configure_runner_env(bench)
         await seed(bench)
-        results = await run_all(bench, args.skip_old)
+        parallel = [int(n) for n in args.parallel.split(",") if n.strip()]
+        results = await run_all(bench, args.skip_old, parallel, args.workers)
         info = {"machine": machine(), "server": await server.describe()}
     finally:
         for name in names:

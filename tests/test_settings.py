@@ -143,13 +143,13 @@ def test_plugin_settings_are_known_to_the_typo_check(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("name", "value"),
     [("RUNNER_CONSENSUS_VALIDATORS", "0"), ("RUNNER_CONSENSUS_DISAGREE_RATE", "2"),
-     ("RUNNER_CONSENSUS_TX_STUCK_AFTER", "soon")],
+     ("RUNNER_CONSENSUS_TX_STUCK_AFTER", "soon"), ("RUNNER_BACKFILL_CHUNKS_PER_WORKER", "0")],
 )
 def test_bad_plugin_value_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     load_settings()  # without the plugin's class its values are not read
     with pytest.raises(SettingsError) as error:
-        load_settings(plugin_settings=[ConsensusSettings])
+        load_settings(plugin_settings=plugin_settings(load_plugins()))
     message = str(error.value)
     assert message.startswith(f"{name}: ") and "\n" not in message
 
