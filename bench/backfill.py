@@ -1,6 +1,6 @@
 """Backfill benchmark (not a test): runner's backfill against raw COPY pipes and an old-style loop.
 
-    python bench/backfill.py [--rows 1000000] [--batch-size 10000] [--parallel 2,4] [--workers 2]
+    python bench/backfill.py [--rows 1000000] [--batch-size 50000] [--parallel 2,4] [--workers 2]
                              [--json bench/results/backfill.json]
 
 One run, one server (RUNNER_BENCH_DATABASE_URL, or an embedded PostgreSQL under RUNNER_BENCH_HOME,
@@ -50,6 +50,7 @@ sys.path.insert(0, str(_BENCH.parent))
 import asyncpg  # noqa: E402
 
 from bench._common import Server, base_env, fresh_name, log, machine, start_server, wait_for_quiet  # noqa: E402
+from runner.jobs.backfill.spec import DEFAULT_BATCH_SIZE  # noqa: E402
 
 SOURCE_TABLE = "src"
 OLD_STYLE_PAGE = 10_000
@@ -506,7 +507,7 @@ def configure_runner_env(bench: Bench) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="runner's default")
     parser.add_argument("--skip-old", action="store_true", help="leave out the (slow) old-style loop")
     parser.add_argument("--parallel", default="2,4", help="chunk counts to measure, comma-separated ('' for none)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for the parallel runs")

@@ -63,7 +63,7 @@ async def test_chunks_are_balanced_by_rows_and_the_copy_is_exact(app: App, datab
     assert job["status"] == "succeeded", job["last_error"]
     assert job["progress_done"] == job["progress_total"] == 4000
     result = job["result"]
-    assert [c["rows"] for c in result["chunks"]] == [1000, 1000, 1000, 1000]  # exact quantiles below 1 M rows
+    assert [c["rows"] for c in result["chunks"]] == [1000, 1000, 1000, 1000]  # exact quantiles below 200,000 rows
     assert (result["rows"], result["inserted"], result["skipped"]) == (4000, 4000, 0)
     chunks = await app.queue.job_children(job_id)
     assert [c["kind"] for c in chunks] == ["backfill_chunk"] * 4 and all(c["status"] == "succeeded" for c in chunks)
@@ -76,7 +76,7 @@ async def test_chunks_are_balanced_by_rows_and_the_copy_is_exact(app: App, datab
 
 async def test_a_sampled_split_of_a_large_table_stays_balanced(
         app: App, database_url: str, other_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Sampling starts above 1 M rows; here above 10,000, from a ~15% block sample of 100,000 rows.
+    # Sampling starts above 200,000 rows; here above 10,000, from a ~15% block sample of 100,000 rows.
     monkeypatch.setattr(parallel, "SAMPLE_ABOVE_ROWS", 10_000)
     monkeypatch.setattr(parallel, "SAMPLE_ROWS", 15_000)
     await execute(other_url, "CREATE TABLE public.big (id bigint PRIMARY KEY, v int)")

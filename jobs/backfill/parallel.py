@@ -31,8 +31,8 @@ from runner.jobs.backfill.spec import Chunk
 from runner.queue import FINISHED, NewJob
 
 CHUNK_KIND = "backfill_chunk"
-SAMPLE_ABOVE_ROWS = 1_000_000  # up to this many rows the quantiles are exact (one sort of the keys)
-SAMPLE_ROWS = 500_000  # past it, a block sample of about this many rows
+SAMPLE_ABOVE_ROWS = 200_000  # up to this many rows the quantiles are exact (one sort of the keys)
+SAMPLE_ROWS = 100_000  # past it, a block sample of about this many rows
 WATCH_EVERY_S = 0.25
 COUNTS = ("inserted", "updated", "skipped")
 

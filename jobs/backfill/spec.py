@@ -20,7 +20,7 @@ from runner.errors import PayloadError
 
 DEFAULT_CONNECTION = "default"
 DEFAULT_SCHEMA = "public"
-DEFAULT_BATCH_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 50_000  # rows; --batch-bytes bounds a batch in bytes too
 # backfill verify: source rows per compared key range, ranges compared at once, differing ranges printed
 VERIFY_CHUNK_ROWS = 100_000
 VERIFY_PARALLEL = 4
