@@ -397,18 +397,31 @@ def running_table(running: list[dict[str, Any]]) -> Table:
     table = Table(title="running")
     for column in ("id", "kind", "owner", "progress"):
         table.add_column(column)
-    table.add_column("done", justify="right")
+    for column in ("done", "per s", "ETA s"):
+        table.add_column(column, justify="right")
     for job in running:
         done, total = job["progress_done"], job["progress_total"]
         bar = ProgressBar(total=float(total), completed=float(done), width=30) if total else ""
         label = f"{done:,}/{total:,}" if total else f"{done:,}"
-        table.add_row(str(job["id"]), job["kind"], job["lease_owner"] or "", bar, label)
+        rate, eta = job.get("rate_per_s"), job.get("eta_s")
+        table.add_row(str(job["id"]), job["kind"], job["lease_owner"] or "", bar, label,
+                      "" if rate is None else f"{rate:,.0f}", "" if eta is None else f"{eta:,.0f}")
     return table
+
+
+def with_rates(running: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Each running job with its rate since its attempt started and its ETA (None where unknown)."""
+    rated = []
+    for job in running:
+        rate = progress_rate({**job, "status": "running"}, now)
+        rated.append({**job, "rate_per_s": None if rate is None else round(rate[0], 1),
+                      "eta_s": None if rate is None or rate[1] is None else round(rate[1], 1)})
+    return rated
 
 
 async def status_snapshot(app: App) -> dict[str, Any]:
     snapshot: dict[str, Any] = {**count_rows(await app.queue.job_counts_by_queue()),
-                                "running": await app.queue.job_list_running(),
+                                "running": with_rates(await app.queue.job_list_running(), await app.queue.clock()),
                                 "schedules": await app.list_schedules()}
     for plugin in app.plugins:
         plugin_status = getattr(plugin, "status", None)

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from runner.app import App
+from runner.cli import status_snapshot
 from runner.jobs.backfill import parallel
 from runner.queue import NewJob
 from runner.worker import Worker
@@ -105,6 +106,14 @@ async def test_cancelling_the_parent_cancels_its_chunks(app: App, database_url: 
             return len(chunks) == 3 and all(c["progress_done"] > 0 for c in chunks)
 
         await wait_until(chunks_moving, timeout_s=60)
+
+        async def parent_in_status() -> dict[str, Any] | None:  # its progress is its chunks' sum
+            running = (await status_snapshot(app))["running"]
+            parent = next((j for j in running if j["id"] == job_id and j["progress_done"] > 0), None)
+            return parent if parent is not None and parent["rate_per_s"] else None
+
+        parent = await wait_until(parent_in_status, timeout_s=30)
+        assert parent["progress_total"] == 2000 and parent["eta_s"] is not None
         assert await app.cancel(job_id) == "running"
 
         async def all_cancelled() -> bool:
