@@ -345,6 +345,11 @@ class JobQueue:
             await connection.execute(sql.NOTIFY_JOBS, queue)
             await connection.execute(sql.RETRY_CHILDREN, job_id)
 
+    async def job_cancel_children(self, job_id: int) -> int:
+        """Cancel the unfinished jobs ``job_id`` made (pending ones at once, running ones asked to stop)."""
+        row = await self.db.fetchrow(sql.CANCEL_CHILDREN, job_id)
+        return 0 if row is None else int(row["n"])
+
     async def job_notify(self, queues: Sequence[str]) -> None:
         """Wake the workers of these queues (NOTIFY runner_jobs), as an enqueue does."""
         for queue in queues:

@@ -15,7 +15,7 @@ import pytest
 from runner.app import App
 from runner.cli import status_snapshot
 from runner.jobs.backfill import parallel
-from runner.queue import NewJob
+from runner.queue import JobFilter, NewJob
 from runner.worker import Worker
 from tests import test_backfill
 from tests.conftest import run_cli, start_worker
@@ -93,7 +93,9 @@ async def test_a_sampled_split_of_a_large_table_stays_balanced(
     assert await digest(other_url, "public.big") == await digest(database_url, "public.big")
 
 
-async def test_cancelling_the_parent_cancels_its_chunks(app: App, database_url: str, other_url: str) -> None:
+@pytest.mark.parametrize("how", ["by id", "by filter"])
+async def test_cancelling_the_parent_cancels_its_chunks(app: App, database_url: str, other_url: str,
+                                                        how: str) -> None:
     await make_table(other_url, "public.src", 2000)
     job_id = await enqueue(app, {"source": "other", "source_table": "public.src", "dest_table": "public.dst",
                                  "create_table": True, "batch_size": 10, "parallel": 3,
@@ -114,7 +116,10 @@ async def test_cancelling_the_parent_cancels_its_chunks(app: App, database_url: 
 
         parent = await wait_until(parent_in_status, timeout_s=30)
         assert parent["progress_total"] == 2000 and parent["eta_s"] is not None
-        assert await app.cancel(job_id) == "running"
+        if how == "by id":
+            assert await app.cancel(job_id) == "running"
+        else:  # the parent alone matches: its own handler cancels its chunks
+            assert await app.queue.job_cancel_where(JobFilter((), ("backfill",), ())) == 1
 
         async def all_cancelled() -> bool:
             jobs = [await app.queue.job_get(job_id), *await app.queue.job_children(job_id)]

@@ -39,7 +39,23 @@ COUNTS = ("inserted", "updated", "skipped")
 
 async def run_parent(ctx: JobContext, plan: Plan, source_db: Database) -> dict[str, Any]:
     await mover.retrying(ctx, "split", functools.partial(split_once, ctx, plan, source_db))
-    return await watch(ctx, plan)
+    try:
+        return await watch(ctx, plan)
+    except BaseException:
+        if ctx.cancel_requested():  # a stop of any kind: a user's cancel (of this job alone, or in bulk)
+            await asyncio.shield(cancel_chunks_if_cancelled(ctx))  # reaches the chunks; a shutdown does not
+        raise
+
+
+async def cancel_chunks_if_cancelled(ctx: JobContext) -> None:
+    """When the parent itself was cancelled, its chunks are too (runner cancel ID does it at once; this
+    covers cancels by filter, which do not look for children)."""
+    try:
+        if (await ctx.app.queue.job_get(ctx.job_id))["cancel_requested"]:
+            cancelled = await ctx.app.queue.job_cancel_children(ctx.job_id)
+            ctx.log.info("backfill cancelled with its chunks", chunks=cancelled)
+    except Exception as error:  # the chunks run on; runner cancel on the parent again reaches them
+        ctx.log.warning("could not cancel the chunks", error=repr(error))
 
 
 async def split_once(ctx: JobContext, plan: Plan, source_db: Database) -> None:
