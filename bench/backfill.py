@@ -144,6 +144,13 @@ async def is_exact(bench: Bench, url: str, name: str) -> bool:
 # --- the methods ------------------------------------------------------------------------------------
 async def raw_asyncpg(bench: Bench) -> float:
     """COPY TO STDOUT on one connection streamed, chunk by chunk, into COPY FROM STDIN on another."""
+    started = time.perf_counter()
+    await asyncpg_pipe(bench, "true")
+    return time.perf_counter() - started
+
+
+async def asyncpg_pipe(bench: Bench, where: str) -> None:
+    """The rows matching ``where`` through one asyncpg pipe: COPY out streamed into COPY in."""
     source, dest = await connect(bench.url(bench.source_db)), await connect(bench.url(bench.dest_db))
     chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
 
@@ -155,13 +162,12 @@ async def raw_asyncpg(bench: Bench) -> float:
             yield chunk
 
     async def copy_out() -> None:
-        await source.copy_from_query(f"SELECT {COLUMNS} FROM {SOURCE_TABLE}", output=sink, format="binary")
+        await source.copy_from_query(f"SELECT {COLUMNS} FROM {SOURCE_TABLE} WHERE {where}", output=sink,
+                                     format="binary")
         await chunks.put(None)
 
     try:
-        started = time.perf_counter()
         await asyncio.gather(copy_out(), dest.copy_to_table("dst", source=stream(), format="binary"))
-        return time.perf_counter() - started
     finally:
         await source.close()
         await dest.close()
@@ -175,30 +181,8 @@ def key_ranges(rows: int, n: int) -> list[tuple[int, int]]:
 
 async def raw_asyncpg_many(bench: Bench, n: int) -> float:
     """n asyncpg pipes at once in this process, one key range each."""
-    async def one(lo: int, hi: int) -> None:
-        source, dest = await connect(bench.url(bench.source_db)), await connect(bench.url(bench.dest_db))
-        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
-
-        async def sink(data: bytes) -> None:
-            await chunks.put(data)
-
-        async def stream() -> AsyncIterator[bytes]:
-            while (chunk := await chunks.get()) is not None:
-                yield chunk
-
-        async def copy_out() -> None:
-            await source.copy_from_query(f"SELECT {COLUMNS} FROM {SOURCE_TABLE} WHERE id > {lo} AND id <= {hi}",
-                                         output=sink, format="binary")
-            await chunks.put(None)
-
-        try:
-            await asyncio.gather(copy_out(), dest.copy_to_table("dst", source=stream(), format="binary"))
-        finally:
-            await source.close()
-            await dest.close()
-
     started = time.perf_counter()
-    await asyncio.gather(*(one(lo, hi) for lo, hi in key_ranges(bench.rows, n)))
+    await asyncio.gather(*(asyncpg_pipe(bench, f"id > {lo} AND id <= {hi}") for lo, hi in key_ranges(bench.rows, n)))
     return time.perf_counter() - started
 
 
