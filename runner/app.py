@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import importlib
 import inspect
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from runner.config import Settings, load_settings
 from runner.config.settings import INT32_MAX
 from runner.errors import AppNotOpen, PayloadError, RunnerError, ScheduleError, UsageError, WaitTimeout
+from runner.inputs import json_text
 from runner.job import Job
 from runner.logs import get_logger, redact_dsn
 from runner.plugins import JobKind, Plugin, Registry, build_registry, load_plugins, plugin_settings
@@ -41,7 +41,6 @@ H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 MAX_QUEUE_CHARS = 128
 MAX_DEDUPE_KEY_CHARS = 1000  # far below the unique index's row limit (~2.7 kB)
-MAX_PAYLOAD_DEPTH = 100  # containers within containers; Python's json gives up near 1,000
 ENQUEUE_BATCH = 1000  # rows per INSERT statement of a bulk enqueue
 MAX_DELAY_S = 100 * 365 * 24 * 3600.0  # a century: past it, the timestamp arithmetic overflows
 
@@ -514,24 +513,6 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def payload_depth_exceeds(payload: Any, limit: int) -> bool:
-    """True when containers nest deeper than ``limit`` (walked without recursion: a hostile payload
-    cannot exhaust the stack here)."""
-    stack: list[tuple[Any, int]] = [(payload, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list | tuple):
-            children = value
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
 def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> str:
     """What the database would refuse, refused first with one clear line (nothing is written).
     Returns the payload as the JSON text to insert."""
@@ -548,18 +529,7 @@ def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> str:
     if job.dedupe_key is not None and (not isinstance(job.dedupe_key, str) or not job.dedupe_key
                                        or len(job.dedupe_key) > MAX_DEDUPE_KEY_CHARS):
         raise UsageError(f"a dedupe key is a non-empty string of at most {MAX_DEDUPE_KEY_CHARS} characters")
-    if payload_depth_exceeds(job.payload, MAX_PAYLOAD_DEPTH):
-        raise PayloadError(f"the payload nests deeper than {MAX_PAYLOAD_DEPTH} levels")
-    try:
-        text = json.dumps(job.payload, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as error:
-        raise PayloadError(f"the payload is not JSON: {type(error).__name__}: {str(error)[:200]}") from None
-    if len(text) > max_payload_bytes:  # ASCII (json.dumps escapes the rest): characters are bytes
-        raise PayloadError(f"the payload is {len(text):,} bytes of JSON; at most {max_payload_bytes:,} "
-                           "(RUNNER_MAX_PAYLOAD_BYTES)")
-    if "\\u0000" in text:
-        raise PayloadError("the payload contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store")
-    return text
+    return json_text(job.payload, max_payload_bytes)
 
 
 def _payload_validator(name: str, validate: Callable[[dict[str, Any]], Any] | None) -> Any:

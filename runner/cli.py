@@ -166,24 +166,10 @@ def worker_command(
 
 # --- enqueue ----------------------------------------------------------------------------------------
 def parse_payload(text: str, where: str, max_bytes: int) -> dict[str, Any]:
-    """A payload from the command line or a --jsonl line: one clear UsageError for anything bad, checked
-    for size before it is parsed (a 50 MB argument is refused, not decoded)."""
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise UsageError(f"{where}: the payload is {size:,} bytes; at most {max_bytes:,} "
-                         "(RUNNER_MAX_PAYLOAD_BYTES)")
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    except RecursionError:
-        raise UsageError(f"{where}: the payload is nested too deeply") from None
-    except ValueError as error:  # an integer past Python's digit limit, for one
-        reason = "a number has more than 4,300 digits" if "digits" in str(error) else str(error)[:120]
-        raise UsageError(f"{where}: not valid JSON ({reason})") from None
-    if not isinstance(payload, dict):
-        raise UsageError(f"{where}: the payload must be a JSON object, got {type(payload).__name__}")
-    return payload
+    """A payload from the command line or a --jsonl line: one clear UsageError for anything bad."""
+    from runner.inputs import parse_json_object
+
+    return parse_json_object(text, where, max_bytes)
 
 
 def read_jsonl(path: Path, max_bytes: int) -> list[dict[str, Any]]:

@@ -261,7 +261,9 @@ def test_submission_checks() -> None:
         with pytest.raises(UsageError, match=message):
             parse_address(bad, "--from")
     for text, message in (("{bad json", "not valid JSON"), ("[1, 2]", "must be a JSON object, got list"),
-                          ('"x"' * 30_000, "larger than")):
+                          ('"x"' * 30_000, "the input is 90,000 bytes; at most 65,536"),
+                          ('{"a":' * 5000 + "1" + "}" * 5000, "nest"),
+                          ('{"op": "set", "key": "a\\u0000", "value": 1}', "NUL character")):
         with pytest.raises(UsageError, match=message):
             parse_input(text)
     with pytest.raises(UsageError, match="is not a transaction hash"):
@@ -277,6 +279,9 @@ def test_submit_rejects_bad_input_and_inserts_nothing(runner_env: dict[str, str]
         (["--to", "0x1234", "--input", '{"op":"set","key":"a","value":1}'], "--to: '0x1234' is not an address"),
         (["--to", to, "--input", "{bad json"], "--input: not valid JSON"),
         (["--to", to, "--input", '{"op":"set","key":"a"}'], "'set' needs value"),
+        # nested 5,000 deep (a RecursionError traceback once), a NUL (a failed insert, exit 1, once)
+        (["--to", to, "--input", '{"a":' * 5000 + "1" + "}" * 5000], "--input: the input"),
+        (["--to", to, "--input", '{"op":"set","key":"a","value":"x\\u0000y"}'], "--input: the input contains a NUL"),
     ]
     for args, message in cases:
         result = run_cli(runner_env, "submit", *args)

@@ -135,15 +135,10 @@ def new_submission(from_address: str, to_address: str, data: dict[str, Any]) -> 
 
 
 def parse_input(text: str) -> dict[str, Any]:
-    if len(text.encode()) > MAX_INPUT_BYTES:
-        raise UsageError(f"--input: larger than {MAX_INPUT_BYTES} bytes")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--input: not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"--input: must be a JSON object, got {type(value).__name__}")
-    return value
+    """A transaction's input: the same checks as a job's payload (size, depth, NUL; one line each)."""
+    from runner.inputs import parse_json_object
+
+    return parse_json_object(text, "--input", MAX_INPUT_BYTES, noun="the input", limit=None)
 
 
 # --- state patches: what one accepted transaction changed, applied again in order at finality ------
