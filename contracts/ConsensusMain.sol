@@ -7,6 +7,9 @@ pragma solidity ^0.8.24;
 /// address of the (off-chain) contract the transaction targets.
 /// @dev Events are emitted in batches: one chain transaction carries the events of many transitions,
 /// in the order given, so one process can keep up with the node. Only the deployer may emit.
+/// Each event is emitted at most once per (transaction, transition, round): a repeated one (a stale
+/// worker's late batch, a resend after a receipt timeout, a second process with the same key) is skipped,
+/// so the chain's record holds every event exactly once whoever sends it.
 contract ConsensusMain {
     // Kinds accepted by emitBatch, one per event.
     uint8 internal constant ACTIVATED = 0;
@@ -33,14 +36,21 @@ contract ConsensusMain {
 
     address public immutable owner;
 
+    /// @notice Whether the event with this key was emitted: keccak256(slot, txId, actor, round), where the
+    /// slot is the transition (TransactionAccepted and TransactionUndetermined share one: a transaction
+    /// is decided once) and the actor counts only for the per-validator votes.
+    mapping(bytes32 => bool) public emitted;
+
     constructor() {
         owner = msg.sender;
     }
 
-    /// @notice Emit one event per index: kinds[i] picks the event; actors[i] is the leader or validator
-    /// (unused for the other kinds); data[i] is the receipt hash, commit hash, vote or outcome code.
+    /// @notice Emit one event per index, skipping any emitted before: kinds[i] picks the event (its low
+    /// 8 bits) and the round (the bits above: 0, then one more per re-run after an appeal); actors[i] is
+    /// the leader or validator (unused for the other kinds); data[i] is the receipt hash, commit hash,
+    /// vote or outcome code.
     function emitBatch(
-        uint8[] calldata kinds,
+        uint256[] calldata kinds,
         bytes32[] calldata txIds,
         address[] calldata contracts,
         address[] calldata actors,
@@ -52,7 +62,10 @@ contract ConsensusMain {
             revert LengthMismatch();
         }
         for (uint256 i = 0; i < n; ++i) {
-            uint8 kind = kinds[i];
+            uint8 kind = uint8(kinds[i]);
+            if (!_first(kind, kinds[i] >> 8, txIds[i], actors[i])) {
+                continue;
+            }
             if (kind == ACTIVATED) {
                 emit TransactionActivated(txIds[i], contracts[i], actors[i]);
             } else if (kind == PROPOSED) {
@@ -71,5 +84,16 @@ contract ConsensusMain {
                 revert UnknownKind(kind);
             }
         }
+    }
+
+    function _first(uint8 kind, uint256 round, bytes32 txId, address actor) internal returns (bool) {
+        uint8 slot = kind == UNDETERMINED ? ACCEPTED : kind;
+        address who = (kind == COMMITTED || kind == REVEALED) ? actor : address(0);
+        bytes32 key = keccak256(abi.encode(slot, txId, who, round));
+        if (emitted[key]) {
+            return false;
+        }
+        emitted[key] = true;
+        return true;
     }
 }

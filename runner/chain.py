@@ -229,6 +229,9 @@ class Receipt:
     gas_used: int
     contract_address: str | None
     logs: int
+    # (address, topic0, topic1) of each log, lower-case hex: who emitted what (ConsensusMain: the event and
+    # its transaction id)
+    log_keys: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass
@@ -292,7 +295,7 @@ class Chain:
             return None
         return Receipt(status=_int(raw["status"]), block_number=_int(raw["blockNumber"]),
                        gas_used=_int(raw["gasUsed"]), contract_address=raw.get("contractAddress"),
-                       logs=len(raw.get("logs") or ()))
+                       logs=len(raw.get("logs") or ()), log_keys=tuple(_log_key(e) for e in raw.get("logs") or ()))
 
     async def _known(self, tx_hash: str) -> bool:
         try:
@@ -489,3 +492,8 @@ async def open_chain(settings: Settings) -> Chain:
 async def close_chain(chain: Chain | None) -> None:
     if chain is not None:
         await chain.close()
+
+
+def _log_key(entry: dict[str, Any]) -> tuple[str, str, str]:
+    topics = [str(t).lower() for t in entry.get("topics") or ()]
+    return (str(entry.get("address", "")).lower(), topics[0] if topics else "", topics[1] if len(topics) > 1 else "")

@@ -202,3 +202,74 @@ async def test_node_down_10s_then_restarted_with_its_state(
     finally:
         await close_chain(chain)
 
+
+
+async def test_consensus_main_emits_each_event_once_whoever_sends_it(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str],  # noqa: F811
+) -> None:
+    """The contract is the arbiter: a batch sent again (a stale worker's, a resend after a receipt timeout)
+    adds no log; a new round of the same transition does."""
+    from runner.jobs.consensus.contract import ACCEPTED, COMMITTED, UNDETERMINED, Event, word
+    from runner.jobs.consensus.emitter import EventEmitter
+
+    store = ConsensusStore(app.db, "test", 30)
+    from runner.jobs.consensus.contract import ensure_deployed
+
+    contract = await ensure_deployed(reader, store, 30)
+    emitter = EventEmitter(contract, receipt_timeout_s=30)
+    tx_id, to = "0x" + "11" * 32, contract_address(1)
+    votes = [Event(COMMITTED, tx_id, to, contract_address(10 + i), word(i)) for i in range(3)]
+    try:
+        first = await emitter.emit(votes)
+        assert first is not None
+        assert await emitter.emit(votes) is None  # all three skipped
+        mixed = await emitter.emit([*votes, Event(COMMITTED, tx_id, to, contract_address(20), word(9))])
+        assert mixed not in (None, first)  # the fourth validator's vote is new
+        assert await emitter.emit([Event(ACCEPTED, tx_id, to, data=word(1))]) is not None
+        # decided once: an UNDETERMINED of the same round is the same transition
+        assert await emitter.emit([Event(UNDETERMINED, tx_id, to, data=word(1))]) is None
+        assert await emitter.emit([Event(ACCEPTED, tx_id, to, data=word(1), round=1)]) is not None
+    finally:
+        await emitter.close()
+    names = [e.name for e in await contract.logs()]
+    assert names.count("VoteCommitted") == 4 and names.count("TransactionAccepted") == 2
+    assert "TransactionUndetermined" not in names
+
+
+async def test_a_worker_stopped_past_its_lease_adds_no_duplicate_event(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """Issue 17's stall: 200 transactions over 20 contracts, 2 workers (lease 3 s, heartbeat 0.5 s), one
+    SIGSTOPped for 7 s mid-run. Its batches queued or in flight when it resumes reach the chain late; the
+    contract skips each event it already holds, so every (transaction, event) is on chain exactly once."""
+    await submit_many(app, plan_for(20, 10, validator_delay=0.05))
+    env = {"RUNNER_CHAIN_URL": anvil.url, "RUNNER_CONSENSUS_ENABLED": "true", "RUNNER_CONSENSUS_FINALITY_WINDOW": "0.2",
+           "RUNNER_CONSENSUS_CONCURRENCY": "10", "RUNNER_LEASE_TIMEOUT": "3", "RUNNER_HEARTBEAT_INTERVAL": "0.5"}
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    workers = [start_worker(runner_env, log_path=path, **env) for path in logs]
+    try:
+        async def both_busy() -> bool:
+            owners = await conn.fetchval("SELECT count(DISTINCT lease_owner) FROM runner_consensus_transactions "
+                                         "WHERE lease_owner IS NOT NULL")
+            done = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE status = 'FINALIZED'")
+            return owners >= 2 and done >= 5
+
+        await wait_until(both_busy, timeout_s=90)
+        workers[0].send_signal(signal.SIGSTOP)
+        await asyncio.sleep(7)  # the stall itself: past the 3 s lease, as in the issue
+        workers[0].send_signal(signal.SIGCONT)
+
+        async def all_final() -> bool:
+            return bool(await conn.fetchval("SELECT bool_and(status = 'FINALIZED') FROM runner_consensus_transactions"))
+
+        await wait_until(all_final, timeout_s=240, interval_s=0.5)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+            worker.send_signal(signal.SIGTERM)
+        for worker, path in zip(workers, logs, strict=True):
+            assert await wait_exit(worker, 60, path) == 0, path.read_text()[-3000:]
+    txs = await rows(conn)
+    assert len(txs) == 200 and {t["status"] for t in txs} == {"FINALIZED"}
+    assert sum(t["recovery_count"] for t in txs) >= 1, "the stall must cost the stopped worker leases"
+    check_events(txs, await (await consensus_main(conn, reader)).logs())  # exactly once each, in order

@@ -35,7 +35,7 @@ KIND_COLUMNS = {ACTIVATED: "activated", PROPOSED: "proposed", COMMITTED: "commit
                 ACCEPTED: "decided", UNDETERMINED: "decided", FINALIZED: "finalized"}
 COLUMN_KINDS = {"activated": (ACTIVATED,), "proposed": (PROPOSED,), "committed": (COMMITTED,),
                 "revealed": (REVEALED,), "decided": (ACCEPTED, UNDETERMINED), "finalized": (FINALIZED,)}
-BATCH_TYPES = ["uint8[]", "bytes32[]", "address[]", "address[]", "bytes32[]"]
+BATCH_TYPES = ["uint256[]", "bytes32[]", "address[]", "address[]", "bytes32[]"]
 ZERO_ADDRESS = "0x" + "00" * 20
 ZERO_WORD = b"\x00" * 32
 
@@ -76,6 +76,12 @@ class Event:
     contract: str
     actor: str = ZERO_ADDRESS
     data: bytes = ZERO_WORD
+    round: int = 0  # 0, then one more per re-run: the contract emits each (transition, round) once
+
+    @property
+    def kind_word(self) -> int:
+        """emitBatch's kinds[i]: the kind in the low 8 bits, the round above."""
+        return self.kind | (self.round << 8)
 
 
 def _address_bytes(address: str) -> bytes:
@@ -87,7 +93,7 @@ def encode_batch(events: list[Event]) -> bytes:
     five offsets, then per array its length and its words (tests check it against eth_abi)."""
     n = len(events)
     arrays = (
-        [word(e.kind) for e in events], [word(e.tx_id) for e in events],
+        [word(e.kind_word) for e in events], [word(e.tx_id) for e in events],
         [word(_address_bytes(e.contract)) for e in events], [word(_address_bytes(e.actor)) for e in events],
         [e.data.rjust(32, b"\x00") for e in events],
     )
@@ -99,15 +105,23 @@ def encode_batch(events: list[Event]) -> bytes:
 def encode_batch_abi(events: list[Event]) -> bytes:
     """The same calldata through eth_abi (the reference encode_batch is checked against)."""
     return selector("emitBatch") + encode(BATCH_TYPES, [
-        [e.kind for e in events], [word(e.tx_id) for e in events],
+        [e.kind_word for e in events], [word(e.tx_id) for e in events],
         [_address_bytes(e.contract) for e in events], [_address_bytes(e.actor) for e in events],
         [e.data for e in events],
     ])
 
 
 def batch_gas(count: int) -> int:
-    # measured: ~25,000 + ~4,750 per event on anvil and py-evm; generous so a batch never runs out
-    return 60_000 + 8_000 * count
+    # ~25,000 + ~4,750 per event for the log, plus ~22,100 per event for the once-only flag's first write
+    # and its hash; generous so a batch never runs out
+    return 60_000 + 32_000 * count
+
+
+def carried(events: list[Event], log_keys: tuple[tuple[str, str, str], ...], address: str) -> bool:
+    """Whether a mined batch's logs hold any of these events (False: the contract skipped them all, as
+    emitted before)."""
+    seen = {(topic0, topic1) for emitter, topic0, topic1 in log_keys if emitter == address.lower()}
+    return any(("0x" + topics()[EVENT_NAMES[e.kind]].hex(), "0x" + word(e.tx_id).hex()) in seen for e in events)
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,9 @@ class Engine:
         found: list[str | None] = [await self.contract.find_event(cm.COLUMN_KINDS[column], tx.hash) for tx in txs]
         missing = [e for e, f in zip(events, found, strict=True) if f is None]
         emitted = await self.emitter.emit(missing) if missing else None
+        if missing and emitted is None:  # all emitted meanwhile (ConsensusMain skipped them): where
+            return [f or await self.contract.find_event(cm.COLUMN_KINDS[column], tx.hash)
+                    for tx, f in zip(txs, found, strict=True)]
         return [f or emitted for f in found]
 
     async def settle_owed_decided(self) -> int:
@@ -277,6 +280,8 @@ class FinalityLoop(Service):
                       for r in batch.rows]
             try:
                 event_tx = await engine.emitter.emit(events)
+                if event_tx is None:  # every one emitted before (ConsensusMain skipped them): where
+                    event_tx = await engine.contract.find_event((cm.FINALIZED,), batch.hashes[0])
             except ChainError as error:
                 await engine.store.release_finalized(batch.hashes, batch.epochs, None)
                 await engine._quietly(engine.after_chain_error(error))

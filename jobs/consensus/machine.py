@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from runner.chain import ChainError
 from runner.jobs.consensus import contract as cm
 from runner.jobs.consensus import metrics
 from runner.jobs.consensus.executor import Execution, TxView
@@ -103,6 +104,11 @@ class TxTask:
                 metrics.CONSENSUS_EVENTS_SKIPPED.labels(cm.EVENT_NAMES[kind]).inc()
         else:
             stored = await self.engine.emitter.emit(events)
+        if stored is None:  # ConsensusMain had them already (emitted once, whoever sent them): where?
+            stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
+            if stored is None:
+                raise ChainError(f"ConsensusMain skipped the {column} events of {short_hash(self.tx.hash)} "
+                                 "as emitted, but no log of them was found")
         self.tx.events[column] = stored
         self.progress()
         return stored
