@@ -275,7 +275,12 @@ class Chain:
         return int(await self.w3.eth.block_number)
 
     async def get_logs(self, params: dict[str, Any]) -> list[Any]:
-        return list(await self.w3.eth.get_logs(params))  # type: ignore[arg-type]
+        """Logs by filter. The node refusing the filter (a range past its head: a chain reset under a
+        stored deployment) is a ChainError, as an outage is: never the consensus transaction's fault."""
+        try:
+            return list(await self.w3.eth.get_logs(params))  # type: ignore[arg-type]
+        except Web3RPCError as error:
+            raise ChainError(f"eth_getLogs failed: {str(error)[:300]}") from None
 
     async def raw_request(self, method: str, params: list[Any]) -> Any:
         """One RPC straight to the provider (retried like every RPC), skipping web3's middleware and

@@ -280,3 +280,12 @@ async def test_a_worker_stopped_past_its_lease_adds_no_duplicate_event(
     txs = await rows(conn)
     assert len(txs) == 200 and {t["status"] for t in txs} == {"FINALIZED"}
     check_events(txs, await (await consensus_main(conn, reader)).logs())  # exactly once each, in order
+
+
+async def test_a_log_query_the_node_refuses_is_a_chain_error(reader: Chain) -> None:
+    """As after a reset to a fresh chain: the stored deployment's block is past the node's head."""
+    from runner.chain import ChainError
+
+    head = await reader.block_number()
+    with pytest.raises(ChainError, match="eth_getLogs failed"):
+        await reader.get_logs({"fromBlock": head + 1000, "toBlock": head})
