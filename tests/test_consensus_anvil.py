@@ -289,3 +289,4 @@ async def test_a_log_query_the_node_refuses_is_a_chain_error(reader: Chain) -> N
     head = await reader.block_number()
     with pytest.raises(ChainError, match="eth_getLogs failed"):
         await reader.get_logs({"fromBlock": head + 1000, "toBlock": head})
+

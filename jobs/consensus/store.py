@@ -144,11 +144,14 @@ class ConsensusStore:
     async def renew(self, held: Sequence[tuple[str, int]]) -> set[str]:
         if not held:
             return set()
-        rows = await self.db.fetch(sql.RENEW, [h for h, _ in held], [e for _, e in held], self.lease_s, self.owner)
+        # The control lane, as the core's heartbeat: a renewal never queues behind the transitions of the
+        # transactions it keeps alive (with a small pool under CPU load they took the leases of live tasks)
+        rows = await self.db.fetch(sql.RENEW, [h for h, _ in held], [e for _, e in held], self.lease_s, self.owner,
+                                   lane="control")
         return {r["hash"] for r in rows}
 
     async def recover_expired(self, max_recoveries: int, limit: int = 500) -> list[asyncpg.Record]:
-        return await self.db.fetch(sql.RECOVER_EXPIRED, max_recoveries, limit)
+        return await self.db.fetch(sql.RECOVER_EXPIRED, max_recoveries, limit, lane="control")
 
     async def recover_own(self, held: Sequence[tuple[str, int]], max_recoveries: int, why: str) -> list[asyncpg.Record]:
         if not held:
