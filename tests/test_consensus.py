@@ -9,6 +9,7 @@ import pytest
 from eth_utils import to_checksum_address
 
 from runner import chain
+from runner.app import App
 from runner.config import load_settings
 from runner.errors import UsageError
 from runner.jobs.consensus import contract as cm
@@ -330,3 +331,26 @@ def test_batch_calldata_matches_eth_abi() -> None:
         events = [cm.Event(random.randrange(7), "0x" + os.urandom(32).hex(), "0x" + os.urandom(20).hex(),
                            "0x" + os.urandom(20).hex(), os.urandom(32)) for _ in range(n)]
         assert cm.encode_batch(events) == cm.encode_batch_abi(events)
+
+
+async def test_a_finalized_predecessor_whose_event_is_not_on_chain_holds_its_successors(
+        app: App, conn: asyncpg.Connection) -> None:
+    """TransactionFinalized reaches the chain in submission order: while the first transaction's event is
+    in flight elsewhere (or owed after a chain error), the second is not finalizable."""
+    from runner.jobs.consensus.model import new_submission
+    from runner.jobs.consensus.store import ConsensusStore
+
+    store = ConsensusStore(app.db, "test", 30)
+    to = contract_address(1)
+    first, second = await store.insert([new_submission(SENDER, to, {"op": "set", "key": "a", "value": v})
+                                        for v in (1, 2)])
+    await conn.execute(
+        "UPDATE runner_consensus_transactions SET status = CASE WHEN hash = $1 THEN 'FINALIZED' ELSE 'ACCEPTED' END, "
+        "outcome = 'ACCEPTED', decided_event_tx = '0x01', state_patch = '{\"set\": [], \"del\": []}'::jsonb, "
+        "timestamp_awaiting_finalization = now() - interval '1 hour', lease_owner = NULL "
+        "WHERE hash IN ($1, $2)", first, second)
+    held = await store.finalize_ready(0, 100)
+    assert held is not None and held.hashes == []
+    await conn.execute("UPDATE runner_consensus_transactions SET finalized_event_tx = '0x02' WHERE hash = $1", first)
+    ready = await store.finalize_ready(0, 100)
+    assert ready is not None and ready.hashes == [second]

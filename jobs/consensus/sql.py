@@ -208,7 +208,9 @@ _FINALIZABLE = """(
 )"""
 
 # Decided transactions whose window passed and every unfinished predecessor on the same contract is
-# finalizable too: a prefix per contract, oldest first.
+# finalizable too: a prefix per contract, oldest first. A predecessor FINALIZED whose event is not on chain
+# yet (in flight at another finalizer, or owed after a chain error) holds its successors back, so that
+# TransactionFinalized reaches the chain in submission order.
 FINALITY_READY = f"""
 SELECT t.hash, t.to_address, t.seq, t.status, t.state_patch, t.result ->> 'receipt_hash' AS receipt_hash,
        t.lease_epoch
@@ -216,8 +218,9 @@ FROM {T} t
 WHERE t.status IN {DECIDED} AND {_FINALIZABLE.format(a="t", decided=DECIDED)}
   AND NOT EXISTS (
       SELECT 1 FROM {T} p
-      WHERE p.to_address = t.to_address AND p.seq < t.seq AND p.status NOT IN {DONE}
-        AND NOT {_FINALIZABLE.format(a="p", decided=DECIDED)}
+      WHERE p.to_address = t.to_address AND p.seq < t.seq
+        AND ((p.status NOT IN {DONE} AND NOT {_FINALIZABLE.format(a="p", decided=DECIDED)})
+             OR (p.status = 'FINALIZED' AND p.finalized_event_tx IS NULL))
   )
 ORDER BY t.seq
 LIMIT $2
