@@ -180,6 +180,7 @@ class NonceManager:
         self._next: dict[str, int] = {}
         self._handed_out: dict[str, int] = {}  # next nonce before a resync: what the node may hold queued
         self._locks: dict[str, asyncio.Lock] = {}
+        self.foreign_sends = 0  # resyncs that found the node ahead of us: another process with our key
 
     @asynccontextmanager
     async def reserve(self, sender: str) -> AsyncIterator[NonceReservation]:
@@ -202,6 +203,11 @@ class NonceManager:
     async def _resync(self, sender: str) -> int:
         count = await self._fetch(sender)
         handed_out = self._handed_out.pop(sender, count)
+        if count > handed_out:  # the node counts transactions of this key that this process never sent
+            self.foreign_sends += 1
+            log.warning("another process is sending with this signing key: one key belongs to one worker "
+                        "process (give each its own RUNNER_CHAIN_PRIVATE_KEY)", sender=sender, node_nonce=count,
+                        ours=handed_out)
         if self._cancel is None or handed_out <= count:
             return count
         for nonce in range(handed_out - 1, count - 1, -1):  # highest first: nothing queued can slip through

@@ -242,3 +242,30 @@ async def test_a_nonce_gap_left_by_the_node_is_filled_and_nothing_queued_behind_
     assert balances == [0, 0, 3]  # the queued transaction was replaced, not mined behind the no-op
     end = await node_chain.w3.eth.get_transaction_count(node_chain.address)
     assert end == start + 3 == await node_chain.w3.eth.get_transaction_count(node_chain.address, "pending")
+
+
+async def test_a_node_ahead_of_our_nonces_warns_of_a_second_process_with_the_key(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A resync that finds more transactions of our key than this process sent: another process holds the
+    key (nonces stay right, but every clash costs a resync), so say so once per such resync."""
+    from runner.chain import NonceManager
+
+    node = {"count": 3}
+
+    async def fetch(_sender: str) -> int:
+        return node["count"]
+
+    nonces = NonceManager(fetch)
+    async with nonces.reserve("0xA") as first:
+        assert first.nonce == 3
+        first.used = True
+    node["count"] = 6  # 4 was ours; 4 and 5 came from elsewhere
+    async with nonces.reserve("0xA") as clash:
+        assert clash.nonce == 4
+        clash.stale = True  # the node said "nonce too low"
+    async with nonces.reserve("0xA") as again:
+        assert again.nonce == 6
+        again.used = True
+    assert nonces.foreign_sends == 1
+    shown = capsys.readouterr()  # structlog's console output, wherever this process configured it
+    assert "another process is sending with this signing key" in shown.out + shown.err
