@@ -290,3 +290,61 @@ async def test_a_log_query_the_node_refuses_is_a_chain_error(reader: Chain) -> N
     with pytest.raises(ChainError, match="eth_getLogs failed"):
         await reader.get_logs({"fromBlock": head + 1000, "toBlock": head})
 
+
+
+async def test_a_fresh_chain_mid_run_gets_the_events_it_lacks_and_charges_no_transaction(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """anvil killed and started again without its state mid-run: the worker deploys ConsensusMain again,
+    clears the hashes of events the new chain does not have, re-runs the transactions in the machine and
+    re-emits the owed decided and finalized events; --drain exits once they are on the new chain. Nothing
+    is charged to a transaction, and the new chain holds each event at most once, with every
+    TransactionFinalized in submission order."""
+    await submit_many(app, plan_for(8, 6, validator_delay=0.2))
+    log = tmp_path / "worker.log"
+    worker = start_worker(runner_env, "--drain", log_path=log, RUNNER_CHAIN_URL=anvil.url,
+                          RUNNER_CONSENSUS_ENABLED="true", RUNNER_CONSENSUS_FINALITY_WINDOW="0.2",
+                          RUNNER_CHAIN_RPC_TIMEOUT="2")
+
+    async def some_finalized_on_chain() -> bool:  # their TransactionFinalized mined on the chain to be lost
+        return bool(await conn.fetchval("SELECT count(*) >= 5 FROM runner_consensus_transactions "
+                                        "WHERE status = 'FINALIZED' AND finalized_event_tx IS NOT NULL"))
+
+    await wait_until(some_finalized_on_chain, timeout_s=60)
+    await close_chain(reader)
+    if anvil.proc is not None:
+        anvil.proc.kill()  # no dump: the state is gone
+    await asyncio.to_thread(anvil.stop)
+    if anvil.state is not None and anvil.state.exists():
+        anvil.state.unlink()
+    await asyncio.to_thread(anvil.start)
+    assert await wait_exit(worker, 180, log) == 0, log.read_text()[-3000:]
+    assert "chain reset: the events of the old ConsensusMain are not on this chain" in log.read_text()
+    txs = await rows(conn)
+    assert len(txs) == 48 and {t["status"] for t in txs} == {"FINALIZED"} and {t["outcome"] for t in txs} == {
+        "ACCEPTED"}
+    assert sum(t["recovery_count"] for t in txs) == 0  # the reset is the chain's, not the transactions'
+    chain = await open_chain(load_settings(chain_url=anvil.url))
+    try:
+        events = await (await consensus_main(conn, chain)).logs()
+        await check_nonces(chain)
+    finally:
+        await close_chain(chain)
+    per_tx: dict[str, dict[str, int]] = {}
+    for event in events:
+        counts = per_tx.setdefault(event.tx_id, {})
+        counts[event.name] = counts.get(event.name, 0) + 1
+    for tx in txs:
+        counts = per_tx.get(tx["hash"], {})
+        assert counts.get("TransactionFinalized") == 1, (tx["hash"], counts)
+        assert all(n == (5 if name.startswith("Vote") else 1) for name, n in counts.items()), (tx["hash"], counts)
+        on_chain = {e.chain_tx for e in events if e.tx_id == tx["hash"] and e.name == "TransactionFinalized"}
+        assert on_chain == {tx["finalized_event_tx"]}  # the stored hash is the new chain's
+    order: dict[str, list[str]] = {}
+    for event in sorted(events, key=lambda e: (e.block, e.log_index)):
+        if event.name == "TransactionFinalized":
+            order.setdefault(event.contract, []).append(event.tx_id)
+    submitted: dict[str, list[str]] = {}
+    for tx in txs:
+        submitted.setdefault(tx["to_address"], []).append(tx["hash"])
+    assert order == submitted

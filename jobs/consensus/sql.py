@@ -279,6 +279,24 @@ ON CONFLICT (chain_id, contract) DO NOTHING
 RETURNING address
 """
 
+# A chain reset (ConsensusMain deployed again: the stored address had no code): the events stored for the
+# old deployment are not on this chain. Their hashes are cleared, so nothing shows a chain tx the node does
+# not have; transactions in the machine start again (every event re-emitted on the new chain); decided ones
+# owe their decided event again, finalized ones their TransactionFinalized (the owed loops emit them, in
+# submission order, and --drain waits for them). The earlier events of decided and finalized transactions
+# (activation, proposal, votes) are not re-emitted: `runner tx` shows them as not on this chain. Bumping
+# the epochs refuses every in-flight write of the old round.
+CHAIN_RESET = f"""
+UPDATE {T} t SET {", ".join(f"{c} = NULL" for c in EVENT_COLUMNS)},
+    status = CASE WHEN t.status IN {IN_MACHINE} THEN 'PENDING' ELSE t.status END,
+    reason = CASE WHEN t.status IN {IN_MACHINE} THEN 'given back: the chain was reset (ConsensusMain deployed again)'
+                  ELSE t.reason END,
+    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+WHERE t.status NOT IN ('PENDING', 'CANCELED')
+  AND ({" OR ".join(f"t.{c} IS NOT NULL" for c in EVENT_COLUMNS)} OR t.status IN {IN_MACHINE})
+RETURNING t.status
+"""
+
 # Compare-and-swap: replace a stale address only if nobody replaced it first.
 REPLACE_DEPLOYMENT = f"""
 UPDATE {DEPLOYMENTS} SET address = $3, block_number = $4, deployed_at = now()

@@ -15,6 +15,9 @@ from runner.errors import LeaseLost, UsageError
 from runner.jobs.consensus import sql
 from runner.jobs.consensus.batching import GroupCommit
 from runner.jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
+from runner.logs import get_logger
+
+log = get_logger("runner.jobs.consensus.store")
 
 FINALITY_LOCK_KEY = 0x72756E6E6572_0003  # "runner" + migration 0003
 EVENT_KINDS = ("activated", "proposed", "committed", "revealed", "decided", "finalized")
@@ -232,6 +235,14 @@ class ConsensusStore:
         """Store a new deployment; False when another worker stored (or replaced) one first."""
         if replaces is None:
             stored = await self.db.fetchval(sql.INSERT_DEPLOYMENT, chain_id, contract, address, block)
-        else:
-            stored = await self.db.fetchval(sql.REPLACE_DEPLOYMENT, chain_id, contract, address, block, replaces)
-        return stored is not None
+            return stored is not None
+        async with self.db.transaction() as connection:  # the new deployment and what the reset undid
+            stored = await connection.fetchval(sql.REPLACE_DEPLOYMENT, chain_id, contract, address, block, replaces)
+            if stored is None:
+                return False
+            reset = [r["status"] for r in await connection.fetch(sql.CHAIN_RESET)]
+        log.warning("chain reset: the events of the old ConsensusMain are not on this chain; re-emitting",
+                    restarted=sum(s == "PENDING" for s in reset),
+                    owed_decided=sum(s not in ("PENDING", "FINALIZED") for s in reset),
+                    owed_finalized=sum(s == "FINALIZED" for s in reset))
+        return True
