@@ -352,8 +352,7 @@ class JobQueue:
 
     async def job_notify(self, queues: Sequence[str]) -> None:
         """Wake the workers of these queues (NOTIFY runner_jobs), as an enqueue does."""
-        for queue in queues:
-            await self.db.execute(sql.NOTIFY_JOBS, queue, lane="control")
+        await self.db.execute(sql.NOTIFY_JOBS_MANY, list(queues), lane="control")
 
     async def job_children(self, job_id: int, connection: asyncpg.Connection | None = None) -> list[dict[str, Any]]:
         """The jobs ``job_id`` made (a parallel backfill's chunks), oldest first, JSON columns decoded."""

@@ -283,6 +283,7 @@ RETURNING queue
 """
 
 NOTIFY_JOBS = "SELECT pg_notify('runner_jobs', $1::text)"
+NOTIFY_JOBS_MANY = "SELECT count(pg_notify('runner_jobs', q)) FROM unnest($1::text[]) AS q"
 
 # A parent's retry reaches its failed and cancelled children (as RETRY does); the succeeded ones keep
 # their work. One NOTIFY per queue they are in.

@@ -3,10 +3,9 @@
 ``emit(events)`` queues the events of one transition and waits until the chain transaction carrying
 them is mined, returning its hash, or None when ConsensusMain skipped them: they were emitted before (by
 a stale worker's late batch, a resend after a receipt timeout), and the contract emits each once. While
-a batch is in flight, later requests queue up and leave
-together in the next one (up to MAX_BATCH_EVENTS; one request's events are never split), so the number
-of chain transactions grows with time, not with the number of transitions. Within a batch, events keep
-the order they were queued in.
+a batch is in flight, later requests queue up and leave together in the next one (up to MAX_BATCH_EVENTS;
+one request's events are never split), so the number of chain transactions grows with time, not with the
+number of transitions. Within a batch, events keep the order they were queued in.
 """
 
 from __future__ import annotations
@@ -103,6 +102,7 @@ class EventEmitter:
             return
         skipped = [entry for entry, _ in batch if receipt.logs != len(events)
                    and not carried(entry, receipt.log_keys, self.contract.address)]
+        skipped_ids = {id(entry) for entry in skipped}
         if skipped:
             log.info("ConsensusMain skipped events it had emitted before", events=sum(map(len, skipped)),
                      chain_tx=tx_hash)
@@ -112,7 +112,7 @@ class EventEmitter:
                   receipt_s=round(time.monotonic() - sent, 4), queued=len(self._queue))
         metrics.CONSENSUS_EVENT_BATCH.observe(len(events))
         for entry, future in batch:
-            repeated = any(entry is other for other in skipped)
+            repeated = id(entry) in skipped_ids
             for event in entry:
                 counter = metrics.CONSENSUS_EVENTS_SKIPPED if repeated else metrics.CONSENSUS_EVENTS
                 counter.labels(EVENT_NAMES[event.kind]).inc()

@@ -65,8 +65,8 @@ class Fetcher(Service):
         if over:
             jobs = [job for job in jobs if job.id not in over]
         self.executor.start_many(jobs)
-        if over:
-            await asyncio.shield(self._hand_back_over_cap(len(over)))
+        if over:  # no task for them: the hand-back releases exactly these, no attempt used
+            await asyncio.shield(self.hand_back_unrun("over_cap"))
         if self.stopped.is_set():  # shutting down between claim and start: give these straight back
             for job in jobs:  # only these: the jobs already running get their shutdown grace
                 self.executor.stop_job(job.id, "shutdown")
@@ -95,29 +95,20 @@ class Fetcher(Service):
                     over.add(job.id)
         return over
 
-    async def _hand_back_over_cap(self, count: int) -> None:
-        """They have no task here: releasing what this worker owns and does not run releases exactly them."""
-        keep = [*self.executor.active, *(job_id for job_id, _ in self.executor.completer.pending_leases())]
-        try:
-            released = await self.queue.job_release_owned_except(self.settings.worker_id, keep)
-            await self.queue.job_notify(self.queues)  # for the workers with room
-        except Exception as error:  # the rescuer gets them after a lease; nothing is lost
-            log.warning("could not hand back claims past a kind's cap", error=repr(error))
-            return
-        for job in released:
-            metrics.JOBS_RELEASED.labels(job.kind, "over_cap").inc()
-        log.debug("claims past a kind's cap handed back", count=count, released=len(released))
-
-    async def hand_back_unrun(self) -> None:
-        """Release every running job this worker owns but has no task or pending outcome for."""
+    async def hand_back_unrun(self, reason: str = "unrun_claim") -> None:
+        """Release every running job this worker owns but has no task or pending outcome for: the claims
+        whose result never reached us (``unrun_claim``), or those a claim took past a kind's cap
+        (``over_cap``: expected, so not a warning, and the other workers are woken for them)."""
         # every job with a task here (renewed or not) and every outcome still waiting to be written
         keep = [*self.executor.active, *(job_id for job_id, _ in self.executor.completer.pending_leases())]
         try:
             released = await self.queue.job_release_owned_except(self.settings.worker_id, keep)
+            if released and reason == "over_cap":
+                await self.queue.job_notify(self.queues)
         except Exception as error:  # the rescuer gets them after a lease; nothing is lost
-            log.warning("could not hand back unrun claims", error=repr(error))
+            log.warning("could not hand back claims", reason=reason, error=repr(error))
             return
         for job in released:
-            metrics.JOBS_RELEASED.labels(job.kind, "unrun_claim").inc()
-        if released:
+            metrics.JOBS_RELEASED.labels(job.kind, reason).inc()
+        if released and reason == "unrun_claim":
             log.warning("unrun claims handed back", count=len(released), job_ids=[j.job_id for j in released][:20])
