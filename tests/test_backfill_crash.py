@@ -23,8 +23,12 @@ from tests.test_backfill import digest, make_table, route_urls
 
 other_url = test_backfill.other_url  # the fixture: a second database, the connection 'other'
 
-ROWS = 40_000
+ROWS = 60_000
 BATCH = 100
+# A cap on each copy's rate, so that a fast machine cannot finish a job between "progressed" and the kill,
+# the cancel or the restart (at least 6 s of copying per job; each kill lets it run tenths of a second). A slow
+# machine never reaches the cap, and the kills still land inside batches most of the time.
+RATE = 10_000
 KILLS = 5
 # Each kill is a rescue and an attempt: allow more than the defaults (3 recoveries, 5 attempts). The
 # consensus loops have nothing to do here.
@@ -78,7 +82,8 @@ async def test_kill_9_at_random_points_then_a_new_worker_finishes_exactly(
         source, source_url, dest, _ = route_urls(route, database_url, other_url)
         await make_table(source_url, "src", ROWS)
         jobs[route] = await enqueue(app, {"source": source, "source_table": "src", "dest": dest,
-                                          "dest_table": "dst", "create_table": True, "batch_size": BATCH})
+                                          "dest_table": "dst", "create_table": True, "batch_size": BATCH,
+                                          "max_rows_per_second": RATE})
     rng = random.Random()
     for kill in range(KILLS):
         before = {route: (await job_row(database_url, job_id))["progress_done"] for route, job_id in jobs.items()}
@@ -90,7 +95,7 @@ async def test_kill_9_at_random_points_then_a_new_worker_finishes_exactly(
             await asyncio.sleep(rng.uniform(0, 0.2))
             for job_id in jobs.values():
                 row = await job_row(database_url, job_id)
-                assert row["status"] == "running", "the tables must be big enough to kill the worker mid-run"
+                assert row["status"] == "running", f"kill {kill}: the copy must still be running to be killed mid-run"
         finally:
             worker.kill()
             worker.wait()
@@ -147,7 +152,7 @@ async def test_cancel_mid_run_ends_cancelled_and_writes_no_batch_after(
         app: App, runner_env: dict[str, str], database_url: str, other_url: str, tmp_path: Path) -> None:
     await make_table(other_url, "src", ROWS)
     job_id = await enqueue(app, {"source": "other", "source_table": "src", "dest_table": "dst",
-                                 "create_table": True, "batch_size": BATCH})
+                                 "create_table": True, "batch_size": BATCH, "max_rows_per_second": RATE})
     log_path = tmp_path / "worker.log"
     worker = start_worker(runner_env, log_path=log_path, **WORKER_ENV)
     try:
@@ -174,7 +179,8 @@ async def test_server_restart_mid_run_the_worker_survives_and_finishes_exactly(
         pytest.fail("this test restarts the embedded test server; unset RUNNER_TEST_DATABASE_URL")
     await make_table(other_url, "src", ROWS)
     job_id = await enqueue(app, {"source": "other", "source_table": "src", "dest_table": "dst",
-                                 "create_table": True, "batch_size": BATCH}, max_attempts=5)
+                                 "create_table": True, "batch_size": BATCH, "max_rows_per_second": RATE},
+                           max_attempts=5)
     await app.close()  # its pooled connections would die with the server anyway
     worker = start_worker(runner_env, "--drain", log_path=tmp_path / "worker.log", **WORKER_ENV)
     try:
