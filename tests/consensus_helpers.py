@@ -77,9 +77,10 @@ async def rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT * FROM runner_consensus_transactions ORDER BY seq")
 
 
-def check_events(txs: list[asyncpg.Record], events: list[DecodedEvent], validators: int = 5) -> None:
+def check_events(txs: list[asyncpg.Record], events: list[DecodedEvent], validators: int = 5) -> str:
     """Every transition of every transaction has exactly one event (N for votes), carried by the chain
-    transaction whose hash is stored for it; per contract, TransactionFinalized follows submission order."""
+    transaction whose hash is stored for it; per contract, TransactionFinalized follows submission order.
+    Returns the counts by event name, to print (`pytest -s` shows them)."""
     expected = dict(EVENTS_PER_TX, VoteCommitted=validators, VoteRevealed=validators)
     by_tx: dict[str, Counter[str]] = defaultdict(Counter)
     chain_txs: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -97,6 +98,13 @@ def check_events(txs: list[asyncpg.Record], events: list[DecodedEvent], validato
         assert sum(counts[name] for name in DECIDED_EVENTS) == 1, (tx["hash"], counts)
         for column in {COLUMN_OF[name] for name in counts}:
             assert chain_txs[(tx["hash"], column)] == {tx[column]}, (tx["hash"], column)
+    check_finalized_order(txs, events)
+    names = ", ".join(f"{n} {name}" for name, n in sorted(Counter(e.name for e in events).items()))
+    return f"{len(txs)} transactions, {len(events)} events ({names}), 0 duplicates"
+
+
+def check_finalized_order(txs: list[asyncpg.Record], events: list[DecodedEvent]) -> None:
+    """Per contract, the chain's TransactionFinalized events follow submission order (``txs`` by seq)."""
     order: dict[str, list[str]] = defaultdict(list)
     for event in sorted(events, key=lambda e: (e.block, e.log_index)):
         if event.name == "TransactionFinalized":

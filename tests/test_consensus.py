@@ -354,3 +354,26 @@ async def test_a_finalized_predecessor_whose_event_is_not_on_chain_holds_its_suc
     await conn.execute("UPDATE runner_consensus_transactions SET finalized_event_tx = '0x02' WHERE hash = $1", first)
     ready = await store.finalize_ready(0, 100)
     assert ready is not None and ready.hashes == [second]
+
+
+async def test_owed_finalized_events_are_claimed_as_a_prefix_per_contract_in_submission_order(
+        app: App, conn: asyncpg.Connection) -> None:
+    """After a chain reset every FINALIZED transaction owes its TransactionFinalized. Two workers must not
+    split one contract's owed events between them (their batches would race to the chain), and each claim
+    comes back in submission order whatever order the UPDATE returns its rows in."""
+    from runner.jobs.consensus.model import new_submission
+    from runner.jobs.consensus.store import ConsensusStore
+
+    first, second = ConsensusStore(app.db, "worker-a", 30), ConsensusStore(app.db, "worker-b", 30)
+    plan = [new_submission(SENDER, contract_address(c), {"op": "set", "key": "a", "value": v})
+            for v in range(6) for c in (1, 2)]
+    hashes = await first.insert(plan)
+    await conn.execute("UPDATE runner_consensus_transactions SET status = 'FINALIZED', outcome = 'ACCEPTED', "
+                       "finalized_event_tx = NULL, lease_owner = NULL WHERE hash = ANY($1)", hashes)
+    taken = await first.claim_owed_finalized(limit=5)  # contract 1's first three, contract 2's first two
+    assert [tx.seq for tx in taken] == sorted(tx.seq for tx in taken)
+    assert [tx.hash for tx in taken] == hashes[:5]
+    assert await second.claim_owed_finalized(limit=100) == []  # the rest follow what worker-a holds
+    await first.release_finalized([t.hash for t in taken], [t.epoch for t in taken], "0x01")
+    rest = await second.claim_owed_finalized(limit=100)
+    assert [tx.hash for tx in rest] == hashes[5:]

@@ -174,16 +174,28 @@ WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4 AND t.s
 RETURNING t.hash, t.status, t.recovery_count, t.reason
 """
 
-def _claim_owed(owed: str) -> str:
-    """Claim unheld transactions whose event is owed (``owed`` is a fixed predicate, never user input)."""
+def _claim_owed(owed: str, *, in_order: bool = False) -> str:
+    """Claim unheld transactions whose event is owed. ``owed`` is a fixed predicate (never user input)
+    on the row ``{a}``.
+
+    ``in_order``: a transaction whose predecessor on the same contract owes the same event and is held
+    (in flight at a sender) is not claimed, so two senders never race one contract's events to the chain;
+    taken in seq order with a LIMIT, each contract's claimed rows are a prefix of what it owes. Its callers
+    hold FINALITY_LOCK, so each claim sees the leases the one before it committed (FOR UPDATE, not SKIP
+    LOCKED: a row being released is waited for, not passed over)."""
+    held_before = f"""
+      AND NOT EXISTS (
+          SELECT 1 FROM {T} p
+          WHERE p.to_address = t.to_address AND p.seq < t.seq AND {owed.format(a="p")}
+            AND p.lease_owner IS NOT NULL AND p.lease_expires_at >= now())""" if in_order else ""
     return f"""
 WITH owed AS (
-    SELECT hash FROM {T}
-    WHERE {owed}
-      AND (lease_owner IS NULL OR lease_expires_at < now())
-    ORDER BY seq
+    SELECT hash FROM {T} t
+    WHERE {owed.format(a="t")}
+      AND (t.lease_owner IS NULL OR t.lease_expires_at < now()){held_before}
+    ORDER BY t.seq
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
+    {"FOR UPDATE" if in_order else "FOR UPDATE SKIP LOCKED"}
 )
 UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
     lease_epoch = t.lease_epoch + 1
@@ -194,10 +206,12 @@ RETURNING {CLAIMED_COLUMNS}
 
 # Decided transactions whose decided event is owed and nobody holds (a crash between the decision and
 # its event, or the recovery cap): take them to settle the event.
-CLAIM_OWED_DECIDED = _claim_owed(f"status IN {DECIDED} AND decided_event_tx IS NULL")
+CLAIM_OWED_DECIDED = _claim_owed(f"{{a}}.status IN {DECIDED} AND {{a}}.decided_event_tx IS NULL")
 
-# FINALIZED transactions whose finalized event is owed (the finalizer died or the chain was down).
-CLAIM_OWED_FINALIZED = _claim_owed("status = 'FINALIZED' AND finalized_event_tx IS NULL")
+# FINALIZED transactions whose finalized event is owed (the finalizer died, the chain was down or was
+# reset), in submission order per contract (two workers after a reset took seq 1-100 and 101-200 of the
+# same contracts and raced them to the chain).
+CLAIM_OWED_FINALIZED = _claim_owed("{a}.status = 'FINALIZED' AND {a}.finalized_event_tx IS NULL", in_order=True)
 
 # --- finality: one finalizer at a time (advisory lock), in a transaction -------------------------------
 FINALITY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"

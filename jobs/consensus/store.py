@@ -68,6 +68,11 @@ class FinalizedBatch:
     rows: list[asyncpg.Record]
 
 
+def in_seq_order(rows: Sequence[asyncpg.Record]) -> list[Claimed]:
+    """An UPDATE's RETURNING has no order: the events of claimed rows are emitted in submission order."""
+    return sorted((Claimed.from_record(r) for r in rows), key=lambda tx: tx.seq)
+
+
 class ConsensusStore:
     def __init__(self, db: Database, owner: str, lease_s: float) -> None:
         self.db = db
@@ -89,7 +94,7 @@ class ConsensusStore:
     # --- the pending loop -----------------------------------------------------------------------
     async def claim(self, limit: int) -> list[Claimed]:
         rows = await self.db.fetch(sql.CLAIM, limit, self.owner, self.lease_s)
-        return sorted((Claimed.from_record(r) for r in rows), key=lambda c: c.seq)
+        return in_seq_order(rows)
 
     async def transition(
         self, tx: Claimed, *, to: str, leader: str | None = None, result: Any = None, votes: Any = None,
@@ -164,11 +169,16 @@ class ConsensusStore:
 
     async def claim_owed_decided(self, limit: int = 100) -> list[Claimed]:
         rows = await self.db.fetch(sql.CLAIM_OWED_DECIDED, limit, self.owner, self.lease_s)
-        return [Claimed.from_record(r) for r in rows]
+        return in_seq_order(rows)
 
     async def claim_owed_finalized(self, limit: int = 100) -> list[Claimed]:
-        rows = await self.db.fetch(sql.CLAIM_OWED_FINALIZED, limit, self.owner, self.lease_s)
-        return [Claimed.from_record(r) for r in rows]
+        """A prefix per contract of the owed TransactionFinalized events, in submission order; none while
+        another worker finalizes (its claim and ours must not interleave: see CLAIM_OWED_FINALIZED)."""
+        async with self.db.transaction() as connection:
+            if not await connection.fetchval(sql.FINALITY_LOCK, FINALITY_LOCK_KEY):
+                return []
+            rows = await connection.fetch(sql.CLAIM_OWED_FINALIZED, limit, self.owner, self.lease_s)
+        return in_seq_order(rows)
 
     # --- the finality loop ----------------------------------------------------------------------
     async def finalize_ready(self, window_s: float, limit: int) -> FinalizedBatch | None:
