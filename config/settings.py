@@ -68,6 +68,7 @@ MAX_PG_TIMEOUT_S = 2_147_483.0
 INT32_MAX = 2**31 - 1  # counts that reach an integer column or an int4 query parameter
 MAX_BACKENDS = 262_143  # PostgreSQL's limit on max_connections
 MAX_POOL_SIZE = 1_000
+DASHBOARD_SECRET_MIN_CHARS = 16  # RUNNER_DASHBOARD_TOKEN and RUNNER_DASHBOARD_PASSWORD
 
 
 
@@ -214,6 +215,15 @@ class Settings(BaseSettings):
     loop_lag_threshold: float = Field(2.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
     depth_sample_interval: float = Field(5.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
 
+    # --- dashboard (runner dashboard, runner.dashboard) -----------------------------------------
+    # Any host but a loopback address needs a token or basic-auth credentials (checked by the command).
+    dashboard_host: str = Field("127.0.0.1", min_length=1, max_length=255)
+    dashboard_port: int = Field(9188, ge=0, le=65535)
+    dashboard_token: SecretStr | None = None  # a bearer token (or the login form's); at least 16 characters
+    dashboard_user: str | None = Field(None, min_length=1, max_length=200)  # basic auth, with the password
+    dashboard_password: SecretStr | None = None
+    dashboard_read_only: bool = False  # actions hidden and refused (403)
+
     # --- chain (the one AsyncWeb3 of the process, runner.chain; plugins use it) -----------------
     chain_url: str | None = None  # an http(s):// JSON-RPC URL, checked here (check_http_url)
     chain_max_connections: int = Field(4, gt=0, le=MAX_POOL_SIZE)
@@ -226,6 +236,13 @@ class Settings(BaseSettings):
     def _parse_dsn(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             check_dsn(value.get_secret_value())  # DsnError is a ValueError: one line, without the value
+        return value
+
+    @field_validator("dashboard_token", "dashboard_password")
+    @classmethod
+    def _dashboard_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < DASHBOARD_SECRET_MIN_CHARS:
+            raise ValueError(f"must be at least {DASHBOARD_SECRET_MIN_CHARS} characters (empty: unset it)")
         return value
 
     @field_validator("chain_url")
@@ -269,6 +286,9 @@ class Settings(BaseSettings):
                 "RUNNER_IDLE_IN_TRANSACTION_TIMEOUT must be below RUNNER_LEASE_TIMEOUT, so a frozen owner's "
                 f"transaction ends before its lease (got {self.idle_in_transaction_timeout} and {self.lease_timeout})"
             )
+        if (self.dashboard_user is None) != (self.dashboard_password is None):
+            raise ValueError("RUNNER_DASHBOARD_USER and RUNNER_DASHBOARD_PASSWORD go together (basic auth): "
+                             "set both or neither")
         self.pool_budget()  # raises when the derived pool is too small to run
         return self
 

@@ -689,6 +689,32 @@ def purge_command(
     print(f"{n} job{'s' if n != 1 else ''} deleted")
 
 
+# --- dashboard --------------------------------------------------------------------------------------
+@cli.command("dashboard")
+def dashboard_command(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (RUNNER_DASHBOARD_HOST, 127.0.0.1); "
+                                                  "any other than loopback needs authentication")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (RUNNER_DASHBOARD_PORT, 9188; 0: a free one)")] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Hide and refuse every action "
+                                                                "(RUNNER_DASHBOARD_READ_ONLY)")] = False,
+) -> None:
+    """The web dashboard for operators: jobs, workers, backfills, schedules and consensus, live."""
+    settings = settings_or_exit(dashboard_host=host, dashboard_port=port)
+    from runner.dashboard import Auth, DashboardBindError, check_bind, serve  # aiohttp and Jinja2: only here
+
+    def secret(value: Any) -> str | None:
+        return None if value is None else str(value.get_secret_value())
+
+    auth = Auth(token=secret(settings.dashboard_token), user=settings.dashboard_user,
+                password=secret(settings.dashboard_password))
+    try:
+        check_bind(settings.dashboard_host, auth)
+    except DashboardBindError as error:
+        raise fail(str(error), error.exit_code) from None
+    mode = read_only or settings.dashboard_read_only
+    with_app(settings, lambda app: serve(app, settings.dashboard_host, settings.dashboard_port, auth, mode))
+
+
 # --- the embedded database --------------------------------------------------------------------------
 def embedded(settings: Settings) -> EmbeddedPostgres:
     from runner.embedded import EmbeddedPostgres

@@ -559,3 +559,129 @@ WHERE name = $1
 SCHEDULE_SECONDS_TO_NEXT = """
 SELECT extract(epoch FROM min(next_tick) - clock_timestamp())::float8 FROM runner_schedules WHERE NOT paused
 """
+
+
+# --- the dashboard (runner.dashboard) ------------------------------------------------------------------
+# Read-mostly statements for the web dashboard. None scans the history: finished jobs are read through
+# runner_jobs_finished_idx (the last hour, or the newest $n), unfinished ones through
+# runner_jobs_unfinished_idx, single jobs and pages by primary key. Counts reuse COUNT_UNFINISHED_BY_QUEUE,
+# COUNT_RECENT_FINISHED_BY_QUEUE and ESTIMATE_FINISHED_BY_STATUS (through JobQueue.job_counts_by_queue).
+# Its actions (cancel, retry, pause) go through JobQueue and ScheduleStore, never through statements here.
+
+# Jobs finished per minute over the last hour (60 buckets, empty ones included), through the finished index.
+DASH_THROUGHPUT = """
+WITH buckets AS (
+    SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes', date_trunc('minute', now()),
+                           interval '1 minute') AS minute
+), finished AS (
+    SELECT date_trunc('minute', finished_at) AS minute, status FROM runner_jobs
+    WHERE status IN ('succeeded', 'failed', 'cancelled')
+      AND finished_at >= date_trunc('minute', now()) - interval '59 minutes'
+)
+SELECT b.minute,
+       count(f.status) FILTER (WHERE f.status = 'succeeded') AS succeeded,
+       count(f.status) FILTER (WHERE f.status = 'failed') AS failed,
+       count(f.status) FILTER (WHERE f.status = 'cancelled') AS cancelled
+FROM buckets b LEFT JOIN finished f ON f.minute = b.minute
+GROUP BY b.minute
+ORDER BY b.minute
+"""
+
+# Every registered worker with its heartbeat age and the jobs it holds (running jobs: the unfinished index).
+DASH_WORKERS = """
+SELECT w.id, w.host, w.pid, w.queues, w.concurrency, w.started_at, w.last_heartbeat_at,
+       extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       coalesce(r.running, 0) AS running
+FROM runner_workers w
+LEFT JOIN (
+    SELECT lease_owner, count(*) AS running FROM runner_jobs
+    WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner
+) r ON r.lease_owner = w.id
+ORDER BY w.id
+"""
+
+# A job list's columns: no payload, checkpoint or result (up to a megabyte each), the error's first 300
+# characters. The newest first by primary key, keyset paging on id ($5: only ids below it).
+_DASH_LIST_COLUMNS = """id, kind, queue, status, priority, attempts, max_attempts, recoveries, progress_done,
+       progress_total, cancel_requested, left(last_error, 300) AS last_error, lease_owner, created_at,
+       started_at, finished_at, parent_id"""
+
+# As LIST_JOBS, plus $6: text the last error contains (case-insensitive; NULL: any). strpos, not LIKE, so
+# an operator's % or _ is matched literally.
+DASH_LIST_JOBS = f"""
+SELECT {_DASH_LIST_COLUMNS} FROM runner_jobs
+WHERE {_FILTER}
+  AND ($5::bigint IS NULL OR id < $5::bigint)
+  AND ($6::text IS NULL OR strpos(lower(last_error), lower($6::text)) > 0)
+ORDER BY id DESC
+LIMIT $4
+"""
+
+# The newest jobs (primary key, backwards).
+DASH_RECENT_JOBS = f"SELECT {_DASH_LIST_COLUMNS} FROM runner_jobs ORDER BY id DESC LIMIT $1"
+
+# Live ones (the unfinished index) of the given kinds: the backfills' page. Top-level jobs only: a parallel
+# backfill's chunks are shown under their parent.
+DASH_UNFINISHED_OF_KINDS = f"""
+SELECT {_DASH_LIST_COLUMNS}, payload::text AS payload FROM runner_jobs
+WHERE status IN ('pending', 'running') AND kind = ANY($1::text[]) AND parent_id IS NULL
+ORDER BY id DESC
+LIMIT $2
+"""
+
+# Finished ones of the given kinds among the newest $2 finished jobs (the finished index, bounded).
+DASH_RECENT_FINISHED_OF_KINDS = f"""
+SELECT {_DASH_LIST_COLUMNS}, payload::text AS payload FROM (
+    SELECT * FROM runner_jobs WHERE status IN ('succeeded', 'failed', 'cancelled')
+    ORDER BY finished_at DESC LIMIT $2
+) recent
+WHERE kind = ANY($1::text[]) AND parent_id IS NULL
+ORDER BY id DESC
+LIMIT $3
+"""
+
+# Children of many parents at once (the parent index): a page of parallel backfills' chunks.
+DASH_CHILDREN_OF = f"""
+SELECT {_DASH_LIST_COLUMNS}, payload::text AS payload FROM runner_jobs
+WHERE parent_id = ANY($1::bigint[])
+ORDER BY parent_id, id
+"""
+
+# --- the dashboard: consensus (the consensus plugin's tables, read only; absent when it never migrated)
+DASH_CONSENSUS_PRESENT = "SELECT to_regclass('runner_consensus_transactions') IS NOT NULL"
+
+# Unfinished transactions by contract and status, exact (runner_consensus_tx_unfinished_idx).
+DASH_CONSENSUS_UNFINISHED = """
+SELECT to_address, status, count(*) AS n FROM runner_consensus_transactions
+WHERE status NOT IN ('FINALIZED', 'CANCELED')
+GROUP BY to_address, status
+"""
+
+# Done ones (FINALIZED, CANCELED) by contract among the newest $1 transactions (the seq index, backwards).
+DASH_CONSENSUS_RECENT_DONE = """
+SELECT to_address, status, count(*) AS n FROM (
+    SELECT to_address, status FROM runner_consensus_transactions ORDER BY seq DESC LIMIT $1
+) recent
+WHERE status IN ('FINALIZED', 'CANCELED')
+GROUP BY to_address, status
+"""
+
+_DASH_TX_COLUMNS = """hash, seq, status, from_address, to_address, leader, outcome, reason, created_at, activated_at,
+       timestamp_awaiting_finalization, finalized_at, lease_owner, lease_expires_at, lease_epoch, recovery_count,
+       activated_event_tx, proposed_event_tx, committed_event_tx, revealed_event_tx, decided_event_tx,
+       finalized_event_tx"""
+
+# The newest transactions, optionally of one status ($1) and contract ($2), keyset paging on seq ($3).
+DASH_CONSENSUS_LIST = f"""
+SELECT {_DASH_TX_COLUMNS} FROM runner_consensus_transactions
+WHERE ($1::text IS NULL OR status = $1::text) AND ($2::text IS NULL OR to_address = $2::text)
+  AND ($3::bigint IS NULL OR seq < $3::bigint)
+ORDER BY seq DESC
+LIMIT $4
+"""
+
+DASH_CONSENSUS_GET = f"""
+SELECT {_DASH_TX_COLUMNS}, input::text AS input, votes::text AS votes, result::text AS result,
+       state_patch::text AS state_patch
+FROM runner_consensus_transactions WHERE hash = $1
+"""

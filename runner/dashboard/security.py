@@ -1,0 +1,150 @@
+"""The dashboard's protections: who may look (a bearer token, a login cookie or basic auth), what a
+request may change (POSTs with a CSRF token; none in read-only mode) and what a browser may do with a page
+(security headers: no inline script, no framing, no sniffing, no referrer).
+
+- Loopback only by default; another address needs authentication (``check_bind``: the CLI's exit 2).
+- ``RUNNER_DASHBOARD_TOKEN``: ``Authorization: Bearer <token>`` (scripts), or the login form, which sets
+  an HttpOnly, SameSite=Strict cookie holding an HMAC of the token (never the token itself).
+- ``RUNNER_DASHBOARD_USER`` / ``RUNNER_DASHBOARD_PASSWORD``: HTTP basic auth.
+- Secrets are compared with ``hmac.compare_digest``.
+- CSRF: a random cookie per browser (HttpOnly, SameSite=Strict) and, in each form and in the page's meta
+  tag for the polling script, an HMAC of it under a key of this process. A POST must carry that HMAC (the
+  ``csrf`` form field or an ``X-CSRF-Token`` header) or it is refused with 403 before anything is read or
+  written. A request authenticated by an ``Authorization: Bearer`` header is exempt: a browser never adds
+  that header by itself, so another site cannot forge one. A POST whose ``Origin`` is another site is
+  refused as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from runner.errors import UsageError
+
+SESSION_COOKIE = "runner_dashboard_session"
+CSRF_COOKIE = "runner_dashboard_csrf"
+CSRF_FIELD = "csrf"
+CSRF_HEADER = "X-CSRF-Token"
+REALM = "runner dashboard"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class DashboardBindError(UsageError):
+    """The dashboard would listen beyond this machine without authentication."""
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost``; any other name or address may be reachable from elsewhere."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The configured credentials (none: only a loopback bind is allowed)."""
+
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)  # this process's HMAC key
+
+    @property
+    def configured(self) -> bool:
+        return self.token is not None or self.user is not None
+
+    def __repr__(self) -> str:  # never the secrets
+        return f"Auth(token={'set' if self.token else 'unset'}, basic={'set' if self.user else 'unset'})"
+
+    # --- credentials ------------------------------------------------------------------------------
+    def session_value(self) -> str:
+        """The login cookie: an HMAC of the token (the token itself never leaves the server)."""
+        assert self.token is not None
+        return hmac.new(self.token.encode(), b"runner-dashboard-session", hashlib.sha256).hexdigest()
+
+    def token_matches(self, candidate: str) -> bool:
+        return self.token is not None and hmac.compare_digest(candidate.encode(), self.token.encode())
+
+    def bearer(self, request: web.Request) -> bool:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and self.token_matches(value.strip())
+
+    def basic(self, request: web.Request) -> bool:
+        if self.user is None or self.password is None:
+            return False
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user_ok = hmac.compare_digest(user.encode(), self.user.encode())
+        password_ok = hmac.compare_digest(password.encode(), self.password.encode())
+        return bool(sep) and user_ok and password_ok
+
+    def session(self, request: web.Request) -> bool:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        return self.token is not None and cookie is not None and hmac.compare_digest(
+            cookie.encode(), self.session_value().encode())
+
+    def allows(self, request: web.Request) -> bool:
+        return not self.configured or self.bearer(request) or self.basic(request) or self.session(request)
+
+    # --- CSRF -------------------------------------------------------------------------------------
+    def csrf_for(self, browser_id: str) -> str:
+        return hmac.new(self.key, f"csrf:{browser_id}".encode(), hashlib.sha256).hexdigest()
+
+    def csrf_valid(self, request: web.Request, submitted: str | None) -> bool:
+        browser_id = request.cookies.get(CSRF_COOKIE)
+        if not browser_id or not submitted:
+            return False
+        return hmac.compare_digest(submitted.encode(), self.csrf_for(browser_id).encode())
+
+
+def check_bind(host: str, auth: Auth) -> None:
+    if not is_loopback(host) and not auth.configured:
+        raise DashboardBindError(
+            f"the dashboard would listen on {host}, beyond this machine, without authentication: set "
+            "RUNNER_DASHBOARD_TOKEN (or RUNNER_DASHBOARD_USER and RUNNER_DASHBOARD_PASSWORD), or bind 127.0.0.1")
+
+
+def browser_id(request: web.Request) -> tuple[str, bool]:
+    """This browser's CSRF id (its cookie), and whether it is new (then the response sets the cookie)."""
+    existing = request.cookies.get(CSRF_COOKIE)
+    if existing and 16 <= len(existing) <= 128 and existing.isalnum():
+        return existing, False
+    return secrets.token_hex(16), True
+
+
+def same_origin(request: web.Request) -> bool:
+    """False when the browser says the request comes from another origin (Origin header)."""
+    origin = request.headers.get("Origin")
+    if origin is None or origin == "null":
+        return origin is None
+    return origin.rstrip("/") == f"{request.scheme}://{request.host}"
+
+
+def set_cookie(response: web.StreamResponse, name: str, value: str, *, secure: bool) -> None:
+    response.set_cookie(name, value, httponly=True, samesite="Strict", secure=secure, path="/")

@@ -1,0 +1,412 @@
+"""The web dashboard at the HTTP level, against a real database holding jobs in every state: every page and
+its JSON twin answer; user data is escaped and secrets masked; a POST without a valid CSRF token, from
+another origin, or in read-only mode changes nothing; authentication by token, login cookie and basic auth;
+a bind beyond loopback without authentication is refused by the command (exit 2)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from runner.app import App
+from runner.dashboard import Auth, build
+from runner.dashboard.security import CSP
+from tests.conftest import ROOT, cli_env, run_cli
+
+TOKEN = "t0ken-for-the-dashboard-test"
+PASSWORD = "basic-auth-password-123"
+SECRET_IN_ERROR = "hunter2hunter2"
+MARKUP = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+TX_HASH = "0x" + "ab" * 32
+CHAIN_TX = "0x" + "cd" * 32
+CONTRACT = "0x" + "12" * 20
+PAGES = ("/", "/jobs", "/jobs?status=failed", "/jobs?error=boom", "/jobs?kind=noop&queue=default&limit=2",
+         "/backfills", "/schedules", "/consensus", f"/consensus/{TX_HASH}")
+APIS = ("/api/overview", "/api/jobs", "/api/jobs?status=running", "/api/backfills", "/api/schedules",
+        "/api/consensus", f"/api/consensus/{TX_HASH}")
+CSRF_INPUT = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
+
+
+@dataclass
+class Jobs:
+    """The jobs the dashboard is looked at with, one per state (ids)."""
+
+    pending: int
+    delayed: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    backfill: int
+    chunks: list[int]
+
+    def all(self) -> list[int]:
+        return [self.pending, self.delayed, self.running, self.succeeded, self.failed, self.cancelled,
+                self.backfill, *self.chunks]
+
+
+async def set_state(conn: asyncpg.Connection, job_id: int, status: str, **columns: Any) -> None:
+    assignments = ["status = $2"] + [f"{name} = ${i}" for i, name in enumerate(columns, start=3)]
+    if status in ("succeeded", "failed", "cancelled"):
+        assignments.append("finished_at = now()")
+    if status in ("running", "succeeded", "failed"):
+        assignments.append("started_at = now() - interval '10 seconds'")
+    await conn.execute(f"UPDATE runner_jobs SET {', '.join(assignments)} WHERE id = $1", job_id, status,
+                       *columns.values())
+
+
+@pytest.fixture
+async def jobs(app: App, conn: asyncpg.Connection) -> Jobs:
+    pending = await app.enqueue("noop", {"note": MARKUP, "nested": {"list": [1, 2, MARKUP]}})
+    delayed = await app.enqueue("noop", {"when": "later"}, delay=3600)
+    running = await app.enqueue("noop", {"n": 1})
+    await set_state(conn, running, "running", lease_owner="worker-a", lease_epoch=3, progress_done=40,
+                    progress_total=100, lease_expires_at=None, checkpoint='{"after": 40}')
+    await conn.execute("UPDATE runner_jobs SET lease_expires_at = now() + interval '30 s' WHERE id = $1", running)
+    succeeded = await app.enqueue("noop", {"n": 2})
+    await set_state(conn, succeeded, "succeeded", result='{"copied": 7}')
+    failed = await app.enqueue("noop", {"n": 3})
+    error = (f"Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: boom {MARKUP} "
+             f"connecting to postgresql://app:{SECRET_IN_ERROR}@db.internal:5432/prod")
+    await set_state(conn, failed, "failed", attempts=5, last_error=error)
+    cancelled = await app.enqueue("noop", {"n": 4})
+    await set_state(conn, cancelled, "cancelled", last_error="cancelled before it ran")
+    backfill = await app.enqueue("noop", {"source": "default", "source_table": "public.src", "dest": "default",
+                                          "dest_table": "public.dst", "parallel": 2})
+    await conn.execute("UPDATE runner_jobs SET kind = 'backfill' WHERE id = $1", backfill)
+    await set_state(conn, backfill, "running", lease_owner="worker-a", lease_epoch=1)
+    chunks = []
+    for n, (after, upto) in enumerate(((None, 500), (500, None))):
+        chunk = await conn.fetchval(
+            "INSERT INTO runner_jobs (kind, payload, parent_id) VALUES ('backfill_chunk', $1::text::jsonb, $2) "
+            "RETURNING id", json.dumps({"chunk": {"after": after, "upto": upto}}), backfill)
+        await set_state(conn, chunk, "running", lease_owner="worker-a", lease_epoch=1, progress_done=100 * (n + 1),
+                        progress_total=500)
+        chunks.append(chunk)
+    await conn.execute("INSERT INTO runner_workers (id, host, pid, queues, concurrency) "
+                       "VALUES ('worker-a', 'host-1', 4242, 'default,backfill', 200)")
+    await app.add_schedule("nightly", "noop", cron="0 3 * * *", payload={"n": 5})
+    await conn.execute(
+        "INSERT INTO runner_consensus_transactions (hash, status, from_address, to_address, input, leader, votes, "
+        "activated_at, activated_event_tx, proposed_event_tx) VALUES ($1, 'PROPOSING', $2, $3, $4::text::jsonb, "
+        "$2, $5::text::jsonb, now(), $6, $6)",
+        TX_HASH, "0x" + "34" * 20, CONTRACT, json.dumps({"method": "set", "note": MARKUP}),
+        json.dumps({"0xv1": "agree"}), CHAIN_TX)
+    return Jobs(pending, delayed, running, succeeded, failed, cancelled, backfill, chunks)
+
+
+Factory = Callable[..., Any]
+
+
+@pytest.fixture
+async def dashboard(app: App) -> AsyncIterator[Factory]:
+    """dashboard(auth=..., read_only=...): a client of a dashboard on a real port, over real HTTP."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(auth: Auth | None = None, read_only: bool = False) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = TestClient(TestServer(build(app, auth or Auth(), read_only)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def csrf_of(client: TestClient[Any, Any], path: str = "/jobs", **kwargs: Any) -> str:
+    response = await client.get(path, **kwargs)
+    assert response.status == 200, await response.text()
+    match = CSRF_INPUT.search(await response.text())
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+async def status_of(conn: asyncpg.Connection, job_id: int) -> str:
+    return str(await conn.fetchval("SELECT status FROM runner_jobs WHERE id = $1", job_id))
+
+
+async def test_every_page_and_its_json_answer(dashboard: Factory, jobs: Jobs) -> None:
+    client = await dashboard()
+    for path in (*PAGES, *(f"/jobs/{job_id}" for job_id in jobs.all())):
+        response = await client.get(path)
+        body = await response.text()
+        assert response.status == 200, (path, body[:2000])
+        assert response.headers["Content-Security-Policy"] == CSP
+        assert "script-src 'self'" in CSP and "frame-ancestors 'none'" in CSP and "unsafe-inline" not in CSP
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert response.headers["Content-Type"].startswith("text/html")
+    for path in APIS:
+        response = await client.get(path)
+        assert response.status == 200, (path, await response.text())
+        assert response.headers["Content-Type"].startswith("application/json")
+        await response.json()
+    for asset in ("/static/dashboard.js", "/static/dashboard.css"):
+        response = await client.get(asset)
+        assert response.status == 200 and response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs) -> None:
+    client = await dashboard()
+    overview = await (await client.get("/api/overview")).json()
+    assert overview["counts"]["jobs"] == {"pending": 1, "delayed": 1, "running": 4, "succeeded": 1, "failed": 1,
+                                          "cancelled": 1}
+    assert overview["counts"]["estimated"] == []
+    assert len(overview["throughput"]) == 60 and overview["chart"]["succeeded"] == 1
+    assert overview["chart"]["failed"] == 1 and overview["chart"]["cancelled"] == 1
+    (worker,) = overview["workers"]
+    assert (worker["id"], worker["concurrency"], worker["running"], worker["live"]) == ("worker-a", 200, 4, True)
+    assert {row["id"] for row in overview["running"]} == {jobs.running, jobs.backfill, *jobs.chunks}
+    assert [row["id"] for row in overview["recent"]][:2] == [jobs.chunks[1], jobs.chunks[0]]
+
+    listed = await (await client.get("/api/jobs?status=failed&status=cancelled")).json()
+    assert [job["id"] for job in listed["jobs"]] == [jobs.cancelled, jobs.failed]
+    by_error = await (await client.get("/api/jobs?error=BOOM")).json()
+    assert [job["id"] for job in by_error["jobs"]] == [jobs.failed]
+    wildcard = await (await client.get("/api/jobs?error=%25")).json()  # a literal %, not LIKE's wildcard
+    assert wildcard["jobs"] == []
+    first = await (await client.get("/api/jobs?limit=3")).json()
+    second = await (await client.get(f"/api/jobs?limit=3&before_id={first['next_before_id']}")).json()
+    seen = [job["id"] for job in first["jobs"] + second["jobs"]]
+    assert seen == sorted(jobs.all(), reverse=True)[:6] and first["next_before_id"] == first["jobs"][-1]["id"]
+    page = await (await client.get("/jobs?limit=3")).text()
+    assert f'href="/jobs?limit=3&amp;before_id={first["next_before_id"]}"' in page
+
+    detail = await (await client.get(f"/api/jobs/{jobs.running}")).json()
+    assert detail["job"]["lease_owner"] == "worker-a" and detail["job"]["lease_epoch"] == 3
+    assert detail["job"]["checkpoint"] == {"after": 40} and detail["rows_per_s"] > 0 and detail["eta_s"] > 0
+    assert [e["event"] for e in detail["timeline"]] == ["created", "runnable from", "started", "lease expires"]
+    page = await (await client.get(f"/jobs/{jobs.running}")).text()
+    assert 'value="40" max="100"' in page and "worker-a" in page and 'id="cancel"' in page
+    succeeded = await (await client.get(f"/jobs/{jobs.succeeded}")).text()
+    assert "&#34;copied&#34;: 7" in succeeded
+
+    backfills = await (await client.get("/api/backfills")).json()
+    (running,) = backfills["running"]
+    assert running["id"] == jobs.backfill and running["source"] == "default:public.src"
+    assert (running["progress_done"], running["progress_total"]) == (300, 1000)  # summed over its chunks
+    assert [c["id"] for c in running["chunks"]] == jobs.chunks and running["chunks"][1]["chunk"] == {
+        "after": 500, "upto": None}
+    assert running["rows_per_s"] > 0
+    page = await (await client.get("/backfills")).text()
+    assert f'id="chunks-{jobs.backfill}"' in page and "&gt; 500" in page and "&lt;= 500" in page
+
+    schedules = await (await client.get("/api/schedules")).json()
+    assert [(s["name"], s["paused"], s["rule"]) for s in schedules["schedules"]] == [
+        ("nightly", False, "cron 0 3 * * * (UTC)")]
+
+    consensus = await (await client.get("/api/consensus")).json()
+    assert consensus["present"] and consensus["by_contract"] == {CONTRACT: {"PROPOSING": 1}}
+    tx = await (await client.get(f"/api/consensus/{TX_HASH}")).json()
+    assert [(e["event"], e["chain_tx"]) for e in tx["timeline"] if e["chain_tx"]] == [
+        ("activated event", CHAIN_TX), ("proposed event", CHAIN_TX)]
+    page = await (await client.get(f"/consensus/{TX_HASH}")).text()
+    assert CHAIN_TX in page and "0xv1" in page
+    missing = await client.get(f"/consensus/0x{'00' * 32}")
+    assert missing.status == 404
+    assert (await client.get("/jobs/999999999")).status == 404
+    assert (await client.get("/jobs/abc")).status == 404
+    assert (await client.get("/jobs?status=nope")).status == 400
+
+
+async def test_user_data_is_rendered_inert_and_secrets_masked(dashboard: Factory, jobs: Jobs) -> None:
+    client = await dashboard()
+    pages = ["/", "/jobs", f"/jobs/{jobs.pending}", f"/jobs/{jobs.failed}", f"/consensus/{TX_HASH}"]
+    for path in pages:
+        body = await (await client.get(path)).text()
+        # the only script is the vendored file; no markup from the data survives as markup
+        assert re.findall(r"<script[^>]*>", body) == ['<script src="/static/dashboard.js" defer>'], path
+        assert "<img" not in body and "onerror=alert" not in body.replace("onerror=alert(1)&gt;", ""), path
+        assert SECRET_IN_ERROR not in body, path
+    pending = await (await client.get(f"/jobs/{jobs.pending}")).text()
+    assert r"&lt;script&gt;alert(\&#34;x\&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in pending
+    failed = await (await client.get(f"/jobs/{jobs.failed}")).text()
+    assert "Traceback (most recent call last):" in failed and "RuntimeError: boom &lt;script&gt;" in failed
+    listed = await (await client.get("/api/jobs?status=failed")).json()
+    assert SECRET_IN_ERROR not in json.dumps(listed) and "postgresql://app:" in listed["jobs"][0]["last_error"]
+    detail = await (await client.get(f"/api/jobs/{jobs.failed}")).json()
+    assert SECRET_IN_ERROR not in json.dumps(detail)
+
+
+async def test_a_post_without_a_valid_csrf_token_changes_nothing(
+    dashboard: Factory, jobs: Jobs, conn: asyncpg.Connection
+) -> None:
+    client = await dashboard()
+    token = await csrf_of(client)
+    for data in ({}, {"csrf": "0" * 64}, {"csrf": ""}):
+        response = await client.post(f"/jobs/{jobs.pending}/cancel", data=data, allow_redirects=False)
+        assert response.status == 403, await response.text()
+        response = await client.post("/jobs/bulk", data={**data, "action": "retry", "ids": [str(jobs.failed)]},
+                                     allow_redirects=False)
+        assert response.status == 403
+    assert (await client.post(f"/api/jobs/{jobs.pending}/cancel")).status == 403
+    # a valid token from another origin
+    response = await client.post(f"/jobs/{jobs.pending}/cancel", data={"csrf": token},
+                                 headers={"Origin": "http://evil.example"}, allow_redirects=False)
+    assert response.status == 403
+    # the token of another browser (another CSRF cookie) is not this one's
+    other = await dashboard()
+    response = await other.post(f"/jobs/{jobs.pending}/cancel", data={"csrf": token}, allow_redirects=False)
+    assert response.status == 403
+    assert await status_of(conn, jobs.pending) == "pending" and await status_of(conn, jobs.failed) == "failed"
+
+    response = await client.post(f"/jobs/{jobs.pending}/cancel", data={"csrf": token}, allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == f"/jobs/{jobs.pending}?notice=cancelled"
+    assert await status_of(conn, jobs.pending) == "cancelled"
+    response = await client.post(f"/jobs/{jobs.running}/cancel", data={"csrf": token}, allow_redirects=False)
+    assert response.status == 303
+    assert await conn.fetchval("SELECT cancel_requested FROM runner_jobs WHERE id = $1", jobs.running)
+    response = await client.post(f"/jobs/{jobs.succeeded}/cancel", data={"csrf": token})
+    assert response.status == 409 and "already finished" in await response.text()
+    response = await client.post("/jobs/bulk", data={"csrf": token, "action": "retry", "next": "/jobs",
+                                                     "ids": [str(jobs.failed), str(jobs.cancelled)]},
+                                 allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == "/jobs?notice=bulk"
+    assert await status_of(conn, jobs.failed) == "pending" and await status_of(conn, jobs.cancelled) == "pending"
+    response = await client.post(f"/api/jobs/{jobs.pending}/retry", headers={"X-CSRF-Token": token})
+    assert response.status == 200 and (await response.json())["status"] == "pending"
+    response = await client.post("/schedules/nightly/pause", data={"csrf": token}, allow_redirects=False)
+    assert response.status == 303
+    assert await conn.fetchval("SELECT paused FROM runner_schedules WHERE name = 'nightly'")
+    response = await client.post("/schedules/nightly/resume", data={"csrf": token}, allow_redirects=False)
+    assert response.status == 303
+    assert not await conn.fetchval("SELECT paused FROM runner_schedules WHERE name = 'nightly'")
+    # an open redirect is not one
+    response = await client.post("/jobs/bulk", data={"csrf": token, "action": "cancel", "next": "//evil.example",
+                                                     "ids": [str(jobs.delayed)]}, allow_redirects=False)
+    assert response.headers["Location"] == "/?notice=bulk"
+
+
+async def test_token_auth_bearer_and_login(dashboard: Factory, jobs: Jobs, conn: asyncpg.Connection) -> None:
+    client = await dashboard(Auth(token=TOKEN))
+    for path in ("/", "/jobs", f"/jobs/{jobs.pending}", "/api/overview", "/api/jobs"):
+        response = await client.get(path)
+        assert response.status == 401, path
+        assert "worker-a" not in await response.text()
+    assert (await client.get("/api/overview", headers={"Authorization": "Bearer wrong-token-xxxxxxxx"})).status == 401
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/", "/api/overview", f"/jobs/{jobs.pending}"):
+        assert (await client.get(path, headers=bearer)).status == 200, path
+    # a script with the bearer header needs no CSRF token: no browser sends that header by itself
+    response = await client.post(f"/api/jobs/{jobs.pending}/cancel", headers=bearer)
+    assert response.status == 200 and await status_of(conn, jobs.pending) == "cancelled"
+    assert (await client.post(f"/api/jobs/{jobs.delayed}/cancel")).status == 401
+
+    # the login form sets a cookie holding an HMAC of the token, never the token
+    login = await client.get("/login")
+    assert login.status == 200
+    csrf = CSRF_INPUT.search(await login.text())
+    assert csrf
+    wrong = await client.post("/login", data={"csrf": csrf.group(1), "token": "not-the-token", "next": "/jobs"})
+    assert wrong.status == 401
+    no_csrf = await client.post("/login", data={"token": TOKEN, "next": "/jobs"}, allow_redirects=False)
+    assert no_csrf.status == 403
+    response = await client.post("/login", data={"csrf": csrf.group(1), "token": TOKEN, "next": "/jobs"},
+                                 allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == "/jobs"
+    cookie = response.cookies["runner_dashboard_session"]
+    assert TOKEN not in cookie.value and cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert (await client.get("/jobs")).status == 200
+    assert (await client.get("/api/overview")).status == 200
+
+
+async def test_basic_auth(dashboard: Factory, jobs: Jobs) -> None:
+    client = await dashboard(Auth(user="ops", password=PASSWORD))
+    response = await client.get("/")
+    assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Basic ")
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    assert (await client.get("/", headers=basic("ops", "wrong"))).status == 401
+    assert (await client.get("/", headers=basic("root", PASSWORD))).status == 401
+    assert (await client.get("/", headers={"Authorization": "Basic !!!"})).status == 401
+    assert (await client.get("/", headers=basic("ops", PASSWORD))).status == 200
+    assert (await client.get(f"/api/jobs/{jobs.failed}", headers=basic("ops", PASSWORD))).status == 200
+    # basic auth is sent by browsers on their own: its POSTs need the CSRF token
+    response = await client.post(f"/jobs/{jobs.pending}/cancel", headers=basic("ops", PASSWORD))
+    assert response.status == 403
+
+
+async def test_read_only_hides_and_refuses_actions(
+    dashboard: Factory, jobs: Jobs, conn: asyncpg.Connection
+) -> None:
+    auth = Auth()
+    client = await dashboard(auth, read_only=True)
+    page = await (await client.get(f"/jobs/{jobs.pending}")).text()
+    assert "read-only" in page and 'id="cancel"' not in page and "/cancel" not in page
+    listing = await (await client.get("/jobs")).text()
+    assert 'action="/jobs/bulk"' not in listing and 'name="ids"' not in listing
+    assert CSRF_INPUT.search(listing) is None  # no form at all: nothing to post
+    schedules = await (await client.get("/schedules")).text()
+    assert "/pause" not in schedules and "nightly" in schedules
+    # even with this browser's valid CSRF token every action is refused
+    browser = next(c.value for c in client.session.cookie_jar if c.key == "runner_dashboard_csrf")
+    valid = auth.csrf_for(browser)
+    for path, data in ((f"/jobs/{jobs.pending}/cancel", {}), (f"/jobs/{jobs.failed}/retry", {}),
+                       ("/jobs/bulk", {"action": "cancel", "ids": [str(jobs.pending)]}),
+                       ("/schedules/nightly/pause", {}), (f"/api/jobs/{jobs.pending}/cancel", {})):
+        response = await client.post(path, data={**data, "csrf": valid}, allow_redirects=False)
+        assert response.status == 403, path
+        assert "read-only" in await response.text()
+    assert await status_of(conn, jobs.pending) == "pending" and await status_of(conn, jobs.failed) == "failed"
+    assert not await conn.fetchval("SELECT paused FROM runner_schedules WHERE name = 'nightly'")
+
+
+async def test_consensus_page_says_when_its_tables_are_absent(
+    dashboard: Factory, conn: asyncpg.Connection
+) -> None:
+    await conn.execute("DROP TABLE runner_consensus_transactions CASCADE")
+    client = await dashboard()
+    page = await client.get("/consensus")
+    assert page.status == 200 and 'id="consensus-absent"' in await page.text()
+    assert (await (await client.get("/api/consensus")).json())["present"] is False
+    assert (await client.get(f"/consensus/{TX_HASH}")).status == 200
+
+
+def test_a_bind_beyond_loopback_without_auth_exits_2(runner_env: dict[str, str]) -> None:
+    for args, extra in ((("--host", "0.0.0.0"), {}), ((), {"RUNNER_DASHBOARD_HOST": "192.0.2.1"}),
+                        (("--host", "example.com", "--read-only"), {})):
+        result = run_cli(runner_env, "dashboard", *args, timeout=60, **extra)
+        assert result.returncode == 2, result
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: the dashboard would listen on ") and "RUNNER_DASHBOARD_TOKEN" in line, line
+    short = run_cli(runner_env, "dashboard", "--host", "0.0.0.0", timeout=60, RUNNER_DASHBOARD_TOKEN="short")
+    assert short.returncode == 2 and "RUNNER_DASHBOARD_TOKEN" in short.stderr and "short" not in short.stderr
+    half = run_cli(runner_env, "dashboard", timeout=60, RUNNER_DASHBOARD_USER="ops")
+    assert half.returncode == 2 and "RUNNER_DASHBOARD_PASSWORD" in half.stderr
+
+
+async def test_the_command_serves_beyond_loopback_with_a_token(runner_env: dict[str, str]) -> None:
+    import aiohttp
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runner", "dashboard", "--host", "0.0.0.0", "--port", "0"],
+        env=cli_env(runner_env, RUNNER_DASHBOARD_TOKEN=TOKEN), cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()  # blocks until it listens (or exits: an empty line)
+        match = re.match(r"dashboard on http://0\.0\.0\.0:(\d+)\n", line)
+        assert match, line + process.stderr.read()
+        url = f"http://127.0.0.1:{match.group(1)}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/api/overview") as response:
+                assert response.status == 401
+            async with session.get(f"{url}/api/overview", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+                assert response.status == 200
+                assert "counts" in await response.json()
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
