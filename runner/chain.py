@@ -31,6 +31,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+import rlp
 from eth_account import Account
 from eth_account._utils.signing import sign_transaction_dict
 from eth_account.signers.local import LocalAccount
@@ -416,8 +417,22 @@ class Chain:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECEIPT_POLL_MAX_S)
 
-    async def deploy(self, bytecode: bytes, gas: int, timeout_s: float) -> tuple[str, int]:
-        """Deploy a contract; return its address and the block it was mined in."""
+    async def deploy(self, bytecode: bytes, gas: int, timeout_s: float, *,
+                     not_at: str | None = None) -> tuple[str, int]:
+        """Deploy a contract; return its address and the block it was mined in.
+
+        ``not_at``: an address the contract must not get. After a reset to a fresh chain our nonces start
+        again from 0, so a redeployment would land at the old deployment's address, where a batch signed
+        for the old chain (re-sent to the new node by the RPC retries, mined once our nonces catch up)
+        would still emit its stale events. A no-op moves the nonce past it first."""
+        for _ in range(SEND_ATTEMPTS):
+            nonce = self.nonces.peek(self.address)
+            if nonce is None:
+                nonce = await self._pending_count(self.address)
+            if not_at is None or create_address(self.address, nonce) != to_checksum_address(not_at):
+                break
+            log.info("moving the nonce past the old deployment's address", address=not_at, nonce=nonce)
+            await self.wait_receipt(await self.send_transaction(to=self.address, data=b"", gas=21_000), timeout_s)
         tx_hash = await self.send_transaction(to=None, data=bytecode, gas=gas)
         receipt = await self.wait_receipt(tx_hash, timeout_s)
         if receipt.contract_address is None:
@@ -503,6 +518,11 @@ async def open_chain(settings: Settings) -> Chain:
 async def close_chain(chain: Chain | None) -> None:
     if chain is not None:
         await chain.close()
+
+
+def create_address(sender: str, nonce: int) -> str:
+    """The address CREATE gives a contract deployed by ``sender`` with ``nonce``."""
+    return to_checksum_address(keccak(rlp.encode([bytes.fromhex(sender.removeprefix("0x")), nonce]))[12:])
 
 
 def _log_key(entry: dict[str, Any]) -> tuple[str, str, str]:

@@ -269,3 +269,19 @@ async def test_a_node_ahead_of_our_nonces_warns_of_a_second_process_with_the_key
     assert nonces.foreign_sends == 1
     shown = capsys.readouterr()  # structlog's console output, wherever this process configured it
     assert "another process is sending with this signing key" in shown.out + shown.err
+
+
+async def test_a_deployment_never_takes_an_address_it_must_avoid(node_chain: Chain) -> None:
+    """After a reset to a fresh chain the redeployed ConsensusMain must not get the old address (batches
+    signed for the old chain may still be mined there): the nonce that would give it is spent on a no-op."""
+    from runner.chain import create_address
+    from runner.jobs.consensus.contract import DEPLOY_GAS, artifact
+
+    bytecode = bytes.fromhex(artifact()["bytecode"].removeprefix("0x"))
+    nonce = await node_chain.w3.eth.get_transaction_count(node_chain.address, "pending")
+    old = create_address(node_chain.address, nonce)
+    address, _ = await node_chain.deploy(bytecode, DEPLOY_GAS, 30, not_at=old)
+    assert address != old and address == create_address(node_chain.address, nonce + 1)
+    assert await node_chain.code_at(old) == b""
+    plain, _ = await node_chain.deploy(bytecode, DEPLOY_GAS, 30)  # CREATE's address, as the node computes it
+    assert plain == create_address(node_chain.address, nonce + 2)

@@ -312,6 +312,7 @@ async def test_a_fresh_chain_mid_run_gets_the_events_it_lacks_and_charges_no_tra
                                         "WHERE status = 'FINALIZED' AND finalized_event_tx IS NOT NULL"))
 
     await wait_until(some_finalized_on_chain, timeout_s=60)
+    old_address = await conn.fetchval("SELECT address FROM runner_consensus_deployments")
     await close_chain(reader)
     if anvil.proc is not None:
         anvil.proc.kill()  # no dump: the state is gone
@@ -321,6 +322,8 @@ async def test_a_fresh_chain_mid_run_gets_the_events_it_lacks_and_charges_no_tra
     await asyncio.to_thread(anvil.start)
     assert await wait_exit(worker, 180, log) == 0, log.read_text()[-3000:]
     assert "chain reset: the events of the old ConsensusMain are not on this chain" in log.read_text()
+    # not at the old address, where batches signed for the old chain could still be mined
+    assert await conn.fetchval("SELECT address FROM runner_consensus_deployments") != old_address
     txs = await rows(conn)
     assert len(txs) == 48 and {t["status"] for t in txs} == {"FINALIZED"} and {t["outcome"] for t in txs} == {
         "ACCEPTED"}

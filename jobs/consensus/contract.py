@@ -193,7 +193,8 @@ async def ensure_deployed(chain: Chain, store: ConsensusStore, receipt_timeout_s
             log.warning("stored ConsensusMain has no code or another owner; deploying again "
                         "(a fresh in-process chain or a reset node)", address=stored[0], chain_id=chain.chain_id)
         bytecode = bytes.fromhex(artifact()["bytecode"].removeprefix("0x"))
-        address, block = await chain.deploy(bytecode, DEPLOY_GAS, receipt_timeout_s)
+        address, block = await chain.deploy(bytecode, DEPLOY_GAS, receipt_timeout_s,
+                                            not_at=stored[0] if stored else None)
         if await store.save_deployment(chain.chain_id, CONTRACT_NAME, address, block,
                                        replaces=stored[0] if stored else None):
             log.info("ConsensusMain deployed", address=address, block=block, chain_id=chain.chain_id)
