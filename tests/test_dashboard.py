@@ -145,7 +145,7 @@ async def test_every_page_and_its_json_answer(dashboard: Factory, jobs: Jobs) ->
         assert response.headers["Content-Security-Policy"] == CSP
         assert "script-src 'self'" in CSP and "frame-ancestors 'none'" in CSP and "unsafe-inline" not in CSP
         assert response.headers["X-Content-Type-Options"] == "nosniff"
-        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert response.headers["Referrer-Policy"] == "same-origin"
         assert response.headers["Content-Type"].startswith("text/html")
     for path in APIS:
         response = await client.get(path)
