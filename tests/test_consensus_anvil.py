@@ -388,3 +388,24 @@ async def test_two_workers_with_one_signing_key_emit_each_event_once_and_warn(
     print(check_events(txs, await (await consensus_main(conn, reader)).logs()))
     await check_nonces(reader)
     assert any("another process is sending with this signing key" in path.read_text() for path in logs)
+
+
+async def test_a_slow_chain_keeps_the_leases_a_stuck_task_is_one_that_does_nothing(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """A block every 2 s and RUNNER_CONSENSUS_TX_STUCK_AFTER at 0.5 s: every receipt wait outlasts the
+    stuck limit, but waiting on the chain is progress, so no task is cancelled as stuck, no lease lapses
+    and nothing is charged a recovery."""
+    await reader.raw_request("evm_setIntervalMining", [2])
+    await submit_many(app, plan_for(4, 2))
+    log = tmp_path / "worker.log"
+    worker = start_worker(runner_env, "--drain", log_path=log, RUNNER_CHAIN_URL=anvil.url,
+                          RUNNER_CONSENSUS_ENABLED="true", RUNNER_CONSENSUS_FINALITY_WINDOW="0.2",
+                          RUNNER_CONSENSUS_TX_STUCK_AFTER="0.5", RUNNER_LEASE_TIMEOUT="3",
+                          RUNNER_HEARTBEAT_INTERVAL="0.5")
+    assert await wait_exit(worker, 240, log) == 0, log.read_text()[-3000:]
+    txs = await rows(conn)
+    assert len(txs) == 8 and {t["status"] for t in txs} == {"FINALIZED"}
+    assert sum(t["recovery_count"] for t in txs) == 0, [t["reason"] for t in txs if t["recovery_count"]]
+    assert "consensus transaction recovered" not in log.read_text()
+    print(check_events(txs, await (await consensus_main(conn, reader)).logs()))

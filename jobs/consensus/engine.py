@@ -221,9 +221,8 @@ class RecoveryLoop(Service):
 
     async def run_once(self) -> None:
         engine, settings = self.engine, self.engine.settings
-        now = time.monotonic()
         tasks = [t for t in engine.tasks.values() if t.task is not None and not t.task.done()]
-        stuck = [t for t in tasks if now - t.last_progress > engine.consensus.tx_stuck_after]
+        stuck = [t for t in tasks if t.stalled_for > engine.consensus.tx_stuck_after]
         live = [t for t in tasks if t not in stuck]
         renewed = await engine.store.renew([(t.tx.hash, t.tx.epoch) for t in live])
         for task in live:

@@ -11,9 +11,11 @@ hold (checked when the transaction was held before), is never emitted twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,28 +91,43 @@ class TxTask:
         self.engine = engine
         self.tx = tx
         self.last_progress = time.monotonic()
+        self.chain_waits = 0  # RPCs and receipt waits under way: bounded by their own timeouts, and progress
         self.task: asyncio.Task[None] | None = None
 
     def progress(self) -> None:
         self.last_progress = time.monotonic()
 
+    @property
+    def stalled_for(self) -> float:
+        """Seconds without progress; 0 while it waits on the chain (a slow block is not a stuck task)."""
+        return 0.0 if self.chain_waits else time.monotonic() - self.last_progress
+
+    @contextlib.asynccontextmanager
+    async def on_chain(self) -> AsyncIterator[None]:
+        self.chain_waits += 1
+        try:
+            yield
+        finally:
+            self.chain_waits -= 1
+            self.progress()
+
     # --- events ---------------------------------------------------------------------------------
     async def emit_once(self, column: str, events: list[cm.Event]) -> str:
         stored = self.tx.events.get(column)
-        if stored is None and self.tx.claimed_before:
-            stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
-        if stored is not None:
-            for kind in {e.kind for e in events}:
-                metrics.CONSENSUS_EVENTS_SKIPPED.labels(cm.EVENT_NAMES[kind]).inc()
-        else:
-            stored = await self.engine.emitter.emit(events)
-        if stored is None:  # ConsensusMain had them already (emitted once, whoever sent them): where?
-            stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
-            if stored is None:
-                raise ChainError(f"ConsensusMain skipped the {column} events of {short_hash(self.tx.hash)} "
-                                 "as emitted, but no log of them was found")
+        async with self.on_chain():
+            if stored is None and self.tx.claimed_before:
+                stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
+            if stored is not None:
+                for kind in {e.kind for e in events}:
+                    metrics.CONSENSUS_EVENTS_SKIPPED.labels(cm.EVENT_NAMES[kind]).inc()
+            else:
+                stored = await self.engine.emitter.emit(events)
+            if stored is None:  # ConsensusMain had them already (emitted once, whoever sent them): where?
+                stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
+        if stored is None:
+            raise ChainError(f"ConsensusMain skipped the {column} events of {short_hash(self.tx.hash)} "
+                             "as emitted, but no log of them was found")
         self.tx.events[column] = stored
-        self.progress()
         return stored
 
     async def _transition(self, to: str, **fields: Any) -> None:
