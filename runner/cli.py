@@ -705,8 +705,7 @@ def dashboard_command(
     def secret(value: Any) -> str | None:
         return None if value is None else str(value.get_secret_value())
 
-    auth = Auth(token=secret(settings.dashboard_token), user=settings.dashboard_user,
-                password=secret(settings.dashboard_password))
+    auth = Auth.of(secret(settings.dashboard_token), settings.dashboard_user, secret(settings.dashboard_password))
     try:
         check_bind(settings.dashboard_host, auth)
     except DashboardBindError as error:

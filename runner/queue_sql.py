@@ -606,16 +606,21 @@ _DASH_LIST_COLUMNS = """id, kind, queue, status, priority, attempts, max_attempt
        progress_total, cancel_requested, left(last_error, 300) AS last_error, lease_owner, created_at,
        started_at, finished_at, parent_id"""
 
-# As LIST_JOBS, plus $6: text the last error contains (case-insensitive; NULL: any). strpos, not LIKE, so
-# an operator's % or _ is matched literally.
+# As LIST_JOBS, plus $6: text the last error contains (case-insensitive; NULL: any; strpos, not LIKE, so an
+# operator's % or _ is matched literally) and $7: the lowest id to look at (NULL: none). No index serves a
+# kind, a finished status or an error text, so the caller bounds those searches to a window of ids below
+# $5 (runner.dashboard.data.SEARCH_WINDOW) and pages on through older windows.
 DASH_LIST_JOBS = f"""
 SELECT {_DASH_LIST_COLUMNS} FROM runner_jobs
 WHERE {_FILTER}
   AND ($5::bigint IS NULL OR id < $5::bigint)
   AND ($6::text IS NULL OR strpos(lower(last_error), lower($6::text)) > 0)
+  AND ($7::bigint IS NULL OR id >= $7::bigint)
 ORDER BY id DESC
 LIMIT $4
 """
+
+DASH_MAX_JOB_ID = "SELECT max(id) FROM runner_jobs"
 
 # The newest jobs (primary key, backwards).
 DASH_RECENT_JOBS = f"SELECT {_DASH_LIST_COLUMNS} FROM runner_jobs ORDER BY id DESC LIMIT $1"

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from runner.app import App
 from runner.dashboard import Auth, build
+from runner.dashboard import data as dashboard_data
 from runner.dashboard.security import CSP
 from tests.conftest import ROOT, cli_env, run_cli
 
@@ -220,6 +221,34 @@ async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs) -> None:
     assert (await client.get("/jobs?status=nope")).status == 400
 
 
+async def test_a_search_no_index_serves_pages_through_windows_of_ids(
+    dashboard: Factory, jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dashboard_data, "SEARCH_WINDOW", 3)
+    client = await dashboard()
+    noop = sorted({jobs.pending, jobs.delayed, jobs.running, jobs.succeeded, jobs.failed, jobs.cancelled},
+                  reverse=True)
+    for query, expected in (("kind=noop", noop), ("error=boom", [jobs.failed]),
+                            ("status=succeeded&status=cancelled", [jobs.cancelled, jobs.succeeded])):
+        seen: list[int] = []
+        pages: list[dict[str, Any]] = []
+        path: str | None = f"/api/jobs?{query}&limit=2"
+        while path is not None:
+            page = await (await client.get(path)).json()
+            pages.append(page)
+            seen += [job["id"] for job in page["jobs"]]
+            path = None if page["next_before_id"] is None else (
+                f"/api/jobs?{query}&limit=2&before_id={page['next_before_id']}")
+        assert seen == expected, (query, pages)
+        assert all(len(page["jobs"]) <= 2 for page in pages) and pages[-1]["next_before_id"] is None
+    # the first window (the 3 newest ids: the backfill and its chunks) holds no noop job: said, and paged on
+    first = await (await client.get("/jobs?kind=noop&limit=2")).text()
+    assert 'id="no-match"' in first and f"among ids from {jobs.backfill}" in first and 'rel="next"' in first
+    # an index serves unfinished statuses: no window, every match on one page
+    running = await (await client.get("/api/jobs?status=running")).json()
+    assert len(running["jobs"]) == 4 and running["searched_from"] is None
+
+
 async def test_user_data_is_rendered_inert_and_secrets_masked(dashboard: Factory, jobs: Jobs) -> None:
     client = await dashboard()
     pages = ["/", "/jobs", f"/jobs/{jobs.pending}", f"/jobs/{jobs.failed}", f"/consensus/{TX_HASH}"]
@@ -289,7 +318,12 @@ async def test_a_post_without_a_valid_csrf_token_changes_nothing(
 
 
 async def test_token_auth_bearer_and_login(dashboard: Factory, jobs: Jobs, conn: asyncpg.Connection) -> None:
-    client = await dashboard(Auth(token=TOKEN))
+    # replicas with the same secrets accept each other's CSRF tokens; other secrets (or none) do not
+    assert Auth.of(TOKEN).csrf_for("b" * 32) == Auth.of(TOKEN).csrf_for("b" * 32)
+    assert Auth.of(TOKEN).csrf_for("b" * 32) != Auth.of(TOKEN + "x").csrf_for("b" * 32)
+    assert Auth().csrf_for("b" * 32) != Auth().csrf_for("b" * 32)
+    assert TOKEN not in repr(Auth.of(TOKEN)) and PASSWORD not in repr(Auth.of(None, "ops", PASSWORD))
+    client = await dashboard(Auth.of(TOKEN))
     for path in ("/", "/jobs", f"/jobs/{jobs.pending}", "/api/overview", "/api/jobs"):
         response = await client.get(path)
         assert response.status == 401, path
@@ -322,7 +356,7 @@ async def test_token_auth_bearer_and_login(dashboard: Factory, jobs: Jobs, conn:
 
 
 async def test_basic_auth(dashboard: Factory, jobs: Jobs) -> None:
-    client = await dashboard(Auth(user="ops", password=PASSWORD))
+    client = await dashboard(Auth.of(None, "ops", PASSWORD))
     response = await client.get("/")
     assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Basic ")
 

@@ -43,6 +43,18 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
+async def seed_history(conn: asyncpg.Connection) -> None:
+    """An hour of finished jobs (some failed) and a worker: what the overview's chart and tables show."""
+    await conn.execute(
+        "INSERT INTO runner_jobs (kind, queue, status, attempts, created_at, started_at, finished_at, last_error) "
+        "SELECT 'noop', CASE WHEN g % 4 = 0 THEN 'bulk' ELSE 'default' END, "
+        "       CASE WHEN g % 9 = 0 THEN 'failed' ELSE 'succeeded' END, 1, f - interval '2 s', f - interval '1 s', f, "
+        "       CASE WHEN g % 9 = 0 THEN 'RuntimeError: upstream timed out' END "
+        "FROM (SELECT g, now() - (g * 17 % 3500) * interval '1 second' AS f FROM generate_series(1, 400) g) s")
+    await conn.execute("INSERT INTO runner_workers (id, host, pid, queues, concurrency) "
+                       "VALUES ('browser-worker', 'host-1', 4242, 'default,bulk', 50)")
+
+
 async def make_backfill(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(
         "INSERT INTO runner_jobs (kind, queue, payload, status, lease_owner, lease_epoch, lease_expires_at, "
@@ -57,6 +69,7 @@ async def test_the_dashboard_in_a_real_browser(
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is not installed: ./dev test installs it (apt-get install chromium)"
     shots = artifacts(tmp_path)
+    await seed_history(conn)
     watched = await app.enqueue("noop", {"watched": True})
     victim = await app.enqueue("sleep", {"seconds": 600})
     problems: list[str] = []
@@ -87,6 +100,11 @@ async def overview_follows_a_job(page: Page, app: App, url: str, job_id: int, sh
     await page.goto(f"{url}/")
     status = page.locator(f'#recent tr[data-id="{job_id}"] [data-bind="status"]')
     await expect(status).to_have_text("pending")
+    bars = page.locator("svg.chart rect.ok")
+    await expect(bars).to_have_count(60)
+    heights = await bars.evaluate_all("rects => rects.map(r => Number(r.getAttribute('height')))")
+    assert sum(1 for h in heights if h > 0) >= 30, heights  # 400 jobs over the hour: most minutes have some
+    await expect(page.locator('#workers tr[data-id="browser-worker"]')).to_be_visible()
     await expect(page.locator("#live-status")).to_contain_text("live ·", timeout=LIVE_TIMEOUT_MS)  # polling works
     await page.evaluate("window.__notReloaded = true")
     (claimed,) = await app.queue.job_claim(["default"], 1, "browser-worker", 60, ["noop"])

@@ -70,6 +70,15 @@ class Auth:
     password: str | None = None
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)  # this process's HMAC key
 
+    @classmethod
+    def of(cls, token: str | None = None, user: str | None = None, password: str | None = None) -> Auth:
+        """Credentials whose CSRF key is derived from the secrets when there are any, so that dashboards
+        behind one load balancer with the same settings accept each other's forms (else a random key)."""
+        if token is None and password is None:
+            return cls(token, user, password)
+        material = "\0".join(["runner-dashboard-csrf", token or "", user or "", password or ""]).encode()
+        return cls(token, user, password, hashlib.sha256(material).digest())
+
     @property
     def configured(self) -> bool:
         return self.token is not None or self.user is not None

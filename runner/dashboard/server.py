@@ -115,7 +115,8 @@ def fmt_json(value: Any) -> str:
 
 def chart(buckets: list[dict[str, Any]], width: int = 600, height: int = 120) -> dict[str, Any]:
     """Bars of an inline SVG (no script, no style attribute): succeeded stacked under failed per minute."""
-    top = max((int(b["succeeded"]) + int(b["failed"]) + int(b["cancelled"]) for b in buckets), default=0) or 1
+    peak = max((int(b["succeeded"]) + int(b["failed"]) + int(b["cancelled"]) for b in buckets), default=0)
+    top = peak or 1
     step = width / max(len(buckets), 1)
     bars = []
     for i, bucket in enumerate(buckets):
@@ -125,7 +126,7 @@ def chart(buckets: list[dict[str, Any]], width: int = 600, height: int = 120) ->
                      "ok_y": round(height - ok_h, 1), "ok_h": round(ok_h, 1),
                      "failed_y": round(height - ok_h - failed_h, 1), "failed_h": round(failed_h, 1),
                      "label": f"{fmt_ts(bucket['minute'])[11:16]}: {ok} succeeded, {failed} failed or cancelled"})
-    return {"width": width, "height": height, "top": top, "bars": bars,
+    return {"width": width, "height": height, "peak": peak, "bars": bars,
             "succeeded": sum(int(b["succeeded"]) for b in buckets),
             "failed": sum(int(b["failed"]) for b in buckets),
             "cancelled": sum(int(b["cancelled"]) for b in buckets)}
@@ -303,6 +304,7 @@ def job_filter(request: web.Request) -> tuple[JobFilter, str | None, int | None,
 async def jobs_data(request: web.Request) -> dict[str, Any]:
     where, error, before_id, limit = job_filter(request)
     body = await data.job_list(config_of(request).app, where, error, before_id, limit)
+    body["search_window"] = data.SEARCH_WINDOW
     body["filter"] = {"status": list(where.statuses), "kind": ", ".join(where.kinds),
                       "queue": ", ".join(where.queues), "error": error or "", "limit": limit}
     if body["next_before_id"] is not None:
