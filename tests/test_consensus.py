@@ -25,6 +25,7 @@ from runner.jobs.consensus.model import (
     parse_address,
     parse_input,
     parse_tx_hash,
+    short_hash,
 )
 from tests.conftest import run_cli
 from tests.consensus_helpers import (
@@ -377,3 +378,38 @@ async def test_owed_finalized_events_are_claimed_as_a_prefix_per_contract_in_sub
     await first.release_finalized([t.hash for t in taken], [t.epoch for t in taken], "0x01")
     rest = await second.claim_owed_finalized(limit=100)
     assert [tx.hash for tx in rest] == hashes[5:]
+
+
+async def test_a_cancelled_pending_transaction_never_runs_and_its_contract_moves_on(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """`runner tx cancel HASH`: only a PENDING transaction, one line and exit 2 otherwise; the contract's
+    next transaction runs after the one before it, and nothing of the cancelled one reaches a state or
+    the chain."""
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0.2") as app:
+        to = contract_address(1)
+        first = await submit(app, to, {"op": "set", "key": "a", "value": 1})
+        second = await submit(app, to, {"op": "set", "key": "b", "value": 2})
+        third = await submit(app, to, {"op": "set", "key": "c", "value": 3})
+        done = run_cli(runner_env, "tx", "cancel", second[:12])  # a unique prefix will do
+        assert done.returncode == 0 and done.stdout.strip() == f"{second} CANCELED", done.stderr
+        again = run_cli(runner_env, "tx", "cancel", second)
+        assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+            f"error: only a PENDING transaction can be cancelled; {short_hash(second)} is CANCELED"]
+        missing = run_cli(runner_env, "tx", "cancel", "0x" + "ab" * 32)
+        assert missing.returncode == 2 and "no consensus transaction" in missing.stderr
+        usage = run_cli(runner_env, "tx", "stop", second)
+        assert usage.returncode == 2 and "give one transaction hash" in usage.stderr
+        await drain(app)
+        late = run_cli(runner_env, "tx", "cancel", first)
+        assert late.returncode == 2 and f"{short_hash(first)} is FINALIZED" in late.stderr
+        events = await engine_of(app).contract.logs()
+        state = await engine_of(app).store.contract_state(to)
+    txs = await rows(conn)
+    assert [t["status"] for t in txs] == ["FINALIZED", "CANCELED", "FINALIZED"]
+    assert txs[1]["reason"] == "cancelled by `runner tx cancel`" and txs[1]["recovery_count"] == 0
+    assert state["finalized"]["storage"] == {"a": 1, "c": 3}
+    assert second not in {e.tx_id for e in events}
+    check_events([t for t in txs if t["hash"] != second], events)
+    shown = json.loads(run_cli(runner_env, "tx", third, "--json").stdout)
+    assert shown["status"] == "FINALIZED"

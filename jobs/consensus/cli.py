@@ -44,18 +44,32 @@ def submit_command(
 
 
 def tx_command(
-    tx_hash: Annotated[str, typer.Argument(help="The hash `runner submit` printed")],
+    args: Annotated[list[str], typer.Argument(
+        metavar="[cancel] HASH", help="The hash `runner submit` printed (or a prefix of 8+ hex digits); with "
+                                      "`cancel` first, cancel that PENDING transaction instead of showing it")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
 ) -> None:
-    """One consensus transaction: status, leader, votes, result and the chain tx of each event."""
+    """One consensus transaction: status, leader, votes, result and the chain tx of each event.
+    `runner tx cancel HASH` cancels a PENDING one (its contract's next transaction goes on)."""
     from runner.jobs.consensus.model import parse_tx_hash
     from runner.jobs.consensus.store import ConsensusStore
 
     settings = settings_or_exit()
+    cancel = len(args) == 2 and args[0] == "cancel"
+    if len(args) != 1 and not cancel:
+        raise fail("give one transaction hash, or `cancel` and one hash", 2)
     try:
-        key = parse_tx_hash(tx_hash)
+        key = parse_tx_hash(args[-1])
     except UsageError as error:
         raise fail(str(error), 2) from None
+    if cancel:
+        async def cancel_body(app: App) -> str:
+            store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
+            return await store.cancel(key, "cancelled by `runner tx cancel`")
+
+        full_hash = with_app(settings, cancel_body)  # not found or past PENDING: one line, exit 2
+        print(json.dumps({"hash": full_hash, "status": "CANCELED"}) if as_json else f"{full_hash} CANCELED")
+        return
 
     async def body(app: App) -> dict[str, Any] | None:
         return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).get(key)

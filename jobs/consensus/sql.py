@@ -277,6 +277,15 @@ SELECT EXISTS (SELECT 1 FROM {T} WHERE status NOT IN {DONE})
 """
 
 GET = f"SELECT * FROM {T} WHERE hash = $1"
+
+# An operator's cancel: only a PENDING transaction (nothing of it ran or is on chain); its contract's queue
+# moves on to the next one. The epoch bump refuses a claim that read it just before.
+CANCEL = f"""
+UPDATE {T} t SET status = 'CANCELED', reason = $2, finalized_at = now(),
+    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+WHERE t.hash = $1 AND t.status = 'PENDING'
+RETURNING t.hash
+"""
 # text_pattern_ops is not needed: a primary-key range scan serves the prefix (hash >= p AND hash < p || 'g')
 GET_BY_PREFIX = f"SELECT * FROM {T} WHERE hash >= $1 AND hash < $1 || 'g' ORDER BY hash LIMIT 2"
 

@@ -230,6 +230,21 @@ class ConsensusStore:
             raise UsageError(f"{tx_hash} matches several transactions; give more digits")
         return dict(found[0]) if found else None
 
+    async def cancel(self, tx_hash: str, reason: str) -> str:
+        """Cancel a PENDING transaction (by full hash or unique prefix); returns its full hash.
+
+        Raises UsageError when there is no such transaction or it is past PENDING (it ran, or is running:
+        its events may be on chain; an appeal, not a cancel, undoes a decided transaction)."""
+        row = await self.get(tx_hash)
+        if row is None:
+            raise UsageError(f"no consensus transaction with hash {short_hash(tx_hash)}")
+        if await self.db.fetchval(sql.CANCEL, row["hash"], reason) is not None:
+            log.info("consensus transaction cancelled", tx=short_hash(row["hash"]), reason=reason)
+            return str(row["hash"])
+        now = await self.get(row["hash"])
+        status = now["status"] if now else row["status"]
+        raise UsageError(f"only a PENDING transaction can be cancelled; {short_hash(row['hash'])} is {status}")
+
     async def contract_state(self, address: str) -> dict[str, Any]:
         row = await self.db.fetchrow(sql.STATE_OF, address)
         assert row is not None
