@@ -35,6 +35,7 @@ PAGES = ("/", "/jobs", "/jobs?status=failed", "/jobs?error=boom", "/jobs?kind=no
          "/backfills", "/schedules", "/consensus", f"/consensus/{TX_HASH}")
 APIS = ("/api/overview", "/api/jobs", "/api/jobs?status=running", "/api/backfills", "/api/schedules",
         "/api/consensus", f"/api/consensus/{TX_HASH}")
+ODD_SCHEDULE = "team/a & b <x>"  # a slash, an ampersand and markup in a name
 CSRF_INPUT = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
 
 
@@ -97,6 +98,7 @@ async def jobs(app: App, conn: asyncpg.Connection) -> Jobs:
     await conn.execute("INSERT INTO runner_workers (id, host, pid, queues, concurrency) "
                        "VALUES ('worker-a', 'host-1', 4242, 'default,backfill', 200)")
     await app.add_schedule("nightly", "noop", cron="0 3 * * *", payload={"n": 5})
+    await app.add_schedule(ODD_SCHEDULE, "noop", every=3600)
     await conn.execute(
         "INSERT INTO runner_consensus_transactions (hash, status, from_address, to_address, input, leader, votes, "
         "activated_at, activated_event_tx, proposed_event_tx) VALUES ($1, 'PROPOSING', $2, $3, $4::text::jsonb, "
@@ -205,7 +207,7 @@ async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs) -> None:
 
     schedules = await (await client.get("/api/schedules")).json()
     assert [(s["name"], s["paused"], s["rule"]) for s in schedules["schedules"]] == [
-        ("nightly", False, "cron 0 3 * * * (UTC)")]
+        ("nightly", False, "cron 0 3 * * * (UTC)"), (ODD_SCHEDULE, False, "every 3600s")]
 
     consensus = await (await client.get("/api/consensus")).json()
     assert consensus["present"] and consensus["by_contract"] == {CONTRACT: {"PROPOSING": 1}}
@@ -311,10 +313,33 @@ async def test_a_post_without_a_valid_csrf_token_changes_nothing(
     response = await client.post("/schedules/nightly/resume", data={"csrf": token}, allow_redirects=False)
     assert response.status == 303
     assert not await conn.fetchval("SELECT paused FROM runner_schedules WHERE name = 'nightly'")
+    # the page's own form for a name with a slash, an ampersand and markup pauses that schedule
+    page = await (await client.get("/schedules")).text()
+    action = re.search(r'action="(/schedules/team[^"]*/pause)"', page)
+    assert action and "<x>" not in page and "&lt;x&gt;" in page
+    response = await client.post(action.group(1).replace("&amp;", "&"), data={"csrf": token},
+                                 allow_redirects=False)
+    assert response.status == 303, await response.text()
+    assert await conn.fetchval("SELECT paused FROM runner_schedules WHERE name = $1", ODD_SCHEDULE)
     # an open redirect is not one
     response = await client.post("/jobs/bulk", data={"csrf": token, "action": "cancel", "next": "//evil.example",
                                                      "ids": [str(jobs.delayed)]}, allow_redirects=False)
     assert response.headers["Location"] == "/?notice=bulk"
+
+
+async def test_without_auth_only_loopback_host_names_are_answered(dashboard: Factory, jobs: Jobs) -> None:
+    """A DNS-rebinding guard: a page of evil.example whose name now resolves to 127.0.0.1 is refused."""
+    client = await dashboard()
+    for host in ("evil.example", "evil.example:9188", "10.0.0.5:9188"):
+        response = await client.get("/api/overview", headers={"Host": host})
+        assert response.status == 403, host
+        assert "counts" not in await response.text()
+    for host in ("localhost:9188", "127.0.0.1", "[::1]:9188"):
+        assert (await client.get("/api/overview", headers={"Host": host})).status == 200, host
+    protected = await dashboard(Auth.of(TOKEN))  # with credentials any name will do (a proxy's)
+    response = await protected.get("/api/overview", headers={"Host": "dash.example",
+                                                              "Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200
 
 
 async def test_token_auth_bearer_and_login(dashboard: Factory, jobs: Jobs, conn: asyncpg.Connection) -> None:

@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import jinja2
 from aiohttp import web
@@ -28,6 +28,7 @@ from runner.dashboard.security import (
     SESSION_COOKIE,
     Auth,
     browser_id,
+    is_loopback,
     same_origin,
     set_cookie,
 )
@@ -75,7 +76,7 @@ class Config:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.templates.filters.update(ts=fmt_ts, num=fmt_num, secs=fmt_secs, pretty=fmt_json)
+        self.templates.filters.update(ts=fmt_ts, num=fmt_num, secs=fmt_secs, pretty=fmt_json, segment=fmt_segment)
         self.templates.globals.update(statuses=STATUSES, poll_ms=POLL_MS, blank=Blank())
 
 
@@ -99,6 +100,11 @@ def fmt_num(value: int | float | str | None) -> str:
 
 def fmt_secs(value: float | str | None) -> str:
     return f"{value:,.1f} s" if isinstance(value, int | float) and not isinstance(value, bool) else ""
+
+
+def fmt_segment(value: str) -> str:
+    """One path segment (a schedule's name may hold a slash or a space)."""
+    return quote(str(value), safe="")
 
 
 def json_default(value: Any) -> Any:
@@ -170,6 +176,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _guarded(request: web.Request, handler: Handler, config: Config) -> web.StreamResponse:
     auth = config.auth
+    if not auth.configured and not is_loopback(request.url.host or ""):
+        # Without credentials only a loopback name is answered: a page of another site that rebinds its
+        # own name to 127.0.0.1 (DNS rebinding) would otherwise read the dashboard and post its forms.
+        return error_page(request, config, 403, "this dashboard answers loopback host names only "
+                          "(127.0.0.1, localhost, ::1) unless authentication is configured")
     public = request.path.startswith("/static/") or request.path == "/login"
     if not public and not auth.allows(request):
         return unauthorized(request, config)
@@ -465,7 +476,7 @@ async def transaction_data(request: web.Request) -> dict[str, Any]:
 async def transaction_page(request: web.Request) -> web.StreamResponse:
     tx_hash = request.match_info["tx_hash"]
     return render(request, config_of(request), "transaction.html", await transaction_data(request),
-                  title="Consensus transaction", api=f"/api/consensus/{tx_hash}")
+                  title="Consensus transaction", api=f"/api/consensus/{quote(tx_hash, safe='')}")
 
 
 async def transaction_api(request: web.Request) -> web.StreamResponse:
