@@ -1,13 +1,15 @@
 """The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright's Python package with
-``executable_path``; ``./dev`` installs both): the overview follows a job's status without a reload, the
-jobs list filters, a job is cancelled through its button (and is cancelled in the database), a backfill's
-progress moves live, and no page logs an error or a CSP violation. Screenshots go to
+``executable_path``; ``./dev`` installs both): the overview follows a job's status without a reload (and
+draws the last hour), the jobs list filters, a job is cancelled through its button (and is cancelled in the
+database), a backfill's progress moves live (a row written to, then a real backfill run by an in-process
+worker, to the end), and no page logs an error or a CSP violation. Screenshots go to
 ``$RUNNER_TEST_ARTIFACTS`` (else the test's temporary folder).
 
 A missing chromium fails the test: it is a set-up error, not a reason to skip."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -21,9 +23,16 @@ from playwright.async_api import ConsoleMessage, Page, async_playwright, expect
 
 from runner.app import App
 from runner.dashboard import Auth, build
+from runner.queue import NewJob
+from runner.worker import Worker
 from tests.pg import wait_until
+from tests.test_backfill import make_table
 
 LIVE_TIMEOUT_MS = 20_000  # polls every 2 s; generous for a loaded machine, met as soon as the page shows it
+# The real backfill: capped at ROWS_PER_S, so it copies for ROWS / ROWS_PER_S seconds at least (5 polls of
+# the page) however fast the machine; a slow one only copies longer.
+ROWS = 30_000
+ROWS_PER_S = 3_000
 
 
 @pytest.fixture
@@ -64,7 +73,7 @@ async def make_backfill(conn: asyncpg.Connection) -> int:
 
 
 async def test_the_dashboard_in_a_real_browser(
-    app: App, conn: asyncpg.Connection, dashboard_url: str, tmp_path: Path
+    app: App, conn: asyncpg.Connection, database_url: str, dashboard_url: str, tmp_path: Path
 ) -> None:
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is not installed: ./dev test installs it (apt-get install chromium)"
@@ -91,6 +100,7 @@ async def test_the_dashboard_in_a_real_browser(
             await overview_follows_a_job(page, app, dashboard_url, watched, shots)
             await jobs_filter_and_cancel(page, app, dashboard_url, victim, shots)
             await backfill_progress_moves(page, conn, dashboard_url, shots)
+            await real_backfill_moves(page, app, database_url, dashboard_url, shots)
         finally:
             await browser.close()
     assert problems == [], problems
@@ -154,3 +164,36 @@ async def backfill_progress_moves(page: Page, conn: asyncpg.Connection, url: str
     await expect(row.locator('[data-bind="rows_per_s"]')).not_to_have_text("")
     assert await page.evaluate("window.__notReloaded === true"), "the page was reloaded"
     await page.screenshot(path=str(shots / "dashboard-backfill.png"), full_page=True)
+
+
+async def real_backfill_moves(page: Page, app: App, database_url: str, url: str, shots: Path) -> None:
+    """A real backfill run by a real worker (in-process): its rows move on the open page, then it is done."""
+    await make_table(database_url, "src", ROWS)
+    payload = {"source": "default", "source_table": "public.src", "dest": "default", "dest_table": "public.dst",
+               "create_table": True, "batch_size": 500, "max_rows_per_second": ROWS_PER_S}
+    kind = app.registry.get("backfill")
+    assert kind.validate is not None
+    await kind.validate(payload, app)
+    job_id, _ = await app.queue.job_enqueue(NewJob("backfill", payload, queue="default"))
+    await page.goto(f"{url}/backfills")
+    await page.evaluate("window.__notReloaded = true")
+    worker = Worker(app, queues=["default"], install_signal_handlers=False, serve_http=False)
+    running = asyncio.create_task(worker.run())
+    try:
+        row = page.locator(f'#running tr[data-id="{job_id}"]')
+        done = row.locator('[data-bind="progress_done"]')
+        await expect(done).to_have_text(re.compile(r"^[1-9][0-9,]*$"), timeout=LIVE_TIMEOUT_MS)  # it appeared
+        first = int((await done.text_content() or "0").replace(",", ""))
+        assert 0 < first < ROWS, first
+        await expect(done).not_to_have_text(f"{first:,}", timeout=LIVE_TIMEOUT_MS)  # and moved on
+        await expect(row.locator('[data-bind="progress_total"]')).to_have_text(f" / {ROWS:,}")
+        await expect(row.locator('[data-bind="rows_per_s"]')).not_to_have_text("")
+        await page.screenshot(path=str(shots / "dashboard-backfill-real.png"), full_page=True)
+        finished = page.locator(f'#recent tr[data-id="{job_id}"]')
+        await expect(finished.locator('[data-bind="status"]')).to_have_text("succeeded", timeout=120_000)
+        await expect(finished.locator('[data-bind="progress_done"]')).to_have_text(f"{ROWS:,}")
+        await expect(row).to_have_count(0)
+        assert await page.evaluate("window.__notReloaded === true"), "the page was reloaded"
+    finally:
+        worker.request_stop()
+        await running
