@@ -99,7 +99,7 @@ async def test_the_dashboard_in_a_real_browser(
 
             await overview_follows_a_job(page, app, dashboard_url, watched, shots)
             await jobs_filter_and_cancel(page, app, dashboard_url, victim, shots)
-            await backfill_progress_moves(page, conn, dashboard_url, shots)
+            await backfill_progress_moves(page, conn, dashboard_url)
             await real_backfill_moves(page, app, database_url, dashboard_url, shots)
         finally:
             await browser.close()
@@ -150,7 +150,7 @@ async def jobs_filter_and_cancel(page: Page, app: App, url: str, job_id: int, sh
     await wait_until(cancelled, timeout_s=10)
 
 
-async def backfill_progress_moves(page: Page, conn: asyncpg.Connection, url: str, shots: Path) -> None:
+async def backfill_progress_moves(page: Page, conn: asyncpg.Connection, url: str) -> None:
     job_id = await make_backfill(conn)
     await page.goto(f"{url}/backfills")
     row = page.locator(f'#running tr[data-id="{job_id}"]')
@@ -163,7 +163,6 @@ async def backfill_progress_moves(page: Page, conn: asyncpg.Connection, url: str
     assert await bar.evaluate("bar => [bar.value, bar.max, bar.hidden]") == [6500, 10000, False]
     await expect(row.locator('[data-bind="rows_per_s"]')).not_to_have_text("")
     assert await page.evaluate("window.__notReloaded === true"), "the page was reloaded"
-    await page.screenshot(path=str(shots / "dashboard-backfill.png"), full_page=True)
 
 
 async def real_backfill_moves(page: Page, app: App, database_url: str, url: str, shots: Path) -> None:
@@ -188,7 +187,7 @@ async def real_backfill_moves(page: Page, app: App, database_url: str, url: str,
         await expect(done).not_to_have_text(f"{first:,}", timeout=LIVE_TIMEOUT_MS)  # and moved on
         await expect(row.locator('[data-bind="progress_total"]')).to_have_text(f" / {ROWS:,}")
         await expect(row.locator('[data-bind="rows_per_s"]')).not_to_have_text("")
-        await page.screenshot(path=str(shots / "dashboard-backfill-real.png"), full_page=True)
+        await page.screenshot(path=str(shots / "dashboard-backfill.png"), full_page=True)
         finished = page.locator(f'#recent tr[data-id="{job_id}"]')
         await expect(finished.locator('[data-bind="status"]')).to_have_text("succeeded", timeout=120_000)
         await expect(finished.locator('[data-bind="progress_done"]')).to_have_text(f"{ROWS:,}")
