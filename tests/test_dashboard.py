@@ -292,10 +292,17 @@ async def test_a_post_without_a_valid_csrf_token_changes_nothing(
     assert response.status == 403
     assert await status_of(conn, jobs.pending) == "pending" and await status_of(conn, jobs.failed) == "failed"
 
-    response = await client.post(f"/jobs/{jobs.pending}/cancel", data={"csrf": token}, allow_redirects=False)
+    response = await client.post(f"/jobs/{jobs.pending}/cancel", data={"csrf": token}, allow_redirects=False,
+                                 headers={"Origin": "null"})
+    assert response.status == 403
+    # this site's own origin, also behind a proxy that ends TLS (scheme https, X-Forwarded-Host)
+    own = f"https://{client.host}:{client.port}"
+    response = await client.post(f"/jobs/{jobs.pending}/cancel", data={"csrf": token}, allow_redirects=False,
+                                 headers={"Origin": own})
     assert response.status == 303 and response.headers["Location"] == f"/jobs/{jobs.pending}?notice=cancelled"
     assert await status_of(conn, jobs.pending) == "cancelled"
-    response = await client.post(f"/jobs/{jobs.running}/cancel", data={"csrf": token}, allow_redirects=False)
+    response = await client.post(f"/jobs/{jobs.running}/cancel", data={"csrf": token}, allow_redirects=False,
+                                 headers={"Origin": "https://dash.example", "X-Forwarded-Host": "dash.example"})
     assert response.status == 303
     assert await conn.fetchval("SELECT cancel_requested FROM runner_jobs WHERE id = $1", jobs.running)
     response = await client.post(f"/jobs/{jobs.succeeded}/cancel", data={"csrf": token})
@@ -376,8 +383,12 @@ async def test_token_auth_bearer_and_login(dashboard: Factory, jobs: Jobs, conn:
     assert response.status == 303 and response.headers["Location"] == "/jobs"
     cookie = response.cookies["runner_dashboard_session"]
     assert TOKEN not in cookie.value and cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert not cookie["secure"]  # plain HTTP here (behind a proxy that ends TLS it is Secure: below)
     assert (await client.get("/jobs")).status == 200
     assert (await client.get("/api/overview")).status == 200
+    behind = await client.post("/login", data={"csrf": csrf.group(1), "token": TOKEN, "next": "/"},
+                               headers={"X-Forwarded-Proto": "https"}, allow_redirects=False)
+    assert behind.status == 303 and behind.cookies["runner_dashboard_session"]["secure"]
 
 
 async def test_basic_auth(dashboard: Factory, jobs: Jobs) -> None:

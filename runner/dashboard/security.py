@@ -24,6 +24,7 @@ import hmac
 import ipaddress
 import secrets
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -148,11 +149,23 @@ def browser_id(request: web.Request) -> tuple[str, bool]:
 
 
 def same_origin(request: web.Request) -> bool:
-    """False when the browser says the request comes from another origin (Origin header)."""
+    """False when the browser says the request comes from another site: an ``Origin`` header whose host
+    (and port) is neither this request's ``Host`` nor, behind a reverse proxy, its ``X-Forwarded-Host``. The
+    scheme is not compared: a proxy that ends TLS talks plain HTTP to the dashboard. (A cross-site form
+    cannot set X-Forwarded-Host; the CSRF token is the defence that matters, this one is a second.)"""
     origin = request.headers.get("Origin")
-    if origin is None or origin == "null":
-        return origin is None
-    return origin.rstrip("/") == f"{request.scheme}://{request.host}"
+    if origin is None:
+        return True
+    if origin == "null":
+        return False
+    netloc = urlsplit(origin).netloc.lower()
+    hosts = {request.host.lower(), *(h.strip().lower() for h in request.headers.get("X-Forwarded-Host", "").split(","))}
+    return bool(netloc) and netloc in hosts
+
+
+def is_https(request: web.Request) -> bool:
+    """Served over TLS here or at the reverse proxy in front (X-Forwarded-Proto): cookies are Secure then."""
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower() == "https"
 
 
 def set_cookie(response: web.StreamResponse, name: str, value: str, *, secure: bool) -> None:

@@ -28,6 +28,7 @@ from runner.dashboard.security import (
     SESSION_COOKIE,
     Auth,
     browser_id,
+    is_https,
     is_loopback,
     same_origin,
     set_cookie,
@@ -170,7 +171,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[BROWSER_KEY], new_browser = browser_id(request)
     response = await _guarded(request, handler, config)
     if new_browser and not request.path.startswith("/static/"):
-        set_cookie(response, CSRF_COOKIE, request[BROWSER_KEY], secure=request.secure)
+        set_cookie(response, CSRF_COOKIE, request[BROWSER_KEY], secure=is_https(request))
     return response
 
 
@@ -502,7 +503,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         page.set_status(401)
         return page
     response = redirect(target)
-    set_cookie(response, SESSION_COOKIE, config.auth.session_value(), secure=request.secure)
+    set_cookie(response, SESSION_COOKIE, config.auth.session_value(), secure=is_https(request))
     return response
 
 
