@@ -268,7 +268,7 @@ def render(request: web.Request, config: Config, template: str, context: dict[st
            api: str | None) -> web.Response:
     notice = NOTICES.get(request.query.get("notice", ""))
     body = config.templates.get_template(template).render(
-        **context, title=title, api=api, path=request.path, read_only=config.read_only,
+        **context, title=title, api=api, path=request.path, here=request.path_qs, read_only=config.read_only,
         csrf=config.auth.csrf_for(request[BROWSER_KEY]), csrf_field=CSRF_FIELD, notice=notice,
         logged_in=config.auth.session(request), auth_configured=config.auth.configured,
     )
@@ -411,7 +411,7 @@ async def backfills_api(request: web.Request) -> web.StreamResponse:
 async def schedules_page(request: web.Request) -> web.StreamResponse:
     config = config_of(request)
     return render(request, config, "schedules.html", await data.schedules(config.app), title="Schedules",
-                  api="/api/schedules")
+                  api=None)  # not polled: a schedule changes when someone pauses it (a reload shows it)
 
 
 async def schedules_api(request: web.Request) -> web.StreamResponse:
@@ -457,9 +457,8 @@ async def consensus_data(request: web.Request) -> dict[str, Any]:
 
 
 async def consensus_page(request: web.Request) -> web.StreamResponse:
-    api = "/api/consensus" + (f"?{request.query_string}" if request.query_string else "")
     return render(request, config_of(request), "consensus.html", await consensus_data(request), title="Consensus",
-                  api=api)
+                  api=None)  # not polled (a reload refreshes it); a transaction's own page is
 
 
 async def consensus_api(request: web.Request) -> web.StreamResponse:
