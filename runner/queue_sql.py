@@ -685,8 +685,10 @@ ORDER BY seq DESC
 LIMIT $4
 """
 
+# The whole row as JSON too: columns a later consensus revision adds (rounds, say) are shown without a change
+# here.
 DASH_CONSENSUS_GET = f"""
 SELECT {_DASH_TX_COLUMNS}, input::text AS input, votes::text AS votes, result::text AS result,
-       state_patch::text AS state_patch
-FROM runner_consensus_transactions WHERE hash = $1
+       state_patch::text AS state_patch, to_jsonb(t)::text AS whole_row
+FROM runner_consensus_transactions t WHERE hash = $1
 """

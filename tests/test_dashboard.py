@@ -160,7 +160,7 @@ async def test_every_page_and_its_json_answer(dashboard: Factory, jobs: Jobs) ->
         assert response.status == 200 and response.headers["X-Content-Type-Options"] == "nosniff"
 
 
-async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs) -> None:
+async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs, conn: asyncpg.Connection) -> None:
     client = await dashboard()
     overview = await (await client.get("/api/overview")).json()
     assert overview["counts"]["jobs"] == {"pending": 1, "delayed": 1, "running": 4, "succeeded": 1, "failed": 1,
@@ -216,6 +216,12 @@ async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs) -> None:
         ("activated event", CHAIN_TX), ("proposed event", CHAIN_TX)]
     page = await (await client.get(f"/consensus/{TX_HASH}")).text()
     assert CHAIN_TX in page and "0xv1" in page
+    # a column the dashboard does not name is shown too (a later consensus revision's, say)
+    await conn.execute("ALTER TABLE runner_consensus_transactions ADD COLUMN dashboard_probe text DEFAULT '<b>7</b>'")
+    tx = await (await client.get(f"/api/consensus/{TX_HASH}")).json()
+    assert tx["transaction"]["other_columns"]["dashboard_probe"] == "<b>7</b>"
+    page = await (await client.get(f"/consensus/{TX_HASH}")).text()
+    assert "<dt>dashboard_probe</dt><dd>&lt;b&gt;7&lt;/b&gt;</dd>" in page
     missing = await client.get(f"/consensus/0x{'00' * 32}")
     assert missing.status == 404
     assert (await client.get("/jobs/999999999")).status == 404

@@ -251,8 +251,11 @@ async def consensus_transaction(app: App, tx_hash: str) -> dict[str, Any] | None
     if row is None:
         return None
     tx = _plain(row)
+    whole = _decoded(tx.pop("whole_row"))
     for column in ("input", "votes", "result", "state_patch"):
         tx[column] = redact_value(_decoded(tx[column]))
+    more = {k: v for k, v in whole.items() if k not in tx} if isinstance(whole, dict) else {}
+    tx["other_columns"] = redact_value(more)
     if tx.get("reason"):
         tx["reason"] = redact(tx["reason"])
     return {"present": True, "transaction": tx, "timeline": _tx_timeline(tx)}
