@@ -11,6 +11,9 @@ pragma solidity ^0.8.24;
 /// worker's late batch, a resend after a receipt timeout, a second process with the same key) is skipped,
 /// so the chain's record holds every event exactly once whoever sends it.
 contract ConsensusMain {
+    /// @notice Bumped when the events or emitBatch change: a worker deploys again over an older one.
+    uint256 public constant VERSION = 2;
+
     // Kinds accepted by emitBatch, one per event.
     uint8 internal constant ACTIVATED = 0;
     uint8 internal constant PROPOSED = 1;
@@ -19,16 +22,27 @@ contract ConsensusMain {
     uint8 internal constant ACCEPTED = 4;
     uint8 internal constant UNDETERMINED = 5;
     uint8 internal constant FINALIZED = 6;
+    uint8 internal constant LEADER_ROTATED = 7;
 
-    event TransactionActivated(bytes32 indexed txId, address indexed contractAddress, address leader);
-    event ReceiptProposed(bytes32 indexed txId, address indexed contractAddress, address leader, bytes32 receiptHash);
-    event VoteCommitted(bytes32 indexed txId, address indexed contractAddress, address validator, bytes32 commitHash);
-    event VoteRevealed(bytes32 indexed txId, address indexed contractAddress, address validator, bytes32 vote);
-    event TransactionAccepted(bytes32 indexed txId, address indexed contractAddress, bytes32 receiptHash);
+    // Every event carries its round: 0, then one more per new proposal of the same transaction (a
+    // leader rotation, a re-run after an appeal).
+    event TransactionActivated(bytes32 indexed txId, address indexed contractAddress, address leader, uint256 round);
+    event ReceiptProposed(
+        bytes32 indexed txId, address indexed contractAddress, address leader, bytes32 receiptHash, uint256 round
+    );
+    event VoteCommitted(
+        bytes32 indexed txId, address indexed contractAddress, address validator, bytes32 commitHash, uint256 round
+    );
+    event VoteRevealed(
+        bytes32 indexed txId, address indexed contractAddress, address validator, bytes32 vote, uint256 round
+    );
+    event TransactionAccepted(bytes32 indexed txId, address indexed contractAddress, bytes32 receiptHash, uint256 round);
     /// @notice The transaction ended without an accepted receipt; `outcome` names why
     /// (1 UNDETERMINED, 2 LEADER_TIMEOUT, 3 VALIDATORS_TIMEOUT).
-    event TransactionUndetermined(bytes32 indexed txId, address indexed contractAddress, uint8 outcome);
-    event TransactionFinalized(bytes32 indexed txId, address indexed contractAddress, bytes32 receiptHash);
+    event TransactionUndetermined(bytes32 indexed txId, address indexed contractAddress, uint8 outcome, uint256 round);
+    event TransactionFinalized(bytes32 indexed txId, address indexed contractAddress, bytes32 receiptHash, uint256 round);
+    /// @notice No majority: a validator that has not led this transaction yet proposes again in `round`.
+    event LeaderRotated(bytes32 indexed txId, address indexed contractAddress, address leader, uint256 round);
 
     error NotOwner();
     error LengthMismatch();
@@ -63,23 +77,26 @@ contract ConsensusMain {
         }
         for (uint256 i = 0; i < n; ++i) {
             uint8 kind = uint8(kinds[i]);
-            if (!_first(kind, kinds[i] >> 8, txIds[i], actors[i])) {
+            uint256 round = kinds[i] >> 8;
+            if (!_first(kind, round, txIds[i], actors[i])) {
                 continue;
             }
             if (kind == ACTIVATED) {
-                emit TransactionActivated(txIds[i], contracts[i], actors[i]);
+                emit TransactionActivated(txIds[i], contracts[i], actors[i], round);
             } else if (kind == PROPOSED) {
-                emit ReceiptProposed(txIds[i], contracts[i], actors[i], data[i]);
+                emit ReceiptProposed(txIds[i], contracts[i], actors[i], data[i], round);
             } else if (kind == COMMITTED) {
-                emit VoteCommitted(txIds[i], contracts[i], actors[i], data[i]);
+                emit VoteCommitted(txIds[i], contracts[i], actors[i], data[i], round);
             } else if (kind == REVEALED) {
-                emit VoteRevealed(txIds[i], contracts[i], actors[i], data[i]);
+                emit VoteRevealed(txIds[i], contracts[i], actors[i], data[i], round);
             } else if (kind == ACCEPTED) {
-                emit TransactionAccepted(txIds[i], contracts[i], data[i]);
+                emit TransactionAccepted(txIds[i], contracts[i], data[i], round);
             } else if (kind == UNDETERMINED) {
-                emit TransactionUndetermined(txIds[i], contracts[i], uint8(uint256(data[i])));
+                emit TransactionUndetermined(txIds[i], contracts[i], uint8(uint256(data[i])), round);
             } else if (kind == FINALIZED) {
-                emit TransactionFinalized(txIds[i], contracts[i], data[i]);
+                emit TransactionFinalized(txIds[i], contracts[i], data[i], round);
+            } else if (kind == LEADER_ROTATED) {
+                emit LeaderRotated(txIds[i], contracts[i], actors[i], round);
             } else {
                 revert UnknownKind(kind);
             }

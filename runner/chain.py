@@ -45,7 +45,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 from web3 import AsyncHTTPProvider, AsyncWeb3
-from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.types import RPCEndpoint, RPCResponse
 
 from runner import metrics
@@ -276,7 +276,11 @@ class Chain:
         return bytes(await self.w3.eth.get_code(to_checksum_address(address)))
 
     async def call(self, to: str, data: bytes) -> bytes:
-        return bytes(await self.w3.eth.call({"to": to_checksum_address(to), "data": data}))
+        """eth_call; a revert (or a node refusing the call) is a ChainError."""
+        try:
+            return bytes(await self.w3.eth.call({"to": to_checksum_address(to), "data": data}))
+        except (ContractLogicError, Web3RPCError) as error:
+            raise ChainError(f"eth_call to {to} failed: {error}") from error
 
     async def block_number(self) -> int:
         return int(await self.w3.eth.block_number)

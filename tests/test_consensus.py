@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import asyncpg
 import pytest
@@ -128,7 +129,7 @@ async def test_disagreement_and_timeouts_end_in_their_states(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
     async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_LEADER_TIMEOUT="0.3",
-                             RUNNER_CONSENSUS_VALIDATOR_TIMEOUT="0.3") as app:
+                             RUNNER_CONSENSUS_VALIDATOR_TIMEOUT="0.3", RUNNER_CONSENSUS_ROTATIONS="0") as app:
         to = contract_address(7)
         cases = [
             ({"op": "set", "key": "a", "value": 1}, "ACCEPTED"),
@@ -162,7 +163,8 @@ async def test_disagreement_and_timeouts_end_in_their_states(
 async def test_disagree_rate_makes_every_transaction_undetermined(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
-    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_DISAGREE_RATE="1") as app:
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_DISAGREE_RATE="1",
+                             RUNNER_CONSENSUS_ROTATIONS="0") as app:
         for i in range(4):
             await submit(app, contract_address(i), {"op": "set", "key": "k", "value": i})
         await drain(app)
@@ -413,3 +415,71 @@ async def test_a_cancelled_pending_transaction_never_runs_and_its_contract_moves
     check_events([t for t in txs if t["hash"] != second], events)
     shown = json.loads(run_cli(runner_env, "tx", third, "--json").stdout)
     assert shown["status"] == "FINALIZED"
+
+
+async def test_no_majority_rotates_the_leader_to_success_or_past_the_budget(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """A round without a majority hands the proposal to the next node that has not led the transaction
+    (LeaderRotated, a new round: its proposal and votes are new events carrying the round); within the
+    RUNNER_CONSENSUS_ROTATIONS budget a round with a majority accepts, past it the transaction is
+    UNDETERMINED. Each (transaction, event, round) is on chain once (per validator for votes)."""
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_ROTATIONS="2") as app:
+        to = contract_address(8)
+        rotated = await submit(app, to, {"op": "set", "key": "a", "value": 1,
+                                         "consensus": {"disagree": 3, "disagree_rounds": 2}})
+        exhausted = await submit(app, to, {"op": "set", "key": "b", "value": 2, "consensus": {"disagree": 3}})
+        plain = await submit(app, to, {"op": "set", "key": "c", "value": 3})
+        await drain(app)
+        events = await engine_of(app).contract.logs()
+        state = await engine_of(app).store.contract_state(to)
+    txs = {t["hash"]: t for t in await rows(conn)}
+    assert [txs[h]["outcome"] for h in (rotated, exhausted, plain)] == ["ACCEPTED", "UNDETERMINED", "ACCEPTED"]
+    rounds = [(txs[h]["round"], txs[h]["rotation_count"]) for h in (rotated, exhausted, plain)]
+    assert rounds == [(2, 2), (2, 2), (0, 0)]
+    assert "no majority: 2 agree, 3 disagree" in txs[exhausted]["reason"]
+    assert state["finalized"]["storage"] == {"a": 1, "c": 3}
+    seen = [(e.tx_id, e.name, e.args[0] if e.name.startswith("Vote") else None, e.args[-1]) for e in events]
+    assert len(seen) == len(set(seen))  # every (transaction, event, validator for votes, round) once
+    for tx_hash in (rotated, exhausted):
+        mine = [e for e in events if e.tx_id == tx_hash]
+        names = Counter(e.name for e in mine)
+        assert names == {"TransactionActivated": 1, "LeaderRotated": 2, "ReceiptProposed": 3, "VoteCommitted": 15,
+                         "VoteRevealed": 15, "TransactionFinalized": 1,
+                         "TransactionAccepted" if tx_hash == rotated else "TransactionUndetermined": 1}, names
+        leaders = [to_checksum_address(e.args[0]) for e in mine if e.name == "ReceiptProposed"]
+        assert len(set(leaders)) == 3  # never the same leader twice
+        assert [e.args[-1] for e in mine if e.name == "LeaderRotated"] == [1, 2]
+        decided = next(e for e in mine if e.name in ("TransactionAccepted", "TransactionUndetermined"))
+        assert decided.args[-1] == 2 and txs[tx_hash]["leader"] == leaders[-1]
+        assert txs[tx_hash]["proposed_event_tx"] == next(e.chain_tx for e in mine if e.name == "ReceiptProposed"
+                                                          and e.args[-1] == 2)  # the last round's
+    plain_events = [e for e in events if e.tx_id == plain]
+    assert {e.args[-1] for e in plain_events} == {0} and "LeaderRotated" not in {e.name for e in plain_events}
+
+
+def test_more_rotations_than_validators_is_refused(runner_env: dict[str, str]) -> None:
+    result = run_cli(runner_env, "worker", "--drain", RUNNER_CONSENSUS_ENABLED="true", RUNNER_CONSENSUS_VALIDATORS="3",
+                     RUNNER_CONSENSUS_ROTATIONS="4")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rotations (4) cannot exceed validators (3)" in lines[0], lines
+
+
+async def test_a_consensus_main_of_another_version_is_deployed_again(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """A stored deployment whose VERSION is not this code's (an older ConsensusMain, here a contract that
+    answers 42 to every call) is replaced, as after a reset: its events are not the ones this code emits."""
+    from runner.jobs.consensus.contract import VERSION, ensure_deployed, selector
+
+    async with consensus_app() as app:
+        engine = engine_of(app)
+        chain = engine.contract.chain
+        answers_42 = bytes.fromhex("600a600c600039600a6000f3" "602a60005260206000f3")
+        other, block = await chain.deploy(answers_42, 100_000, 30)
+        await conn.execute("UPDATE runner_consensus_deployments SET address = $1, block_number = $2", other, block)
+        replaced = await ensure_deployed(chain, engine.store, 30)
+        assert replaced.address != other
+        assert int.from_bytes(await chain.call(replaced.address, selector("VERSION")), "big") == VERSION
+        assert await conn.fetchval("SELECT address FROM runner_consensus_deployments") == replaced.address

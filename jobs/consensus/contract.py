@@ -22,19 +22,22 @@ ARTIFACT_PATH = Path(__file__).with_name("ConsensusMain.json")
 CONTRACT_NAME = "ConsensusMain"
 DEPLOY_GAS = 1_500_000
 
+VERSION = 2  # ConsensusMain.VERSION: a deployment of another version is replaced (as after a reset)
+
 # emitBatch kinds, as in contracts/ConsensusMain.sol
-ACTIVATED, PROPOSED, COMMITTED, REVEALED, ACCEPTED, UNDETERMINED, FINALIZED = range(7)
+ACTIVATED, PROPOSED, COMMITTED, REVEALED, ACCEPTED, UNDETERMINED, FINALIZED, LEADER_ROTATED = range(8)
 EVENT_NAMES = {
     ACTIVATED: "TransactionActivated", PROPOSED: "ReceiptProposed", COMMITTED: "VoteCommitted",
     REVEALED: "VoteRevealed", ACCEPTED: "TransactionAccepted", UNDETERMINED: "TransactionUndetermined",
-    FINALIZED: "TransactionFinalized",
+    FINALIZED: "TransactionFinalized", LEADER_ROTATED: "LeaderRotated",
 }
 KIND_NAMES = {v: k for k, v in EVENT_NAMES.items()}
 # the stored column (<kind>_event_tx) each event kind is recorded under
 KIND_COLUMNS = {ACTIVATED: "activated", PROPOSED: "proposed", COMMITTED: "committed", REVEALED: "revealed",
                 ACCEPTED: "decided", UNDETERMINED: "decided", FINALIZED: "finalized"}
 COLUMN_KINDS = {"activated": (ACTIVATED,), "proposed": (PROPOSED,), "committed": (COMMITTED,),
-                "revealed": (REVEALED,), "decided": (ACCEPTED, UNDETERMINED), "finalized": (FINALIZED,)}
+                "revealed": (REVEALED,), "decided": (ACCEPTED, UNDETERMINED), "finalized": (FINALIZED,),
+                "rotated": (LEADER_ROTATED,)}  # "rotated" is not stored: the round's opening, found by its round
 BATCH_TYPES = ["uint256[]", "bytes32[]", "address[]", "address[]", "bytes32[]"]
 ZERO_ADDRESS = "0x" + "00" * 20
 ZERO_WORD = b"\x00" * 32
@@ -158,13 +161,16 @@ class ConsensusMain:
     address: str
     deploy_block: int
 
-    async def find_event(self, kinds: tuple[int, ...], tx_id: str) -> str | None:
-        """The chain tx that already carried this transaction's event of one of ``kinds``, if any."""
+    async def find_event(self, kinds: tuple[int, ...], tx_id: str, round: int = 0) -> str | None:
+        """The chain tx that already carried this transaction's event of one of ``kinds`` in ``round``."""
         logs = await self.chain.get_logs({
             "address": self.address, "fromBlock": self.deploy_block, "toBlock": "latest",
             "topics": [["0x" + topics()[EVENT_NAMES[k]].hex() for k in kinds], "0x" + word(tx_id).hex()],
         })
-        return "0x" + bytes(logs[0]["transactionHash"]).hex() if logs else None
+        for entry in logs:  # every event's data ends with its round
+            if int.from_bytes(bytes(entry["data"])[-32:], "big") == round:
+                return "0x" + bytes(entry["transactionHash"]).hex()
+        return None
 
     async def logs(self, from_block: int | None = None) -> list[DecodedEvent]:
         entries = await self.chain.get_logs({
@@ -175,8 +181,15 @@ class ConsensusMain:
 
 
 async def _usable(chain: Chain, address: str) -> bool:
-    """Code behind the address, and owned by our signer (only the owner may emit)."""
+    """Code behind the address, of this VERSION (an older one has no VERSION: the call fails), and
+    owned by our signer (only the owner may emit)."""
     if not await chain.code_at(address):
+        return False
+    try:
+        version = decode(["uint256"], await chain.call(address, selector("VERSION")))[0]
+    except ChainError:
+        return False
+    if version != VERSION:
         return False
     owner = decode(["address"], await chain.call(address, selector("owner")))[0]
     return to_checksum_address(owner) == chain.address

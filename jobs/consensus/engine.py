@@ -133,11 +133,12 @@ class Engine:
     # --- owed events ----------------------------------------------------------------------------
     async def settle(self, txs: list[Claimed], column: str, events: list[cm.Event]) -> list[str | None]:
         """Emit (once) the owed ``column`` event of each transaction: the logs first, then one batch."""
-        found: list[str | None] = [await self.contract.find_event(cm.COLUMN_KINDS[column], tx.hash) for tx in txs]
+        kinds = cm.COLUMN_KINDS[column]
+        found: list[str | None] = [await self.contract.find_event(kinds, tx.hash, tx.round) for tx in txs]
         missing = [e for e, f in zip(events, found, strict=True) if f is None]
         emitted = await self.emitter.emit(missing) if missing else None
         if missing and emitted is None:  # all emitted meanwhile (ConsensusMain skipped them): where
-            return [f or await self.contract.find_event(cm.COLUMN_KINDS[column], tx.hash)
+            return [f or await self.contract.find_event(kinds, tx.hash, tx.round)
                     for tx, f in zip(txs, found, strict=True)]
         return [f or emitted for f in found]
 
@@ -164,7 +165,7 @@ class Engine:
         if not txs:
             return 0
         events = [cm.Event(cm.FINALIZED, tx.hash, tx.to_address, data=cm.word((tx.result or {}).get("receipt_hash")
-                                                                                or 0)) for tx in txs]
+                                                                                or 0), round=tx.round) for tx in txs]
         try:
             hashes = await self.settle(txs, "finalized", events)
         except ChainError as error:
@@ -275,12 +276,13 @@ class FinalityLoop(Service):
             batch = await engine.store.finalize_ready(engine.consensus.finality_window, FINALITY_BATCH)
             if not batch or not batch.hashes:
                 return
-            events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0))
-                      for r in batch.rows]
+            events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0),
+                               round=r["round"]) for r in batch.rows]
             try:
                 event_tx = await engine.emitter.emit(events)
                 if event_tx is None:  # every one emitted before (ConsensusMain skipped them): where
-                    event_tx = await engine.contract.find_event((cm.FINALIZED,), batch.hashes[0])
+                    first = batch.rows[0]
+                    event_tx = await engine.contract.find_event((cm.FINALIZED,), first["hash"], first["round"])
             except ChainError as error:
                 await engine.store.release_finalized(batch.hashes, batch.epochs, None)
                 await engine._quietly(engine.after_chain_error(error))

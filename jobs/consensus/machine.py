@@ -25,6 +25,7 @@ from runner.jobs.consensus import metrics
 from runner.jobs.consensus.executor import Execution, TxView
 from runner.jobs.consensus.model import (
     ACCEPTED,
+    ACTIVATED,
     COMMITTING,
     LEADER_TIMEOUT,
     OUTCOME_CODES,
@@ -113,22 +114,28 @@ class TxTask:
 
     # --- events ---------------------------------------------------------------------------------
     async def emit_once(self, column: str, events: list[cm.Event]) -> str:
+        """Emit the events of one transition of this round (all carry ``tx.round``) unless they are
+        known to be on chain; return the chain tx that carried them."""
         stored = self.tx.events.get(column)
+        kinds, round = cm.COLUMN_KINDS[column], self.tx.round
         async with self.on_chain():
             if stored is None and self.tx.claimed_before:
-                stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
+                stored = await self.engine.contract.find_event(kinds, self.tx.hash, round)
             if stored is not None:
                 for kind in {e.kind for e in events}:
                     metrics.CONSENSUS_EVENTS_SKIPPED.labels(cm.EVENT_NAMES[kind]).inc()
             else:
                 stored = await self.engine.emitter.emit(events)
             if stored is None:  # ConsensusMain had them already (emitted once, whoever sent them): where?
-                stored = await self.engine.contract.find_event(cm.COLUMN_KINDS[column], self.tx.hash)
+                stored = await self.engine.contract.find_event(kinds, self.tx.hash, round)
         if stored is None:
             raise ChainError(f"ConsensusMain skipped the {column} events of {short_hash(self.tx.hash)} "
                              "as emitted, but no log of them was found")
         self.tx.events[column] = stored
         return stored
+
+    def event(self, kind: int, actor: str = cm.ZERO_ADDRESS, data: bytes = cm.ZERO_WORD) -> cm.Event:
+        return cm.Event(kind, self.tx.hash, self.tx.to_address, actor, data, round=self.tx.round)
 
     async def _transition(self, to: str, **fields: Any) -> None:
         await self.engine.store.transition(self.tx, to=to, **fields)
@@ -148,7 +155,8 @@ class TxTask:
             await asyncio.sleep(faults.validator_delay)
         execution = await self.engine.execute(view, self.tx.accepted_state)
         rate = self.engine.consensus.disagree_rate
-        if index < faults.disagree or (rate and random.random() < rate):
+        disagrees = index < faults.disagree and (not faults.disagree_rounds or self.tx.round < faults.disagree_rounds)
+        if disagrees or (rate and random.random() < rate):
             return Execution({"divergent": index, "output": execution.output}, execution.state)
         return execution
 
@@ -171,45 +179,72 @@ class TxTask:
         tx, engine = self.tx, self.engine
         faults = Faults.parse(tx.input)
         view = TxView(tx.hash, tx.from_address, tx.to_address, strip_faults(tx.input))
-        nodes = engine.nodes
-        leader_index = pick_leader(tx.hash, nodes)
-        leader = nodes[leader_index]
-        validators = [n for i, n in enumerate(nodes) if i != leader_index]
-        tx.leader = leader
-
-        await self.emit_once("activated", [cm.Event(cm.ACTIVATED, tx.hash, tx.to_address, leader)])
-        try:
-            execution = await asyncio.wait_for(self._run_leader(view, faults),
-                                               engine.consensus.leader_timeout)
-        except TimeoutError:
-            timeout_reason = f"leader {leader} did not answer within {engine.consensus.leader_timeout:g}s"
-            await self._transition(LEADER_TIMEOUT, leader=leader, reason=timeout_reason)
-            await self._finish(LEADER_TIMEOUT, None)
-            return
-        self.progress()
-        receipt = receipt_of(execution)
-        await self._transition(PROPOSING, leader=leader, result=receipt)
-        await self.emit_once("proposed", [cm.Event(cm.PROPOSED, tx.hash, tx.to_address, leader,
-                                                   cm.word(receipt["receipt_hash"]))])
-
-        votes = list(await asyncio.gather(*[
-            self._validate(i, v, view, faults, receipt["receipt_hash"]) for i, v in enumerate(validators)
-        ]))
-        await self._transition(COMMITTING, votes=[v.committed() for v in votes])
-        await self.emit_once("committed", [cm.Event(cm.COMMITTED, tx.hash, tx.to_address, v.validator,
-                                                    cm.word(v.commit)) for v in votes])
-
-        await self._transition(REVEALING, votes=[v.revealed() for v in votes])
-        await self.emit_once("revealed", [cm.Event(cm.REVEALED, tx.hash, tx.to_address, v.validator,
-                                                   cm.word(VOTE_CODES[v.vote])) for v in votes])
-
-        outcome, reason = decide(votes)
+        tx.leader = engine.nodes[pick_leader(tx.hash, engine.nodes, tx.round)]
+        if tx.rotation_count:  # taken back up in a round a rotation opened (its worker died in it)
+            await self.emit_once("rotated", [self.event(cm.LEADER_ROTATED, tx.leader)])
+        else:
+            await self.emit_once("activated", [self.event(cm.ACTIVATED, tx.leader)])
+        while True:
+            decided = await self._round(view, faults)
+            if decided is None:
+                return  # the leader timed out
+            outcome, reason, execution = decided
+            if outcome != UNDETERMINED or tx.rotation_count >= engine.consensus.rotations:
+                break
+            await self._rotate(reason)
         if outcome == ACCEPTED:
             await self._transition(ACCEPTED, reason=reason, state_patch=diff_state(tx.accepted_state, execution.state),
                                    accepted_state=execution.state)
         else:
             await self._transition(outcome, reason=reason)
-        await self._finish(outcome, receipt["receipt_hash"])
+        await self._finish(outcome, execution.receipt_hash)
+
+    async def _round(self, view: TxView, faults: Faults) -> tuple[str, str | None, Execution] | None:
+        """One proposal and its votes: the outcome they decide (None: the leader timed out, and the
+        transaction is decided LEADER_TIMEOUT)."""
+        tx, engine = self.tx, self.engine
+        leader = tx.leader
+        assert leader is not None
+        try:
+            execution = await asyncio.wait_for(self._run_leader(view, faults), engine.consensus.leader_timeout)
+        except TimeoutError:
+            timeout_reason = f"leader {leader} did not answer within {engine.consensus.leader_timeout:g}s"
+            await self._transition(LEADER_TIMEOUT, leader=leader, reason=timeout_reason)
+            await self._finish(LEADER_TIMEOUT, None)
+            return None
+        self.progress()
+        receipt = receipt_of(execution)
+        await self._transition(PROPOSING, leader=leader, result=receipt)
+        await self.emit_once("proposed", [self.event(cm.PROPOSED, leader, cm.word(receipt["receipt_hash"]))])
+
+        validators = [n for n in engine.nodes if n != leader]
+        votes = list(await asyncio.gather(*[
+            self._validate(i, v, view, faults, receipt["receipt_hash"]) for i, v in enumerate(validators)
+        ]))
+        await self._transition(COMMITTING, votes=[v.committed() for v in votes])
+        await self.emit_once("committed", [self.event(cm.COMMITTED, v.validator, cm.word(v.commit)) for v in votes])
+
+        await self._transition(REVEALING, votes=[v.revealed() for v in votes])
+        await self.emit_once("revealed", [self.event(cm.REVEALED, v.validator, cm.word(VOTE_CODES[v.vote]))
+                                          for v in votes])
+        outcome, reason = decide(votes)
+        return outcome, reason, execution
+
+    async def _rotate(self, reason: str | None) -> None:
+        """No majority, rotations left: the next node that has not led this transaction proposes again,
+        in a new round (its events are new events; the last round's stay on chain)."""
+        tx = self.tx
+        tx.round += 1
+        tx.rotation_count += 1
+        tx.leader = self.engine.nodes[pick_leader(tx.hash, self.engine.nodes, tx.round)]
+        for column in ("proposed", "committed", "revealed", "rotated"):
+            tx.events.pop(column, None)
+        await self._transition(ACTIVATED, leader=tx.leader, new_round=True,
+                               reason=f"leader rotated ({tx.rotation_count} of {self.engine.consensus.rotations}): "
+                                      f"{reason}")
+        await self.emit_once("rotated", [self.event(cm.LEADER_ROTATED, tx.leader)])
+        metrics.CONSENSUS_ROTATIONS.inc()
+        log.info("leader rotated", tx=short_hash(tx.hash), round=tx.round, leader=tx.leader)
 
     async def _finish(self, outcome: str, receipt_hash: str | None) -> None:
         tx = self.tx
@@ -224,6 +259,6 @@ class TxTask:
 def decided_event(tx: Claimed, outcome: str, receipt_hash: str | None) -> cm.Event:
     if outcome == ACCEPTED:
         return cm.Event(cm.ACCEPTED, tx.hash, tx.to_address, tx.leader or cm.ZERO_ADDRESS,
-                        cm.word(receipt_hash or 0))
+                        cm.word(receipt_hash or 0), round=tx.round)
     return cm.Event(cm.UNDETERMINED, tx.hash, tx.to_address, tx.leader or cm.ZERO_ADDRESS,
-                    cm.word(OUTCOME_CODES.get(outcome, OUTCOME_CODES[UNDETERMINED])))
+                    cm.word(OUTCOME_CODES.get(outcome, OUTCOME_CODES[UNDETERMINED])), round=tx.round)

@@ -25,3 +25,6 @@ CONSENSUS_EVENT_BATCH = Histogram(
     "runner_consensus_event_batch_size", "Events per ConsensusMain chain transaction",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
 )
+CONSENSUS_ROTATIONS = Counter(
+    "runner_consensus_leader_rotations_total", "Leaders rotated in after a round without a majority"
+)

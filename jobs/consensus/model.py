@@ -197,12 +197,14 @@ def _walk(state: dict[str, Any], path: Path, *, create: bool) -> dict[str, Any] 
 class Faults:
     """``input["consensus"]``: make validators disagree or nodes time out, so every path is testable.
 
-    ``disagree``: how many validators return a different receipt; ``validator_timeouts``: how many never
+    ``disagree``: how many validators return a different receipt (in the first ``disagree_rounds``
+    rounds only, when given: a leader rotation then succeeds); ``validator_timeouts``: how many never
     answer (they sleep past RUNNER_CONSENSUS_VALIDATOR_TIMEOUT); ``leader_delay``/``validator_delay``:
     seconds each node sleeps before executing. RUNNER_CONSENSUS_DISAGREE_RATE adds random disagreement.
     """
 
     disagree: int = 0
+    disagree_rounds: int = 0  # 0: every round
     validator_timeouts: int = 0
     leader_delay: float = 0.0
     validator_delay: float = 0.0
@@ -214,11 +216,12 @@ class Faults:
             return cls()
         if not isinstance(raw, dict):
             raise UsageError(f"input.{FAULTS_KEY}: must be an object")
-        unknown = raw.keys() - {"disagree", "validator_timeouts", "leader_delay", "validator_delay"}
+        unknown = raw.keys() - {"disagree", "disagree_rounds", "validator_timeouts", "leader_delay", "validator_delay"}
         if unknown:
             raise UsageError(f"input.{FAULTS_KEY}: unknown flag {sorted(unknown)[0]!r}")
         return cls(
             disagree=_count(raw, "disagree"),
+            disagree_rounds=_count(raw, "disagree_rounds"),
             validator_timeouts=_count(raw, "validator_timeouts"),
             leader_delay=_seconds(raw, "leader_delay"),
             validator_delay=_seconds(raw, "validator_delay"),
@@ -249,5 +252,7 @@ def validator_set(count: int) -> list[str]:
             for i in range(count + 1)]
 
 
-def pick_leader(tx_hash: str, nodes: list[str]) -> int:
-    return int(tx_hash, 16) % len(nodes)
+def pick_leader(tx_hash: str, nodes: list[str], round: int = 0) -> int:
+    """The leader of a round: the next node on from the last round's, so a rotation (at most
+    len(nodes) - 1 of them) never repeats a leader."""
+    return (int(tx_hash, 16) + round) % len(nodes)

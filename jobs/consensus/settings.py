@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -34,6 +34,16 @@ class ConsensusSettings(BaseSettings):
     validator_timeout: float = Field(10.0, ge=MIN_S, le=MAX_S)
     finality_window: float = Field(5.0, ge=0, le=MAX_S)  # seconds a decided transaction waits before finality
     tx_stuck_after: float = Field(60.0, ge=MIN_S, le=MAX_S)  # no progress for this long: cancelled and recovered
+    # no majority: up to this many validators that have not led the transaction yet propose again
+    # (LeaderRotated), then it is UNDETERMINED; at most `validators` (each node leads once at most)
+    rotations: int = Field(3, ge=0, le=1_000)
+
+    @model_validator(mode="after")
+    def _rotations_fit(self) -> ConsensusSettings:
+        if self.rotations > self.validators:
+            raise ValueError(f"rotations ({self.rotations}) cannot exceed validators ({self.validators}): "
+                             "a rotation never repeats a leader")
+        return self
 
 
 def from_settings(settings: Settings) -> ConsensusSettings:

@@ -22,7 +22,7 @@ EVENT_COLUMNS = ("activated_event_tx", "proposed_event_tx", "committed_event_tx"
                  "decided_event_tx", "finalized_event_tx")
 CLAIMED_COLUMNS = (
     "t.hash, t.seq, t.lease_epoch, t.status, t.from_address, t.to_address, t.input, t.leader, t.result, "
-    "t.recovery_count, " + ", ".join(f"t.{c}" for c in EVENT_COLUMNS)
+    "t.recovery_count, t.round, t.rotation_count, " + ", ".join(f"t.{c}" for c in EVENT_COLUMNS)
 )
 
 INSERT_MANY = f"""
@@ -69,30 +69,34 @@ RETURNING {CLAIMED_COLUMNS},
 # epoch, owner and the status it leaves; the statement carries many rows. It renews each moved row's
 # lease (progress), and a move to ACCEPTED writes the contract's accepted state in the same statement.
 # Arrays: hash, epoch, from status, to status, leader, result, votes, reason, state_patch, the four
-# event hashes known so far, accepted state (jsonb as text).
+# event hashes known so far, accepted state (jsonb as text), and for a leader rotation the new round and
+# rotation count (NULL otherwise): a new round's proposal and votes are not the last round's.
 TRANSITION = f"""
 WITH i AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
+                         $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                         $15::int[], $16::int[])
         AS i(hash, epoch, from_status, to_status, leader, result, votes, reason, state_patch,
-             activated, proposed, committed, revealed, accepted_state)
+             activated, proposed, committed, revealed, accepted_state, round, rotation_count)
 ), moved AS (
     UPDATE {T} t
     SET status = i.to_status,
         leader = COALESCE(i.leader, t.leader),
-        result = COALESCE(i.result::jsonb, t.result),
-        votes = COALESCE(i.votes::jsonb, t.votes),
+        result = CASE WHEN i.round IS NULL THEN COALESCE(i.result::jsonb, t.result) END,
+        votes = CASE WHEN i.round IS NULL THEN COALESCE(i.votes::jsonb, t.votes) END,
         reason = COALESCE(i.reason, t.reason),
         state_patch = i.state_patch::jsonb,
+        round = COALESCE(i.round, t.round),
+        rotation_count = COALESCE(i.rotation_count, t.rotation_count),
         activated_event_tx = COALESCE(t.activated_event_tx, i.activated),
-        proposed_event_tx = COALESCE(t.proposed_event_tx, i.proposed),
-        committed_event_tx = COALESCE(t.committed_event_tx, i.committed),
-        revealed_event_tx = COALESCE(t.revealed_event_tx, i.revealed),
+        proposed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.proposed_event_tx, i.proposed) END,
+        committed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.committed_event_tx, i.committed) END,
+        revealed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.revealed_event_tx, i.revealed) END,
         outcome = CASE WHEN i.to_status IN {DECIDED} THEN i.to_status END,
         timestamp_awaiting_finalization = CASE WHEN i.to_status IN {DECIDED} THEN now() END,
-        lease_expires_at = now() + make_interval(secs => $15)
+        lease_expires_at = now() + make_interval(secs => $17)
     FROM i
-    WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $16 AND t.status = i.from_status
+    WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $18 AND t.status = i.from_status
     RETURNING t.hash, t.seq, t.to_address, i.accepted_state
 ), accepted AS (
     -- one in-flight transaction per contract, so one row per address; DISTINCT ON guards it anyway
@@ -227,7 +231,7 @@ _FINALIZABLE = """(
 # TransactionFinalized reaches the chain in submission order.
 FINALITY_READY = f"""
 SELECT t.hash, t.to_address, t.seq, t.status, t.state_patch, t.result ->> 'receipt_hash' AS receipt_hash,
-       t.lease_epoch
+       t.lease_epoch, t.round
 FROM {T} t
 WHERE t.status IN {DECIDED} AND {_FINALIZABLE.format(a="t", decided=DECIDED)}
   AND NOT EXISTS (

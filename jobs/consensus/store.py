@@ -41,6 +41,8 @@ class Claimed:
     leader: str | None
     result: dict[str, Any] | None
     recovery_count: int
+    round: int = 0  # the round its events carry: one more per leader rotation
+    rotation_count: int = 0  # leaders rotated in this run (RUNNER_CONSENSUS_ROTATIONS caps it)
     events: dict[str, str | None] = field(default_factory=dict)  # kind -> chain tx hash already stored
     accepted_state: dict[str, Any] = field(default_factory=dict)
 
@@ -51,6 +53,7 @@ class Claimed:
             hash=row["hash"], seq=row["seq"], epoch=row["lease_epoch"], status=row["status"],
             from_address=row["from_address"], to_address=row["to_address"], input=row["input"],
             leader=row["leader"], result=row["result"], recovery_count=row["recovery_count"],
+            round=row["round"], rotation_count=row["rotation_count"],
             events={kind: row[f"{kind}_event_tx"] for kind in EVENT_KINDS},
             accepted_state=(row["accepted_state"] if "accepted_state" in keys else None) or {},
         )
@@ -99,13 +102,15 @@ class ConsensusStore:
     async def transition(
         self, tx: Claimed, *, to: str, leader: str | None = None, result: Any = None, votes: Any = None,
         reason: str | None = None, state_patch: Any = None, accepted_state: dict[str, Any] | None = None,
+        new_round: bool = False,
     ) -> None:
         """One fenced transition (group-committed with other tasks'); raises LeaseLost when the
-        transaction is no longer ours."""
+        transaction is no longer ours. ``new_round``: a leader rotation, stored with ``tx.round`` and
+        ``tx.rotation_count`` (already moved on); the last round's proposal and vote events are cleared."""
         ev = tx.events
         row = (tx.hash, tx.epoch, tx.status, to, leader, _json(result), _json(votes), reason, _json(state_patch),
                ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"),
-               _json(accepted_state))
+               _json(accepted_state), tx.round if new_round else None, tx.rotation_count if new_round else None)
         if not await self._transitions().submit(row):
             raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before {tx.status} -> {to}")
         tx.status = to
