@@ -395,6 +395,13 @@ class Database:
         return PoolStats(self.min_size, self.max_size, size, idle, size - idle, self._waiters,
                          self.control_reserved, self._jobs_in_use)
 
+    def pool_use(self) -> dict[str, int]:
+        """What the worker's heartbeat stores for the dashboard: the pool as of now, and its counters."""
+        stats = self.stats()
+        return {"size": stats.size, "max": stats.max_size, "in_use": stats.in_use, "waiters": stats.waiters,
+                "peak_in_use": max(self.peak_in_use, stats.in_use), "exhaustion_retries": self.exhaustion_retries,
+                "give_ups": self.give_ups}
+
     def _sample(self) -> None:
         stats = self.stats()
         self.peak_in_use = max(self.peak_in_use, stats.in_use)

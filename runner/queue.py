@@ -218,6 +218,7 @@ class JobQueue:
             worker.pid,
             ",".join(worker.queues),
             worker.concurrency,
+            json.dumps(self.db.pool_use()),
             lane="control",
         )
         assert row is not None

@@ -78,8 +78,8 @@ WITH wanted AS MATERIALIZED (
     FROM lockable l WHERE j.id = l.id
     RETURNING j.id
 ), worker AS (
-    INSERT INTO runner_workers (id, host, pid, queues, concurrency) VALUES ($4, $5, $6, $7, $8)
-    ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
+    INSERT INTO runner_workers (id, host, pid, queues, concurrency, pool) VALUES ($4, $5, $6, $7, $8, $9::jsonb)
+    ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now(), pool = EXCLUDED.pool
     RETURNING id
 )
 SELECT coalesce((SELECT array_agg(id) FROM held), '{}'::bigint[]) AS held,
@@ -589,7 +589,7 @@ ORDER BY b.minute
 
 # Every registered worker with its heartbeat age and the jobs it holds (running jobs: the unfinished index).
 DASH_WORKERS = """
-SELECT w.id, w.host, w.pid, w.queues, w.concurrency, w.started_at, w.last_heartbeat_at,
+SELECT w.id, w.host, w.pid, w.queues, w.concurrency, w.started_at, w.last_heartbeat_at, w.pool,
        extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
        coalesce(r.running, 0) AS running
 FROM runner_workers w

@@ -104,6 +104,7 @@ workers = Table(
     Column("concurrency", Integer, nullable=False, server_default="0"),
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_heartbeat_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("pool", JSONB),  # revision 0010: its pool use as of the last heartbeat
 )
 
 schedules = Table(

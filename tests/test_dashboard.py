@@ -95,8 +95,10 @@ async def jobs(app: App, conn: asyncpg.Connection) -> Jobs:
         await set_state(conn, chunk, "running", lease_owner="worker-a", lease_epoch=1, progress_done=100 * (n + 1),
                         progress_total=500)
         chunks.append(chunk)
-    await conn.execute("INSERT INTO runner_workers (id, host, pid, queues, concurrency) "
-                       "VALUES ('worker-a', 'host-1', 4242, 'default,backfill', 200)")
+    await conn.execute("INSERT INTO runner_workers (id, host, pid, queues, concurrency, pool) "
+                       "VALUES ('worker-a', 'host-1', 4242, 'default,backfill', 200, $1::jsonb)", json.dumps(
+                           {"size": 5, "max": 20, "in_use": 3, "waiters": 2, "peak_in_use": 4,
+                            "exhaustion_retries": 7, "give_ups": 0}))
     await app.add_schedule("nightly", "noop", cron="0 3 * * *", payload={"n": 5})
     await app.add_schedule(ODD_SCHEDULE, "noop", every=3600)
     await conn.execute(
@@ -170,6 +172,10 @@ async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs, conn: asyncpg
     assert overview["chart"]["failed"] == 1 and overview["chart"]["cancelled"] == 1
     (worker,) = overview["workers"]
     assert (worker["id"], worker["concurrency"], worker["running"], worker["live"]) == ("worker-a", 200, 4, True)
+    assert (worker["pool_in_use"], worker["pool_size"], worker["pool_max"], worker["pool_waiters"],
+            worker["pool_exhaustion_retries"]) == (3, 5, 20, 2, 7)
+    home = await (await client.get("/")).text()
+    assert '<span data-bind="pool_in_use" data-format="num">3</span> / <span data-bind="pool_size"' in home
     assert {row["id"] for row in overview["running"]} == {jobs.running, jobs.backfill, *jobs.chunks}
     assert [row["id"] for row in overview["recent"]][:2] == [jobs.chunks[1], jobs.chunks[0]]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 import pytest
@@ -215,6 +216,9 @@ async def test_heartbeat_renews_leases_and_worker_row_in_one_statement(app: App)
     assert result.renewed == result.held == {j.id for j in claimed}
     assert await app.db.fetchval("SELECT min(lease_expires_at) FROM runner_jobs") > before  # 2 s lease -> 60 s
     assert await app.db.fetchval("SELECT count(*) FROM runner_workers WHERE id = 'w'") == 1
+    pool = json.loads(await app.db.fetchval("SELECT pool FROM runner_workers WHERE id = 'w'"))  # the dashboard's
+    assert pool["max"] == app.db.max_size and pool["size"] >= 1 and pool["waiters"] == 0
+    assert pool.keys() == {"size", "max", "in_use", "waiters", "peak_in_use", "exhaustion_retries", "give_ups"}
 
 
 async def test_claim_is_an_index_scan_at_a_million_rows(app: App) -> None:

@@ -34,6 +34,10 @@ MAX_ERROR_FILTER_CHARS = 200
 SEARCH_WINDOW = 100_000
 
 
+# a worker's pool as its heartbeat stores it (runner.db.Database.pool_use), flattened into its row
+POOL_FIELDS = ("size", "max", "in_use", "waiters", "peak_in_use", "exhaustion_retries", "give_ups")
+
+
 def _plain(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     return dict(row)
 
@@ -85,6 +89,10 @@ async def workers(app: App) -> list[dict[str, Any]]:
     for row in rows:
         row["heartbeat_age_s"] = round(float(row["heartbeat_age_s"]), 1)
         row["live"] = row["heartbeat_age_s"] <= lease
+        pool = row.pop("pool") or {}  # as of its last heartbeat (NULL until the first one)
+        pool = _decoded(pool) if isinstance(pool, str) else pool
+        for key in POOL_FIELDS:
+            row[f"pool_{key}"] = pool.get(key) if isinstance(pool, dict) else None
     return rows
 
 
