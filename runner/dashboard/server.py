@@ -319,12 +319,16 @@ async def jobs_data(request: web.Request) -> dict[str, Any]:
     body["search_window"] = data.SEARCH_WINDOW
     body["filter"] = {"status": list(where.statuses), "kind": ", ".join(where.kinds),
                       "queue": ", ".join(where.queues), "error": error or "", "limit": limit}
-    if body["next_before_id"] is not None:
-        params = [(k, v) for k, v in request.query.items() if k != "before_id"]
-        body["next_url"] = "/jobs?" + urlencode([*params, ("before_id", str(body["next_before_id"]))])
-    else:
-        body["next_url"] = None
+    body["next_url"] = next_page(request, "/jobs", "before_id", body["next_before_id"])
     return body
+
+
+def next_page(request: web.Request, path: str, key: str, value: int | None) -> str | None:
+    """The link to the next keyset page: this request's query with ``key`` set to ``value`` (None: last page)."""
+    if value is None:
+        return None
+    params = [(k, v) for k, v in request.query.items() if k != key]
+    return f"{path}?" + urlencode([*params, (key, str(value))])
 
 
 async def jobs_page(request: web.Request) -> web.StreamResponse:
@@ -448,11 +452,7 @@ async def consensus_data(request: web.Request) -> dict[str, Any]:
     status, contract, before = consensus_args(request)
     body = await data.consensus(config_of(request).app, status, contract, before)
     body["filter"] = {"status": status or "", "contract": contract or ""}
-    if body.get("next_before_seq") is not None:
-        params = [(k, v) for k, v in request.query.items() if k != "before_seq"]
-        body["next_url"] = "/consensus?" + urlencode([*params, ("before_seq", str(body["next_before_seq"]))])
-    else:
-        body["next_url"] = None
+    body["next_url"] = next_page(request, "/consensus", "before_seq", body.get("next_before_seq"))
     return body
 
 
