@@ -23,6 +23,7 @@ contract ConsensusMain {
     uint8 internal constant UNDETERMINED = 5;
     uint8 internal constant FINALIZED = 6;
     uint8 internal constant LEADER_ROTATED = 7;
+    uint8 internal constant APPEAL_STARTED = 8;
 
     // Every event carries its round: 0, then one more per new proposal of the same transaction (a
     // leader rotation, a re-run after an appeal).
@@ -43,6 +44,9 @@ contract ConsensusMain {
     event TransactionFinalized(bytes32 indexed txId, address indexed contractAddress, bytes32 receiptHash, uint256 round);
     /// @notice No majority: a validator that has not led this transaction yet proposes again in `round`.
     event LeaderRotated(bytes32 indexed txId, address indexed contractAddress, address leader, uint256 round);
+    /// @notice An appeal of the decision opens `round`; `appealKind` 1: validators (more validators vote on
+    /// the accepted receipt), 2: leader (a new leader proposes again).
+    event AppealStarted(bytes32 indexed txId, address indexed contractAddress, uint8 appealKind, uint256 round);
 
     error NotOwner();
     error LengthMismatch();
@@ -97,6 +101,8 @@ contract ConsensusMain {
                 emit TransactionFinalized(txIds[i], contracts[i], data[i], round);
             } else if (kind == LEADER_ROTATED) {
                 emit LeaderRotated(txIds[i], contracts[i], actors[i], round);
+            } else if (kind == APPEAL_STARTED) {
+                emit AppealStarted(txIds[i], contracts[i], uint8(uint256(data[i])), round);
             } else {
                 revert UnknownKind(kind);
             }

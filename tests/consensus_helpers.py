@@ -113,3 +113,26 @@ def check_finalized_order(txs: list[asyncpg.Record], events: list[DecodedEvent])
     for tx in txs:
         submitted[tx["to_address"]].append(tx["hash"])
     assert dict(order) == dict(submitted)
+
+
+@asynccontextmanager
+async def running_worker(app: App) -> AsyncIterator[Worker]:
+    """A worker (not draining) for the block's length: stopped and awaited on the way out."""
+    worker = Worker(app, install_signal_handlers=False)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def all_settled(conn: asyncpg.Connection, hashes: list[str], min_round: int = 0) -> bool:
+    """Each of ``hashes`` is decided, its decision on chain, released, no appeal waiting, in round
+    ``min_round`` or later."""
+    n = await conn.fetchval(
+        "SELECT count(*) FROM runner_consensus_transactions WHERE hash = ANY($1::text[]) "
+        "AND status IN ('ACCEPTED', 'UNDETERMINED', 'LEADER_TIMEOUT', 'VALIDATORS_TIMEOUT') "
+        "AND decided_event_tx IS NOT NULL AND lease_owner IS NULL AND appeal_requested IS NULL AND round >= $2",
+        hashes, min_round)
+    return bool(n == len(hashes))

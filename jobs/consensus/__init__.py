@@ -132,6 +132,14 @@ async def has_pending_work(app: App) -> bool:
     return await _store(app).has_work()
 
 
+async def appeal(app: App, tx_hash: str) -> tuple[str, str]:
+    """Appeal a decided consensus transaction inside its window (full hash or a unique prefix): a worker
+    settles it. Returns (full hash, 'validator' or 'leader'); raises UsageError saying why when it cannot
+    be appealed (FINALIZED, CANCELED, not decided yet, an appeal under way, the window closed)."""
+    settings = consensus_settings(app)
+    return await _store(app).request_appeal(tx_hash, settings.finality_window, settings.appeal_window_factor)
+
+
 async def status(app: App) -> dict[str, Any]:
     counts = await _store(app).counts()
     return {"transactions": counts, "total": sum(counts.values())}

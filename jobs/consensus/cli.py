@@ -85,6 +85,24 @@ def tx_command(
         print(line)
 
 
+def appeal_command(
+    tx_hash: Annotated[str, typer.Argument(help="The decided transaction (hash, or a prefix of 8+ hex digits)")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+) -> None:
+    """Appeal a decided transaction inside its window: ACCEPTED gets more validators (a validator appeal),
+    UNDETERMINED or a timeout a new leader (a leader appeal). A worker settles it; `runner tx` shows it."""
+    from runner.jobs.consensus import appeal
+    from runner.jobs.consensus.model import parse_tx_hash
+
+    settings = settings_or_exit()
+    try:
+        key = parse_tx_hash(tx_hash)
+    except UsageError as error:
+        raise fail(str(error), 2) from None
+    full_hash, kind = with_app(settings, lambda app: appeal(app, key))  # not appealable: one line, exit 2
+    print(json.dumps({"hash": full_hash, "appeal": kind}) if as_json else f"{full_hash} {kind} appeal requested")
+
+
 def describe(row: dict[str, Any]) -> list[str]:
     """Plain lines (greppable, never wrapped mid-hash)."""
     status = row["status"] + (f" (outcome {row['outcome']})" if row.get("outcome") else "")
@@ -102,9 +120,16 @@ def describe(row: dict[str, Any]) -> list[str]:
         lines.append(f"vote            {vote['validator']} {vote.get('vote', 'committed')} {vote['commit']}")
     for kind, chain_tx in row["events"].items():
         lines.append(f"event {kind:<10}{chain_tx or '-'}")
+    lines.append(f"round           {row.get('round', 0)}")
+    for appeal in row.get("appeals") or []:
+        lines.append(f"appeal          {appeal.get('kind')} round {appeal.get('round')} {appeal.get('outcome')} "
+                     f"({len(appeal.get('validators') or [])} validators)")
+    if row.get("appeal_requested"):
+        lines.append(f"appeal          {row['appeal_requested']} requested, not settled yet")
     return lines
 
 
 def register_commands(cli: typer.Typer) -> None:
     cli.command("submit")(submit_command)
     cli.command("tx")(tx_command)
+    cli.command("appeal")(appeal_command)

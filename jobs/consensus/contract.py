@@ -25,19 +25,21 @@ DEPLOY_GAS = 1_500_000
 VERSION = 2  # ConsensusMain.VERSION: a deployment of another version is replaced (as after a reset)
 
 # emitBatch kinds, as in contracts/ConsensusMain.sol
-ACTIVATED, PROPOSED, COMMITTED, REVEALED, ACCEPTED, UNDETERMINED, FINALIZED, LEADER_ROTATED = range(8)
+ACTIVATED, PROPOSED, COMMITTED, REVEALED, ACCEPTED, UNDETERMINED, FINALIZED, LEADER_ROTATED, APPEAL_STARTED = range(9)
 EVENT_NAMES = {
     ACTIVATED: "TransactionActivated", PROPOSED: "ReceiptProposed", COMMITTED: "VoteCommitted",
     REVEALED: "VoteRevealed", ACCEPTED: "TransactionAccepted", UNDETERMINED: "TransactionUndetermined",
-    FINALIZED: "TransactionFinalized", LEADER_ROTATED: "LeaderRotated",
+    FINALIZED: "TransactionFinalized", LEADER_ROTATED: "LeaderRotated", APPEAL_STARTED: "AppealStarted",
 }
+APPEAL_KINDS = {"validator": 1, "leader": 2}  # AppealStarted's appealKind
 KIND_NAMES = {v: k for k, v in EVENT_NAMES.items()}
 # the stored column (<kind>_event_tx) each event kind is recorded under
 KIND_COLUMNS = {ACTIVATED: "activated", PROPOSED: "proposed", COMMITTED: "committed", REVEALED: "revealed",
                 ACCEPTED: "decided", UNDETERMINED: "decided", FINALIZED: "finalized"}
 COLUMN_KINDS = {"activated": (ACTIVATED,), "proposed": (PROPOSED,), "committed": (COMMITTED,),
                 "revealed": (REVEALED,), "decided": (ACCEPTED, UNDETERMINED), "finalized": (FINALIZED,),
-                "rotated": (LEADER_ROTATED,)}  # "rotated" is not stored: the round's opening, found by its round
+                # not stored in columns: found on chain by their round
+                "rotated": (LEADER_ROTATED,), "appealed": (APPEAL_STARTED,)}
 BATCH_TYPES = ["uint256[]", "bytes32[]", "address[]", "address[]", "bytes32[]"]
 ZERO_ADDRESS = "0x" + "00" * 20
 ZERO_WORD = b"\x00" * 32

@@ -6,6 +6,12 @@ a stale worker's late batch, a resend after a receipt timeout), and the contract
 a batch is in flight, later requests queue up and leave together in the next one (up to MAX_BATCH_EVENTS;
 one request's events are never split), so the number of chain transactions grows with time, not with the
 number of transitions. Within a batch, events keep the order they were queued in.
+
+Fenced: a request may carry the leases ``(hash, epoch)`` it is sent under. Right before a batch leaves,
+one query (``fence_check``) asks which of them this worker still holds; a request whose lease was taken
+(a rollback bumped its epoch, another worker recovered it) is refused with LeaseLost and never reaches
+the chain. What the check cannot stop is a lease lost in the seconds between that query and the block:
+such an event is still its own round's only one (the contract emits each once), never a duplicate.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 
 from runner.chain import ChainError
+from runner.errors import LeaseLost
 from runner.jobs.consensus import metrics
 from runner.jobs.consensus.contract import EVENT_NAMES, ConsensusMain, Event, batch_gas, carried, encode_batch
 from runner.logs import get_logger
@@ -22,6 +30,10 @@ from runner.logs import get_logger
 log = get_logger("runner.jobs.consensus.emitter")
 
 MAX_BATCH_EVENTS = 400
+
+Fence = tuple[str, int]  # (consensus transaction hash, lease epoch)
+FenceCheck = Callable[[Sequence[Fence]], Awaitable[set[Fence]]]
+Request = tuple[list[Event], Sequence[Fence], "asyncio.Future[str | None]"]
 
 
 class EmitterClosed(ChainError):
@@ -34,21 +46,25 @@ class ContractMissing(ChainError):
 
 
 class EventEmitter:
-    def __init__(self, contract: ConsensusMain, *, receipt_timeout_s: float, max_inflight: int = 2) -> None:
+    def __init__(self, contract: ConsensusMain, *, receipt_timeout_s: float, max_inflight: int = 2,
+                 fence_check: FenceCheck | None = None) -> None:
         self.contract = contract
         self.receipt_timeout_s = receipt_timeout_s
         self.max_inflight = max_inflight
-        self._queue: deque[tuple[list[Event], asyncio.Future[str | None]]] = deque()
+        self.fence_check = fence_check
+        self._queue: deque[Request] = deque()
         self._inflight: set[asyncio.Task[None]] = set()
         self._closed = False
         self.batches = 0
         self.events = 0
 
-    async def emit(self, events: list[Event]) -> str | None:
+    async def emit(self, events: list[Event], fences: Sequence[Fence] = ()) -> str | None:
+        """Send ``events`` (one transition's) in the next batch; with ``fences``, only while this worker
+        still holds each of those leases (LeaseLost otherwise)."""
         if self._closed:
             raise EmitterClosed("the event emitter is closed")
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._queue.append((events, future))
+        self._queue.append((events, fences, future))
         self._kick()
         return await future
 
@@ -61,28 +77,49 @@ class EventEmitter:
             self._inflight.add(task)
             task.add_done_callback(self._done)
 
-    def _take(self) -> list[tuple[list[Event], asyncio.Future[str | None]]]:
-        batch: list[tuple[list[Event], asyncio.Future[str | None]]] = []
+    def _take(self) -> list[Request]:
+        batch: list[Request] = []
         count = 0
         while self._queue:
-            events, future = self._queue[0]
+            events, fences, future = self._queue[0]
             if batch and count + len(events) > MAX_BATCH_EVENTS:
                 break
             self._queue.popleft()
             if future.done():  # its task was cancelled before we got to it: nothing to send
                 continue
-            batch.append((events, future))
+            batch.append((events, fences, future))
             count += len(events)
         return batch
+
+    async def _fenced(self, batch: list[Request]) -> list[Request]:
+        """The requests whose leases are all still held; the others fail with LeaseLost."""
+        fences = [f for _, entry_fences, _ in batch for f in entry_fences]
+        if not fences or self.fence_check is None:
+            return batch
+        held = await self.fence_check(fences)
+        kept: list[Request] = []
+        for request in batch:
+            lost = [f for f in request[1] if f not in held]
+            if not lost:
+                kept.append(request)
+                continue
+            metrics.CONSENSUS_EVENTS_FENCED.inc(len(request[0]))
+            if not request[2].done():
+                request[2].set_exception(LeaseLost(f"events of {len(lost)} transaction(s) not sent: their lease "
+                                                   "was taken (rolled back or recovered)"))
+        return kept
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._kick()
 
-    async def _send(self, batch: list[tuple[list[Event], asyncio.Future[str | None]]]) -> None:
-        events = [e for entry, _ in batch for e in entry]
+    async def _send(self, batch: list[Request]) -> None:
         started = time.monotonic()
         try:
+            batch = await self._fenced(batch)
+            events = [e for entry, _, _ in batch for e in entry]
+            if not events:
+                return
             chain = self.contract.chain
             tx_hash = await chain.send_transaction(to=self.contract.address, data=encode_batch(events),
                                                    gas=batch_gas(len(events)))
@@ -93,14 +130,14 @@ class EventEmitter:
                                       f"{len(events)} events in {tx_hash}: no code behind the address")
         except BaseException as error:
             failure = error if isinstance(error, Exception) else EmitterClosed("event emission was cancelled")
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(failure)
             if not isinstance(error, Exception):
                 raise
-            log.warning("event batch failed", events=len(events), error=repr(error))
+            log.warning("event batch failed", events=sum(len(entry) for entry, _, _ in batch), error=repr(error))
             return
-        skipped = [entry for entry, _ in batch if receipt.logs != len(events)
+        skipped = [entry for entry, _, _ in batch if receipt.logs != len(events)
                    and not carried(entry, receipt.log_keys, self.contract.address)]
         skipped_ids = {id(entry) for entry in skipped}
         if skipped:
@@ -111,7 +148,7 @@ class EventEmitter:
         log.debug("event batch mined", events=len(events), requests=len(batch), send_s=round(sent - started, 4),
                   receipt_s=round(time.monotonic() - sent, 4), queued=len(self._queue))
         metrics.CONSENSUS_EVENT_BATCH.observe(len(events))
-        for entry, future in batch:
+        for entry, _, future in batch:
             repeated = id(entry) in skipped_ids
             for event in entry:
                 counter = metrics.CONSENSUS_EVENTS_SKIPPED if repeated else metrics.CONSENSUS_EVENTS
@@ -122,7 +159,7 @@ class EventEmitter:
     async def close(self) -> None:
         self._closed = True
         while self._queue:
-            _, future = self._queue.popleft()
+            _, _, future = self._queue.popleft()
             if not future.done():
                 future.set_exception(EmitterClosed("the event emitter closed"))
         tasks = list(self._inflight)

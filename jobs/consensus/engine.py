@@ -27,7 +27,7 @@ from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
 from runner.jobs.consensus.emitter import ContractMissing, EventEmitter
 from runner.jobs.consensus.executor import ContractExecutor, Execution, TxView
 from runner.jobs.consensus.machine import TxTask, decided_event
-from runner.jobs.consensus.model import IN_MACHINE, short_hash, validator_set
+from runner.jobs.consensus.model import IN_MACHINE, node_addresses, short_hash, validator_set
 from runner.jobs.consensus.settings import consensus_settings
 from runner.jobs.consensus.store import Claimed, ConsensusStore
 from runner.logs import get_logger
@@ -53,6 +53,7 @@ class Engine:
         self.emitter = emitter
         self.executor = executor
         self.store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
+        emitter.fence_check = self.store.held  # every emit is fenced on the leases it is sent under
         self.nodes = validator_set(consensus.validators)
         # bounds executions across all in-flight transactions (a real GenVM would be CPU-heavy)
         self.validator_slots = asyncio.Semaphore(consensus.validators * consensus.concurrency)
@@ -63,8 +64,17 @@ class Engine:
         self.finality: FinalityLoop | None = None
         self._redeploying = asyncio.Lock()
 
+    def appeal_validators(self, appeal: int) -> list[str]:
+        """The validators of appeal number ``appeal`` (0: the first): new nodes, after the base set and
+        those of the appeals before it, as many as RUNNER_CONSENSUS_APPEAL_GROWTH says."""
+        start = len(self.nodes) + sum(self.consensus.appeal_validators(k) for k in range(appeal))
+        return node_addresses(start, self.consensus.appeal_validators(appeal))
+
     # --- tasks ----------------------------------------------------------------------------------
     def start(self, tx: Claimed) -> TxTask:
+        stale = self.tasks.get(tx.hash)
+        if stale is not None and stale.task is not None:  # its lease was taken (a rollback) and claimed again
+            stale.task.cancel()
         task = TxTask(self, tx)
         self.tasks[tx.hash] = task
         task.task = asyncio.create_task(self._run(task), name=f"consensus-{tx.hash[:10]}")
@@ -73,7 +83,7 @@ class Engine:
     async def _run(self, task: TxTask) -> None:
         tx = task.tx
         try:
-            await task.run()
+            await (task.appeal() if tx.appeal else task.run())
             self.chain_failures = 0
         except LeaseLost as error:
             log.info("consensus lease lost; dropping the transaction", tx=short_hash(tx.hash), error=str(error))
@@ -86,7 +96,8 @@ class Engine:
             await self._quietly(self.store.recover_own([(tx.hash, tx.epoch)], self.settings.max_recoveries,
                                                        f"task error {type(error).__name__}"))
         finally:
-            self.tasks.pop(tx.hash, None)
+            if self.tasks.get(tx.hash) is task:  # a rolled-back run's stale task may outlive its re-claim
+                del self.tasks[tx.hash]
             if self.pending is not None:
                 self.pending.wake.set()
 
@@ -136,7 +147,8 @@ class Engine:
         kinds = cm.COLUMN_KINDS[column]
         found: list[str | None] = [await self.contract.find_event(kinds, tx.hash, tx.round) for tx in txs]
         missing = [e for e, f in zip(events, found, strict=True) if f is None]
-        emitted = await self.emitter.emit(missing) if missing else None
+        fences = [(tx.hash, tx.epoch) for tx, f in zip(txs, found, strict=True) if f is None]
+        emitted = await self.emitter.emit(missing, fences) if missing else None
         if missing and emitted is None:  # all emitted meanwhile (ConsensusMain skipped them): where
             return [f or await self.contract.find_event(kinds, tx.hash, tx.round)
                     for tx, f in zip(txs, found, strict=True)]
@@ -190,6 +202,11 @@ class PendingLoop(Service):
         engine = self.engine
         free = engine.consensus.concurrency - len(engine.tasks)
         if free <= 0 or engine.paused():
+            return
+        for tx in await engine.store.claim_appeals(free):  # settled first: their contracts wait for them
+            engine.start(tx)
+            free -= 1
+        if free <= 0:
             return
         for tx in await engine.store.claim(free):
             engine.start(tx)
@@ -273,13 +290,14 @@ class FinalityLoop(Service):
         engine = self.engine
         await engine.settle_owed_finalized()
         while True:
-            batch = await engine.store.finalize_ready(engine.consensus.finality_window, FINALITY_BATCH)
+            batch = await engine.store.finalize_ready(engine.consensus.finality_window, FINALITY_BATCH,
+                                                      engine.consensus.appeal_window_factor)
             if not batch or not batch.hashes:
                 return
             events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0),
                                round=r["round"]) for r in batch.rows]
             try:
-                event_tx = await engine.emitter.emit(events)
+                event_tx = await engine.emitter.emit(events, list(zip(batch.hashes, batch.epochs, strict=True)))
                 if event_tx is None:  # every one emitted before (ConsensusMain skipped them): where
                     first = batch.rows[0]
                     event_tx = await engine.contract.find_event((cm.FINALIZED,), first["hash"], first["round"])

@@ -125,7 +125,7 @@ class TxTask:
                 for kind in {e.kind for e in events}:
                     metrics.CONSENSUS_EVENTS_SKIPPED.labels(cm.EVENT_NAMES[kind]).inc()
             else:
-                stored = await self.engine.emitter.emit(events)
+                stored = await self.engine.emitter.emit(events, [(self.tx.hash, self.tx.epoch)])
             if stored is None:  # ConsensusMain had them already (emitted once, whoever sent them): where?
                 stored = await self.engine.contract.find_event(kinds, self.tx.hash, round)
         if stored is None:
@@ -148,22 +148,28 @@ class TxTask:
             await asyncio.sleep(faults.leader_delay)
         return await self.engine.execute(view, self.tx.accepted_state)
 
-    async def _run_validator(self, index: int, view: TxView, faults: Faults) -> Execution:
-        if index < faults.validator_timeouts:
+    async def _run_validator(self, index: int, view: TxView, faults: Faults, state: dict[str, Any] | None,
+                             appeal: bool) -> Execution:
+        if not appeal and index < faults.validator_timeouts:
             await asyncio.sleep(FOREVER_S)
         if faults.validator_delay:
             await asyncio.sleep(faults.validator_delay)
-        execution = await self.engine.execute(view, self.tx.accepted_state)
+        execution = await self.engine.execute(view, self.tx.accepted_state if state is None else state)
         rate = self.engine.consensus.disagree_rate
-        disagrees = index < faults.disagree and (not faults.disagree_rounds or self.tx.round < faults.disagree_rounds)
+        if appeal:
+            disagrees = index < faults.appeal_disagree
+        else:
+            in_rounds = not faults.disagree_rounds or self.tx.round < faults.disagree_rounds
+            disagrees = index < faults.disagree and in_rounds
         if disagrees or (rate and random.random() < rate):
             return Execution({"divergent": index, "output": execution.output}, execution.state)
         return execution
 
-    async def _validate(self, index: int, validator: str, view: TxView, faults: Faults, leader_hash: str) -> Vote:
+    async def _validate(self, index: int, validator: str, view: TxView, faults: Faults, leader_hash: str,
+                        state: dict[str, Any] | None = None, appeal: bool = False) -> Vote:
         async with self.engine.validator_slots:
             try:
-                execution = await asyncio.wait_for(self._run_validator(index, view, faults),
+                execution = await asyncio.wait_for(self._run_validator(index, view, faults, state, appeal),
                                                    self.engine.consensus.validator_timeout)
                 vote = "agree" if execution.receipt_hash == leader_hash else "disagree"
             except TimeoutError:
@@ -245,6 +251,58 @@ class TxTask:
         await self.emit_once("rotated", [self.event(cm.LEADER_ROTATED, tx.leader)])
         metrics.CONSENSUS_ROTATIONS.inc()
         log.info("leader rotated", tx=short_hash(tx.hash), round=tx.round, leader=tx.leader)
+
+    # --- appeals ----------------------------------------------------------------------------------
+    async def appeal(self) -> None:
+        """Settle the appeal this transaction was claimed for, in a new round (AppealStarted).
+
+        Validator appeal (of ACCEPTED): more validators, new to this transaction, re-execute it against the
+        state before it and vote on the leader's receipt; their votes are merged with the earlier ones. A
+        majority still agreeing: the appeal failed (recorded; the window restarts, shorter). Otherwise it
+        succeeded, and so does a leader appeal (of UNDETERMINED or a timeout) at once: the transaction and
+        every newer one of its contract go back to PENDING (store.rollback) and run again, the appealed one
+        with the next leader of the ring (the old one dropped)."""
+        tx, engine = self.tx, self.engine
+        kind = tx.appeal
+        assert kind in cm.APPEAL_KINDS
+        number = len(tx.appeals)
+        tx.round += 1
+        for column in ("committed", "revealed", "appealed"):
+            tx.events.pop(column, None)
+        started = await self.emit_once("appealed", [self.event(cm.APPEAL_STARTED, data=cm.word(cm.APPEAL_KINDS[kind]))])
+        metrics.CONSENSUS_APPEALS.labels(kind).inc()
+        record: dict[str, Any] = {"kind": kind, "round": tx.round, "started_event_tx": started}
+        if kind == "leader":
+            record.update(validators=[], votes=[], outcome="succeeded")
+            # the appeal's round is the new proposal's: AppealStarted opens it, a new leader proposes in it
+            await engine.store.rollback(tx, record, f"leader appeal (round {tx.round}): proposing again, new leader",
+                                        rerun_round=tx.round)
+            return
+        validators = engine.appeal_validators(number)
+        view = TxView(tx.hash, tx.from_address, tx.to_address, strip_faults(tx.input))
+        faults = Faults.parse(tx.input)
+        before = await engine.store.state_before(tx)
+        leader_hash = (tx.result or {}).get("receipt_hash") or ""
+        votes = list(await asyncio.gather(*[
+            self._validate(i, v, view, faults, leader_hash, state=before, appeal=True) for i, v in enumerate(validators)
+        ]))
+        record["committed_event_tx"] = await self.emit_once(
+            "committed", [self.event(cm.COMMITTED, v.validator, cm.word(v.commit)) for v in votes])
+        record["revealed_event_tx"] = await self.emit_once(
+            "revealed", [self.event(cm.REVEALED, v.validator, cm.word(VOTE_CODES[v.vote])) for v in votes])
+        merged = [Vote(o["validator"], o["vote"], o["salt"]) for o in tx.votes if "vote" in o] + votes
+        outcome, reason = decide(merged)
+        record.update(validators=validators, votes=[v.revealed() for v in votes], merged=reason or "majority agrees")
+        if outcome == ACCEPTED:
+            record["outcome"] = "failed"
+            await engine.store.appeal_failed(tx, record, [v.revealed() for v in merged])
+            log.info("appeal failed: the decision stands", tx=short_hash(tx.hash), round=tx.round)
+        else:
+            record["outcome"] = "succeeded"
+            # the appeal's round holds its votes: the re-run proposes in the next one
+            await engine.store.rollback(tx, record, f"validator appeal succeeded (round {tx.round}): {reason}",
+                                        rerun_round=tx.round + 1)
+        self.progress()
 
     async def _finish(self, outcome: str, receipt_hash: str | None) -> None:
         tx = self.tx

@@ -21,6 +21,9 @@ CONSENSUS_EVENTS = Counter("runner_consensus_events_total", "ConsensusMain event
 CONSENSUS_EVENTS_SKIPPED = Counter(
     "runner_consensus_events_skipped_total", "Events not re-emitted because the chain already has them", ["kind"]
 )
+CONSENSUS_EVENTS_FENCED = Counter(
+    "runner_consensus_events_fenced_total", "Events not sent: the lease they were sent under was taken"
+)
 CONSENSUS_EVENT_BATCH = Histogram(
     "runner_consensus_event_batch_size", "Events per ConsensusMain chain transaction",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
@@ -28,3 +31,4 @@ CONSENSUS_EVENT_BATCH = Histogram(
 CONSENSUS_ROTATIONS = Counter(
     "runner_consensus_leader_rotations_total", "Leaders rotated in after a round without a majority"
 )
+CONSENSUS_APPEALS = Counter("runner_consensus_appeals_total", "Appeals settled by this worker, by kind", ["kind"])

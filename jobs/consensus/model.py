@@ -205,6 +205,7 @@ class Faults:
 
     disagree: int = 0
     disagree_rounds: int = 0  # 0: every round
+    appeal_disagree: int = 0  # validators of an appeal that disagree with the leader's receipt
     validator_timeouts: int = 0
     leader_delay: float = 0.0
     validator_delay: float = 0.0
@@ -216,12 +217,14 @@ class Faults:
             return cls()
         if not isinstance(raw, dict):
             raise UsageError(f"input.{FAULTS_KEY}: must be an object")
-        unknown = raw.keys() - {"disagree", "disagree_rounds", "validator_timeouts", "leader_delay", "validator_delay"}
+        unknown = raw.keys() - {"disagree", "disagree_rounds", "appeal_disagree", "validator_timeouts", "leader_delay",
+                                "validator_delay"}
         if unknown:
             raise UsageError(f"input.{FAULTS_KEY}: unknown flag {sorted(unknown)[0]!r}")
         return cls(
             disagree=_count(raw, "disagree"),
             disagree_rounds=_count(raw, "disagree_rounds"),
+            appeal_disagree=_count(raw, "appeal_disagree"),
             validator_timeouts=_count(raw, "validator_timeouts"),
             leader_delay=_seconds(raw, "leader_delay"),
             validator_delay=_seconds(raw, "validator_delay"),
@@ -248,8 +251,13 @@ def strip_faults(data: dict[str, Any]) -> dict[str, Any]:
 
 def validator_set(count: int) -> list[str]:
     """count + 1 deterministic node addresses: one leads each transaction, the other ``count`` validate."""
+    return node_addresses(0, count + 1)
+
+
+def node_addresses(start: int, count: int) -> list[str]:
+    """Deterministic node addresses ``start`` .. ``start + count - 1`` (appeals draw theirs past the base set)."""
     return [to_checksum_address("0x" + keccak(f"runner-consensus-node-{i}".encode())[12:].hex())
-            for i in range(count + 1)]
+            for i in range(start, start + count)]
 
 
 def pick_leader(tx_hash: str, nodes: list[str], round: int = 0) -> int:

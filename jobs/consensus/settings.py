@@ -7,9 +7,10 @@ with :func:`consensus_settings`, once per App.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -37,6 +38,23 @@ class ConsensusSettings(BaseSettings):
     # no majority: up to this many validators that have not led the transaction yet propose again
     # (LeaderRotated), then it is UNDETERMINED; at most `validators` (each node leads once at most)
     rotations: int = Field(3, ge=0, le=1_000)
+    # each appeal that changed nothing shortens the next window: finality_window x factor ^ failed appeals
+    appeal_window_factor: float = Field(0.8, gt=0, le=1)
+    # validators added by the 1st, 2nd, ... appeal, as terms in n (the validators per transaction): "n+2",
+    # "2n", "7"; past the list, its last term again
+    appeal_growth: str = "n+2,n+1,2n"
+
+    @field_validator("appeal_growth")
+    @classmethod
+    def _growth_parses(cls, value: str) -> str:
+        growth_terms(value)
+        return value
+
+    def appeal_validators(self, appeal: int) -> int:
+        """Validators added by appeal number ``appeal`` (0: the first)."""
+        terms = growth_terms(self.appeal_growth)
+        multiple, constant = terms[min(appeal, len(terms) - 1)]
+        return max(1, multiple * self.validators + constant)
 
     @model_validator(mode="after")
     def _rotations_fit(self) -> ConsensusSettings:
@@ -44,6 +62,28 @@ class ConsensusSettings(BaseSettings):
             raise ValueError(f"rotations ({self.rotations}) cannot exceed validators ({self.validators}): "
                              "a rotation never repeats a leader")
         return self
+
+
+_TERM = re.compile(r"^(?:(\d*)\s*\*?\s*n)?\s*(?:([+-]?)\s*(\d+))?$")
+
+
+def growth_terms(text: str) -> list[tuple[int, int]]:
+    """ "n+2,n+1,2n" -> [(1, 2), (1, 1), (2, 0)]: each term is multiple x n + constant."""
+    terms = []
+    for raw in text.split(","):
+        term = raw.strip().replace(" ", "")
+        match = _TERM.match(term) if term else None
+        if match is None or not (match.group(3) or "n" in term):
+            raise ValueError(f"appeal growth term {raw.strip()!r} is not like n+2, n, 2n or 7")
+        has_n = "n" in term
+        multiple = int(match.group(1) or 1) if has_n else 0
+        constant = int(match.group(3) or 0) * (-1 if match.group(2) == "-" else 1)
+        if has_n and match.group(3) and not match.group(2):
+            raise ValueError(f"appeal growth term {raw.strip()!r} is not like n+2, n, 2n or 7")
+        if multiple > 100 or constant > 10_000:
+            raise ValueError(f"appeal growth term {raw.strip()!r} is too large")
+        terms.append((multiple, constant))
+    return terms
 
 
 def from_settings(settings: Settings) -> ConsensusSettings:

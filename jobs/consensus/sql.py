@@ -142,6 +142,13 @@ WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4
 RETURNING t.hash
 """
 
+# The emitter's fence: which of these leases this worker still holds (right before a batch is sent).
+HELD = f"""
+SELECT t.hash, t.lease_epoch FROM {T} t
+JOIN unnest($1::text[], $2::bigint[]) AS r(hash, epoch) ON t.hash = r.hash AND t.lease_epoch = r.epoch
+WHERE t.lease_owner = $3
+"""
+
 # Recovery: back to PENDING with recovery_count + 1; past RUNNER_MAX_RECOVERIES ($1) it ends UNDETERMINED
 # with the reason (its decided event is then owed and emitted by the recovery loop).
 _RECOVER_SET = """
@@ -220,9 +227,11 @@ CLAIM_OWED_FINALIZED = _claim_owed("{a}.status = 'FINALIZED' AND {a}.finalized_e
 # --- finality: one finalizer at a time (advisory lock), in a transaction -------------------------------
 FINALITY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
 
+# Its window passed (shortened by each failed appeal: $1 x $3 ^ appeal_failed), and no appeal is asked for.
 _FINALIZABLE = """(
     {a}.status IN {decided} AND {a}.lease_owner IS NULL AND {a}.decided_event_tx IS NOT NULL
-    AND {a}.timestamp_awaiting_finalization <= now() - make_interval(secs => $1)
+    AND {a}.appeal_requested IS NULL
+    AND {a}.timestamp_awaiting_finalization <= now() - make_interval(secs => $1 * power($3::float8, {a}.appeal_failed))
 )"""
 
 # Decided transactions whose window passed and every unfinished predecessor on the same contract is
@@ -251,9 +260,90 @@ FINALIZE = f"""
 UPDATE {T} t
 SET status = 'FINALIZED', finalized_at = now(), lease_owner = $2,
     lease_expires_at = now() + make_interval(secs => $3), lease_epoch = t.lease_epoch + 1
-WHERE t.hash = ANY($1::text[]) AND t.status IN {DECIDED}
+WHERE t.hash = ANY($1::text[]) AND t.status IN {DECIDED} AND t.appeal_requested IS NULL
 RETURNING t.hash, t.lease_epoch
 """
+
+# --- appeals ---------------------------------------------------------------------------------------------
+# Ask for an appeal of a decided transaction whose decision is on chain, inside its window ($2 x $3 ^
+# appeal_failed from its decision): validators for ACCEPTED, leader for the others. A worker settles it.
+REQUEST_APPEAL = f"""
+UPDATE {T} t SET appeal_requested = CASE WHEN t.status = 'ACCEPTED' THEN 'validator' ELSE 'leader' END
+WHERE t.hash = $1 AND t.status IN {DECIDED} AND t.appeal_requested IS NULL AND t.decided_event_tx IS NOT NULL
+  AND t.timestamp_awaiting_finalization > now() - make_interval(secs => $2 * power($3::float8, t.appeal_failed))
+RETURNING t.appeal_requested
+"""
+
+# Why a transaction cannot be appealed now: its status, request and window's end.
+APPEAL_STATE = f"""
+SELECT status, appeal_requested, decided_event_tx IS NOT NULL AS decided_on_chain,
+       timestamp_awaiting_finalization + make_interval(secs => $2 * power($3::float8, appeal_failed)) AS window_ends
+FROM {T} WHERE hash = $1
+"""
+
+# Appeals asked for and not held: taken with a lease (their contract counts as busy meanwhile).
+CLAIM_APPEALS = f"""
+WITH picked AS (
+    SELECT hash FROM {T}
+    WHERE appeal_requested IS NOT NULL AND status IN {DECIDED}
+      AND (lease_owner IS NULL OR lease_expires_at < now())
+    ORDER BY seq
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
+    lease_epoch = t.lease_epoch + 1
+FROM picked WHERE t.hash = picked.hash
+RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeals, t.appeal_requested
+"""
+
+# The contract's state just before a transaction: its finalized state, then the patches of the accepted
+# transactions between (in submission order). Read under FINALITY_LOCK, so finality does not move them.
+STATE_BEFORE = f"""
+SELECT (SELECT state FROM {FINALIZED_STATES} WHERE address = $1) AS finalized,
+       (SELECT tx_hash FROM {FINALIZED_STATES} WHERE address = $1) AS finalized_tx,
+       coalesce((SELECT jsonb_agg(jsonb_build_array(hash, state_patch) ORDER BY seq) FROM {T}
+                 WHERE to_address = $1 AND seq < $2 AND status = 'ACCEPTED'), '[]'::jsonb) AS patches
+"""
+
+# An appeal that changed nothing: recorded, the votes merged, the window restarted shorter.
+APPEAL_FAILED = f"""
+UPDATE {T} t SET appeal_requested = NULL, appeal_failed = t.appeal_failed + 1, appeals = t.appeals || $4::jsonb,
+    votes = $5::jsonb, round = $6, timestamp_awaiting_finalization = now(), lease_owner = NULL,
+    lease_expires_at = NULL
+WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.lease_owner = $3 AND t.status IN {DECIDED}
+RETURNING t.hash
+"""
+
+# A successful appeal (or a leader appeal): the transaction and every newer one of its contract that ran
+# back to PENDING in one statement, fenced on the appealed one's lease. Their epochs are bumped (an
+# in-flight worker's writes and emits are refused), their decisions, votes, patches and event hashes
+# cleared; each re-run is a new round ($4 for the appealed one), so its events are new events.
+ROLLBACK = f"""
+WITH target AS (
+    SELECT hash, to_address, seq FROM {T}
+    WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $3 AND status IN {DECIDED}
+)
+UPDATE {T} t SET status = 'PENDING',
+    round = CASE WHEN t.hash = g.hash THEN $4 ELSE t.round + 1 END,
+    appeals = CASE WHEN t.hash = g.hash THEN t.appeals || $5::jsonb ELSE t.appeals END,
+    reason = CASE WHEN t.hash = g.hash THEN $6 ELSE 'rolled back: an appeal of an older transaction of its '
+                                                     'contract succeeded' END,
+    rotation_count = 0, appeal_requested = NULL, leader = NULL, votes = NULL, result = NULL, state_patch = NULL,
+    outcome = NULL, timestamp_awaiting_finalization = NULL,
+    {", ".join(f"{c} = NULL" for c in EVENT_COLUMNS)},
+    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+FROM target g
+WHERE t.to_address = g.to_address AND t.seq >= g.seq AND t.status NOT IN ('PENDING', 'FINALIZED', 'CANCELED')
+RETURNING t.hash, t.seq, t.status
+"""
+
+RESTORE_ACCEPTED_STATE = f"""
+INSERT INTO {ACCEPTED_STATES} (address, state, tx_hash, updated_at) VALUES ($1, $2::jsonb, $3, now())
+ON CONFLICT (address) DO UPDATE SET state = EXCLUDED.state, tx_hash = EXCLUDED.tx_hash, updated_at = now()
+"""
+DROP_ACCEPTED_STATE = f"DELETE FROM {ACCEPTED_STATES} WHERE address = $1"
+FINALITY_WAIT_LOCK = "SELECT pg_advisory_xact_lock($1)"
 
 UPSERT_FINALIZED_STATES = f"""
 INSERT INTO {FINALIZED_STATES} (address, state, tx_hash, updated_at)

@@ -27,6 +27,12 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
+def _list(value: Any) -> list[Any]:
+    """A jsonb list column as a list (text without a codec, decoded with one, NULL)."""
+    decoded = json.loads(value) if isinstance(value, str) else value
+    return decoded if isinstance(decoded, list) else []
+
+
 @dataclass
 class Claimed:
     """A transaction this worker holds, with the lease epoch every write must carry."""
@@ -45,10 +51,14 @@ class Claimed:
     rotation_count: int = 0  # leaders rotated in this run (RUNNER_CONSENSUS_ROTATIONS caps it)
     events: dict[str, str | None] = field(default_factory=dict)  # kind -> chain tx hash already stored
     accepted_state: dict[str, Any] = field(default_factory=dict)
+    # claimed to settle an appeal: its kind ('validator' or 'leader'), the votes so far, earlier appeals
+    appeal: str | None = None
+    votes: list[dict[str, Any]] = field(default_factory=list)
+    appeals: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> Claimed:
-        keys = row.keys()
+        keys = set(row.keys())  # an iterator: `in` would consume it
         return cls(
             hash=row["hash"], seq=row["seq"], epoch=row["lease_epoch"], status=row["status"],
             from_address=row["from_address"], to_address=row["to_address"], input=row["input"],
@@ -56,6 +66,9 @@ class Claimed:
             round=row["round"], rotation_count=row["rotation_count"],
             events={kind: row[f"{kind}_event_tx"] for kind in EVENT_KINDS},
             accepted_state=(row["accepted_state"] if "accepted_state" in keys else None) or {},
+            appeal=row["appeal_requested"] if "appeal_requested" in keys else None,
+            votes=_list(row["votes"] if "votes" in keys else None),
+            appeals=_list(row["appeals"] if "appeals" in keys else None),
         )
 
     @property
@@ -69,6 +82,33 @@ class FinalizedBatch:
     hashes: list[str]
     epochs: list[int]
     rows: list[asyncpg.Record]
+
+
+def _replayed(row: asyncpg.Record) -> tuple[dict[str, Any], str | None]:
+    """STATE_BEFORE's finalized state with the patches replayed, and the transaction that produced it
+    (None: no transaction did; the contract has no state yet)."""
+    def decoded(value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    state = decoded(row["finalized"]) or {}
+    produced_by = row["finalized_tx"]
+    for tx_hash, patch in decoded(row["patches"]) or []:
+        state = apply_patch(state, decoded(patch) or {})
+        produced_by = tx_hash
+    return state, produced_by
+
+
+def _why_not_appealable(tx: str, state: dict[str, Any]) -> str:
+    status = state["status"]
+    if status in ("FINALIZED", "CANCELED"):
+        return f"{tx} is {status}: only a decided transaction inside its appeal window can be appealed"
+    if state["appeal_requested"] is not None:
+        return f"{tx} has an appeal under way ({state['appeal_requested']})"
+    if status not in ("ACCEPTED", "UNDETERMINED", "LEADER_TIMEOUT", "VALIDATORS_TIMEOUT"):
+        return f"{tx} is {status}: not decided yet, nothing to appeal"
+    if not state["decided_on_chain"]:
+        return f"{tx} is {status} but its decision is not on chain yet; try again in a moment"
+    return f"{tx}: its appeal window closed at {state['window_ends'].isoformat()}"
 
 
 def in_seq_order(rows: Sequence[asyncpg.Record]) -> list[Claimed]:
@@ -163,6 +203,13 @@ class ConsensusStore:
                                    lane="control")
         return {r["hash"] for r in rows}
 
+    async def held(self, fences: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Those of ``fences`` (hash, epoch) whose lease this worker still holds (the control lane, as
+        renewals: an emit's check never queues behind transitions)."""
+        rows = await self.db.fetch(sql.HELD, [h for h, _ in fences], [e for _, e in fences], self.owner,
+                                   lane="control")
+        return {(r["hash"], r["lease_epoch"]) for r in rows}
+
     async def recover_expired(self, max_recoveries: int, limit: int = 500) -> list[asyncpg.Record]:
         return await self.db.fetch(sql.RECOVER_EXPIRED, max_recoveries, limit, lane="control")
 
@@ -186,13 +233,13 @@ class ConsensusStore:
         return in_seq_order(rows)
 
     # --- the finality loop ----------------------------------------------------------------------
-    async def finalize_ready(self, window_s: float, limit: int) -> FinalizedBatch | None:
+    async def finalize_ready(self, window_s: float, limit: int, shrink: float = 1.0) -> FinalizedBatch | None:
         """Move the next finalizable prefix of each contract to FINALIZED and write the finalized states,
         in one database transaction (None when another worker is finalizing right now)."""
         async with self.db.transaction() as connection:
             if not await connection.fetchval(sql.FINALITY_LOCK, FINALITY_LOCK_KEY):
                 return None
-            rows = await connection.fetch(sql.FINALITY_READY, window_s, limit)
+            rows = await connection.fetch(sql.FINALITY_READY, window_s, limit, shrink)
             if not rows:
                 return FinalizedBatch([], [], [])
             addresses = sorted({r["to_address"] for r in rows})
@@ -234,6 +281,59 @@ class ConsensusStore:
         if len(found) > 1:
             raise UsageError(f"{tx_hash} matches several transactions; give more digits")
         return dict(found[0]) if found else None
+
+    # --- appeals --------------------------------------------------------------------------------
+    async def request_appeal(self, tx_hash: str, window_s: float, shrink: float) -> tuple[str, str]:
+        """Ask for an appeal (full hash or unique prefix): (full hash, 'validator' or 'leader'). Raises
+        UsageError with the reason when it cannot be appealed now."""
+        row = await self.get(tx_hash)
+        if row is None:
+            raise UsageError(f"no consensus transaction with hash {short_hash(tx_hash)}")
+        kind = await self.db.fetchval(sql.REQUEST_APPEAL, row["hash"], window_s, shrink)
+        if kind is not None:
+            log.info("appeal requested", tx=short_hash(row["hash"]), kind=kind)
+            return str(row["hash"]), str(kind)
+        state = await self.db.fetchrow(sql.APPEAL_STATE, row["hash"], window_s, shrink)
+        assert state is not None
+        raise UsageError(_why_not_appealable(short_hash(row["hash"]), dict(state)))
+
+    async def claim_appeals(self, limit: int) -> list[Claimed]:
+        return in_seq_order(await self.db.fetch(sql.CLAIM_APPEALS, limit, self.owner, self.lease_s))
+
+    async def state_before(self, tx: Claimed) -> dict[str, Any]:
+        """The contract's state just before ``tx`` (what its validators execute against)."""
+        row = await self.db.fetchrow(sql.STATE_BEFORE, tx.to_address, tx.seq)
+        assert row is not None
+        return _replayed(row)[0]
+
+    async def appeal_failed(self, tx: Claimed, record: dict[str, Any], votes: list[dict[str, Any]]) -> None:
+        # jsonb parameters as Python values: the pool's codec encodes them
+        moved = await self.db.fetchval(sql.APPEAL_FAILED, tx.hash, tx.epoch, self.owner, [record], votes, tx.round)
+        if moved is None:
+            raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before its appeal failed")
+
+    async def rollback(self, tx: Claimed, record: dict[str, Any], reason: str, rerun_round: int) -> list[str]:
+        """Return ``tx`` (to run again in ``rerun_round``) and every newer transaction of its contract that
+        ran (each in its next round) to PENDING, and restore the contract's accepted state to what it was
+        before ``tx``, in one database transaction (under the finality lock: finality neither moves those
+        rows nor the state meanwhile). Their lease epochs are bumped: an in-flight owner's writes and
+        emits are refused. Returns the hashes, in submission order."""
+        async with self.db.transaction() as connection:
+            await connection.execute(sql.FINALITY_WAIT_LOCK, FINALITY_LOCK_KEY)
+            before = await connection.fetchrow(sql.STATE_BEFORE, tx.to_address, tx.seq)
+            moved = await connection.fetch(sql.ROLLBACK, tx.hash, tx.epoch, self.owner, rerun_round,
+                                           [record], reason)
+            if not moved:
+                raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before its rollback")
+            assert before is not None
+            state, produced_by = _replayed(before)
+            if produced_by is None:
+                await connection.execute(sql.DROP_ACCEPTED_STATE, tx.to_address)
+            else:
+                await connection.execute(sql.RESTORE_ACCEPTED_STATE, tx.to_address, state, produced_by)
+        hashes = [r["hash"] for r in sorted(moved, key=lambda r: r["seq"])]
+        log.warning("appeal succeeded: transactions rolled back", tx=short_hash(tx.hash), rolled_back=len(hashes))
+        return hashes
 
     async def cancel(self, tx_hash: str, reason: str) -> str:
         """Cancel a PENDING transaction (by full hash or unique prefix); returns its full hash.
