@@ -21,7 +21,7 @@ from runner.jobs.consensus.model import new_submission
 from runner.jobs.consensus.store import ConsensusStore
 from tests.chain_fixtures import Anvil, anvil, established_to  # noqa: F401
 from tests.conftest import start_worker
-from tests.consensus_helpers import check_events, check_finalized_order, contract_address, rows
+from tests.consensus_helpers import all_settled, check_events, check_finalized_order, contract_address, rows
 from tests.pg import wait_until
 from tests.stress import cpu_hogs
 
@@ -409,3 +409,80 @@ async def test_a_slow_chain_keeps_the_leases_a_stuck_task_is_one_that_does_nothi
     assert sum(t["recovery_count"] for t in txs) == 0, [t["reason"] for t in txs if t["recovery_count"]]
     assert "consensus transaction recovered" not in log.read_text()
     print(check_events(txs, await (await consensus_main(conn, reader)).logs()))
+
+
+IN_MACHINE_SQL = "('ACTIVATED', 'PROPOSING', 'COMMITTING', 'REVEALING')"
+
+
+async def test_kill_9_mid_appeal_and_mid_rollback_settles_each_appeal_once(
+    app: App, anvil: Anvil, reader: Chain, conn: asyncpg.Connection, runner_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """Two appeals (one fails, one succeeds and rolls back 3 newer transactions): the first worker is
+    killed with both appeals under way (AppealStarted on chain, the new validators still voting), the
+    second once the rollback committed and the re-runs are in the machine; a third drains. Each appeal is
+    settled once, every (event, transaction, validator, round) is on chain once, nonces are contiguous
+    and every contract finalizes in submission order."""
+    x, y = contract_address(30), contract_address(31)
+    slow_appeal = {"appeal_delay": 3}
+    plan = [(x, {"op": "set", "key": "a", "value": 1, "consensus": {**slow_appeal, "appeal_disagree": 7}}),
+            *[(x, {"op": "set", "key": f"k{i}", "value": i, "consensus": {"validator_delay": 0.5}}) for i in range(3)],
+            (y, {"op": "set", "key": "z", "value": 1, "consensus": slow_appeal})]
+    hashes = await submit_many(app, plan)
+    succeeds, newer, fails = hashes[0], hashes[1:4], hashes[4]
+    env = {"RUNNER_CHAIN_URL": anvil.url, "RUNNER_CONSENSUS_ENABLED": "true",
+           "RUNNER_CONSENSUS_FINALITY_WINDOW": "3600"}
+    first = start_worker(runner_env, log_path=tmp_path / "first.log", **env)
+    store = ConsensusStore(app.db, "test", 30)
+    try:
+        await wait_until(lambda: all_settled(conn, hashes), timeout_s=90)
+        for tx_hash in (succeeds, fails):
+            await store.request_appeal(tx_hash, 3600, 0.8)
+        contract = await consensus_main(conn, reader)
+
+        async def appeals_under_way() -> bool:
+            started = {e.tx_id for e in await contract.logs() if e.name == "AppealStarted"}
+            held = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions "
+                                       "WHERE appeal_requested IS NOT NULL AND lease_owner IS NOT NULL")
+            return started == {succeeds, fails} and held == 2
+
+        await wait_until(appeals_under_way, timeout_s=60)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+    second = start_worker(runner_env, log_path=tmp_path / "second.log", **env)
+    try:
+        async def rerun_in_flight() -> bool:
+            settled = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions "
+                                          "WHERE hash = ANY($1::text[]) AND jsonb_array_length(appeals) = 1",
+                                          [succeeds, fails])
+            running = await conn.fetchval(f"SELECT count(*) FROM runner_consensus_transactions WHERE to_address = $1 "
+                                          f"AND round >= 1 AND status IN {IN_MACHINE_SQL}", x)
+            return settled == 2 and running >= 1
+
+        await wait_until(rerun_in_flight, timeout_s=90)
+    finally:
+        second.send_signal(signal.SIGKILL)
+        second.wait()
+
+    log = tmp_path / "third.log"
+    third = start_worker(runner_env, "--drain", log_path=log, **dict(env, RUNNER_CONSENSUS_FINALITY_WINDOW="0.2"))
+    assert await wait_exit(third, 180, log) == 0, log.read_text()[-3000:]
+    txs = {t["hash"]: t for t in await rows(conn)}
+    assert {t["status"] for t in txs.values()} == {"FINALIZED"}
+    assert [(a["kind"], a["outcome"]) for a in txs[succeeds]["appeals"]] == [("validator", "succeeded")]
+    assert [(a["kind"], a["outcome"]) for a in txs[fails]["appeals"]] == [("validator", "failed")]
+    assert txs[fails]["appeal_failed"] == 1 and txs[succeeds]["round"] == 2
+    assert all(txs[h]["round"] == 1 for h in newer)
+    assert sum(txs[h]["recovery_count"] for h in newer) >= 1  # the re-run the second kill cut short
+    events = await (await consensus_main(conn, reader)).logs()
+    keys = [(e.name, e.tx_id, e.args[0] if e.name.startswith("Vote") else None, e.args[-1]) for e in events]
+    assert len(keys) == len(set(keys)), "an event twice"
+    started = sorted(e.tx_id for e in events if e.name == "AppealStarted")
+    assert started == sorted([succeeds, fails])
+    appeal_votes = {h: sum(e.name == "VoteCommitted" and e.args[-1] == 1 for e in events if e.tx_id == h)
+                    for h in (succeeds, fails)}
+    assert appeal_votes == {succeeds: 7, fails: 7}
+    check_finalized_order(list(txs.values()), events)
+    sent = await check_nonces(reader)
+    print(f"kill -9 mid-appeal and mid-rollback: {len(events)} events, {sent} chain transactions, 0 duplicates")

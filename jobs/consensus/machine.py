@@ -152,8 +152,9 @@ class TxTask:
                              appeal: bool) -> Execution:
         if not appeal and index < faults.validator_timeouts:
             await asyncio.sleep(FOREVER_S)
-        if faults.validator_delay:
-            await asyncio.sleep(faults.validator_delay)
+        delay = faults.validator_delay + (faults.appeal_delay if appeal else 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         execution = await self.engine.execute(view, self.tx.accepted_state if state is None else state)
         rate = self.engine.consensus.disagree_rate
         if appeal:

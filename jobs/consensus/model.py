@@ -206,6 +206,7 @@ class Faults:
     disagree: int = 0
     disagree_rounds: int = 0  # 0: every round
     appeal_disagree: int = 0  # validators of an appeal that disagree with the leader's receipt
+    appeal_delay: float = 0.0  # seconds each validator of an appeal takes (a worker killed mid-appeal)
     validator_timeouts: int = 0
     leader_delay: float = 0.0
     validator_delay: float = 0.0
@@ -217,14 +218,15 @@ class Faults:
             return cls()
         if not isinstance(raw, dict):
             raise UsageError(f"input.{FAULTS_KEY}: must be an object")
-        unknown = raw.keys() - {"disagree", "disagree_rounds", "appeal_disagree", "validator_timeouts", "leader_delay",
-                                "validator_delay"}
+        unknown = raw.keys() - {"disagree", "disagree_rounds", "appeal_disagree", "appeal_delay", "validator_timeouts",
+                                "leader_delay", "validator_delay"}
         if unknown:
             raise UsageError(f"input.{FAULTS_KEY}: unknown flag {sorted(unknown)[0]!r}")
         return cls(
             disagree=_count(raw, "disagree"),
             disagree_rounds=_count(raw, "disagree_rounds"),
             appeal_disagree=_count(raw, "appeal_disagree"),
+            appeal_delay=_seconds(raw, "appeal_delay"),
             validator_timeouts=_count(raw, "validator_timeouts"),
             leader_delay=_seconds(raw, "leader_delay"),
             validator_delay=_seconds(raw, "validator_delay"),
