@@ -9,6 +9,27 @@ from __future__ import annotations
 JOBS_CHANNEL = "runner_jobs"
 CANCEL_CHANNEL = "runner_cancel"
 
+# --- the attempt log (runner_jobs.attempt_log, revision 0012)
+# Every statement that ends an attempt appends one object to the job's attempt_log in the same UPDATE (no
+# statement or round trip of its own): the attempt's number, its start (the claim's started_at) and end,
+# how it ended (succeeded, error, fatal, cancelled, recovered: its lease expired, handed back: released
+# without using an attempt), the status the job went to, the worker (lease owner), the lease epoch and the
+# error's first line. Only the newest ATTEMPT_LOG_LIMIT are kept, so a job retried for ever stays small.
+ATTEMPT_LOG_LIMIT = 25
+ATTEMPT_ERROR_CHARS = 200
+
+
+def _append_attempt(j: str, outcome: str, status: str, error: str) -> str:
+    """SQL for ``{j}.attempt_log`` with this attempt appended, the oldest dropped past the limit (the row's
+    values are the ones before the UPDATE's own assignments: the attempt's owner, epoch and start)."""
+    kept = (f"CASE WHEN jsonb_array_length({j}.attempt_log) < {ATTEMPT_LOG_LIMIT} THEN {j}.attempt_log "
+            f"ELSE jsonb_path_query_array({j}.attempt_log, '$[last - {ATTEMPT_LOG_LIMIT - 2} to last]') END")
+    return (f"({kept}) || jsonb_build_array(jsonb_build_object("
+            f"'attempt', {j}.attempts + 1, 'started_at', {j}.started_at, 'finished_at', now(), "
+            f"'outcome', {outcome}, 'status', {status}, 'worker', {j}.lease_owner, 'lease_epoch', {j}.lease_epoch, "
+            f"'error', left(split_part({error}, E'\\n', 1), {ATTEMPT_ERROR_CHARS})))")
+
+
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO runner_jobs (kind, queue, payload, priority, run_at, max_attempts, dedupe_key, parent_id)
@@ -99,7 +120,14 @@ WHERE id = $1 AND (host, pid) <> ($2, $3) AND last_heartbeat_at > now() - $4 * i
 # whose cancel was asked for ends cancelled rather than running again. The running jobs are read through
 # runner_jobs_unfinished_idx (status = 'running' is its leading index condition) and sorted: no index covers
 # lease_expires_at, so a heartbeat (which writes only that column) is a HOT update.
-RESCUE_STALE = """
+_RESCUE_MESSAGE = """'lease of ' || coalesce(j.lease_owner, '?') || ' expired at '
+                 || to_char(j.lease_expires_at, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF')
+                 || CASE WHEN d.new_status = 'cancelled' THEN '; cancelled by request'
+                         WHEN d.new_status = 'failed' AND j.recoveries >= $1
+                         THEN '; recovery limit ' || $1 || ' reached'
+                         WHEN d.new_status = 'failed' THEN '; max_attempts ' || j.max_attempts || ' reached'
+                         ELSE '' END"""
+RESCUE_STALE = f"""
 WITH stale AS (
     SELECT id FROM runner_jobs
     WHERE status = 'running' AND lease_expires_at < now()
@@ -117,13 +145,8 @@ UPDATE runner_jobs j
 SET status = d.new_status,
     recoveries = j.recoveries + 1,
     attempts = j.attempts + 1,
-    last_error = 'lease of ' || coalesce(j.lease_owner, '?') || ' expired at '
-                 || to_char(j.lease_expires_at, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF')
-                 || CASE WHEN d.new_status = 'cancelled' THEN '; cancelled by request'
-                         WHEN d.new_status = 'failed' AND j.recoveries >= $1
-                         THEN '; recovery limit ' || $1 || ' reached'
-                         WHEN d.new_status = 'failed' THEN '; max_attempts ' || j.max_attempts || ' reached'
-                         ELSE '' END,
+    last_error = {_RESCUE_MESSAGE},
+    attempt_log = {_append_attempt('j', "'recovered'", 'd.new_status', _RESCUE_MESSAGE)},
     lease_owner = NULL, lease_expires_at = NULL, run_at = now(),
     finished_at = CASE WHEN d.new_status <> 'pending' THEN now() END
 FROM decided d
@@ -134,14 +157,16 @@ RETURNING j.id, j.kind, j.status
 # Hands back, without using an attempt, the running jobs this worker owns but does not run: after a claim
 # whose result was lost (a timeout, a dropped connection) and at shutdown. The claim's epochs never reached
 # us, so the fence here is the owner (worker ids are unique per process) plus the ids still running here.
-RELEASE_OWNED_EXCEPT = """
-UPDATE runner_jobs
-SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,
-    finished_at = CASE WHEN cancel_requested THEN now() END,
-    last_error = CASE WHEN cancel_requested THEN 'cancelled by request' ELSE last_error END,
+RELEASE_OWNED_EXCEPT = f"""
+UPDATE runner_jobs j
+SET status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'pending' END,
+    finished_at = CASE WHEN j.cancel_requested THEN now() END,
+    last_error = CASE WHEN j.cancel_requested THEN 'cancelled by request' ELSE j.last_error END,
+    attempt_log = {_append_attempt("j", "'handed back'", "CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'pending' END",
+                                   "CASE WHEN j.cancel_requested THEN 'cancelled by request' END")},
     lease_owner = NULL, lease_expires_at = NULL, run_at = now()
-WHERE status = 'running' AND lease_owner = $1 AND NOT (id = ANY($2::bigint[]))
-RETURNING id, kind, status
+WHERE j.status = 'running' AND j.lease_owner = $1 AND NOT (j.id = ANY($2::bigint[]))
+RETURNING j.id, j.kind, j.status
 """
 
 # Retention: finished jobs older than the retention window go, in bounded batches.
@@ -176,11 +201,12 @@ DELETE FROM runner_workers WHERE last_heartbeat_at < now() - $1 * interval '1 se
 """
 
 # All outcomes of a batch in one statement. outcome: succeeded | cancelled | released | error | fatal.
+# Each written row gets its attempt appended to attempt_log (released: 'handed back').
 # delay: seconds until a job going back to pending may run again (the caller's retry policy).
 # A row someone holds locked is skipped (SKIP LOCKED) and reported `busy`: still ours, written next flush.
 # A job whose cancel was asked for does not go back to pending: it ends cancelled. Rows are looked up by
 # primary key in LATERAL subqueries, as in HEARTBEAT: linear in the batch whatever the plan.
-COMPLETE = """
+COMPLETE = f"""
 WITH outcome AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[], $6::text[])
              AS t(id, epoch, outcome, error, delay, result)
@@ -209,6 +235,8 @@ WITH outcome AS MATERIALIZED (
                           WHEN d.new_status = 'cancelled' THEN 'cancelled by request'
                           ELSE j.last_error END,
         result = CASE WHEN d.new_status = 'succeeded' THEN d.result::jsonb ELSE j.result END,
+        attempt_log = {_append_attempt("j", "CASE WHEN d.outcome = 'released' THEN 'handed back' ELSE d.outcome END",
+                                       "d.new_status", "d.error")},
         lease_owner = NULL, lease_expires_at = NULL,
         finished_at = CASE WHEN d.new_status = 'pending' THEN NULL ELSE now() END
     FROM decided d
@@ -226,10 +254,12 @@ WHERE b.status = 'running' AND o.id NOT IN (SELECT id FROM written)
 
 # A handler's own transaction marks its job succeeded (ctx.complete_in): the effect and the completion
 # commit together. Fenced like every write; zero rows means the lease is gone and the caller rolls back.
-COMPLETE_IN_TRANSACTION = """
-UPDATE runner_jobs
-SET status = 'succeeded', result = $3::text::jsonb, lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
-WHERE id = $1 AND lease_epoch = $2 AND status = 'running'
+COMPLETE_IN_TRANSACTION = f"""
+UPDATE runner_jobs j
+SET status = 'succeeded', result = $3::text::jsonb,
+    attempt_log = {_append_attempt("j", "'succeeded'", "'succeeded'", "NULL::text")},
+    lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
+WHERE j.id = $1 AND j.lease_epoch = $2 AND j.status = 'running'
 """
 
 SAVE_PROGRESS = """
@@ -621,6 +651,9 @@ LIMIT $4
 """
 
 DASH_MAX_JOB_ID = "SELECT max(id) FROM runner_jobs"
+
+# A job's ended attempts (the attempt log, at most ATTEMPT_LOG_LIMIT objects), by primary key.
+DASH_JOB_ATTEMPTS = "SELECT attempt_log::text FROM runner_jobs WHERE id = $1"
 
 # The newest jobs (primary key, backwards).
 DASH_RECENT_JOBS = f"SELECT {_DASH_LIST_COLUMNS} FROM runner_jobs ORDER BY id DESC LIMIT $1"

@@ -54,6 +54,8 @@ jobs = Table(
     Column("schedule_name", Text),  # revision 0006: the schedule and tick a periodic job was enqueued for
     Column("schedule_tick", DateTime(timezone=True)),
     Column("parent_id", BigInteger),  # revision 0008: the job that made this one (a parallel backfill's chunk)
+    # revision 0012: its ended attempts, the newest last, capped (queue_sql.ATTEMPT_LOG_LIMIT)
+    Column("attempt_log", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     CheckConstraint(f"status IN {JOB_STATUSES!r}".replace('"', "'"), name="runner_jobs_status_check"),
     CheckConstraint("max_attempts > 0", name="runner_jobs_max_attempts_check"),
     # Storage parameters for churn (fillfactor, autovacuum): revision 0005, which explains them.

@@ -5,6 +5,7 @@ a bind beyond loopback without authentication is refused by the command (exit 2)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -18,11 +19,15 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from runner import queue_sql
 from runner.app import App
 from runner.dashboard import Auth, build
 from runner.dashboard import data as dashboard_data
 from runner.dashboard.security import CSP
+from runner.queue import JobOutcome
+from runner.worker import Worker
 from tests.conftest import ROOT, cli_env, run_cli
+from tests.pg import wait_until
 
 TOKEN = "t0ken-for-the-dashboard-test"
 PASSWORD = "basic-auth-password-123"
@@ -233,6 +238,85 @@ async def test_pages_show_the_data(dashboard: Factory, jobs: Jobs, conn: asyncpg
     assert (await client.get("/jobs/999999999")).status == 404
     assert (await client.get("/jobs/abc")).status == 404
     assert (await client.get("/jobs?status=nope")).status == 400
+
+
+async def attempt_log(conn: asyncpg.Connection, job_id: int) -> list[dict[str, Any]]:
+    log = json.loads(await conn.fetchval("SELECT attempt_log::text FROM runner_jobs WHERE id = $1", job_id))
+    assert isinstance(log, list)
+    return log
+
+
+async def test_each_attempt_is_recorded_by_the_statement_that_ends_it(
+    app: App, dashboard: Factory, conn: asyncpg.Connection
+) -> None:
+    """A real worker runs a job that fails twice then fails for good, and one that succeeds in its own
+    transaction (ctx.complete_in); the rescuer's and the hand-back's statements end attempts too. Each
+    attempt is in the job's attempt log, and on its page."""
+    worker_id = app.settings.worker_id
+    failing = await app.enqueue("fail", {"message": f"boom {MARKUP}\nsecond line"}, max_attempts=3)
+    recorded = await app.enqueue("record", {})
+    worker = Worker(app, queues=["default"], install_signal_handlers=False, serve_http=False)
+    running = asyncio.create_task(worker.run())
+    try:
+        async def finished() -> bool:
+            return {await status_of(conn, failing), await status_of(conn, recorded)} == {"failed", "succeeded"}
+
+        await wait_until(finished, timeout_s=60)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(running, 30)
+    log = await attempt_log(conn, failing)
+    assert [(a["attempt"], a["outcome"], a["status"], a["worker"], a["lease_epoch"]) for a in log] == [
+        (1, "error", "pending", worker_id, 1), (2, "error", "pending", worker_id, 2),
+        (3, "error", "failed", worker_id, 3)]
+    assert all(a["error"] == f"tests.kinds.JobFailed: boom {MARKUP}" for a in log)  # the first line only
+    assert all(a["started_at"] <= a["finished_at"] for a in log)
+    assert [(a["outcome"], a["status"], a["error"]) for a in await attempt_log(conn, recorded)] == [
+        ("succeeded", "succeeded", None)]
+
+    # the rescuer: a lease that expired
+    lost = await app.enqueue("noop", {})
+    [claimed] = await app.queue.job_claim(["default"], 1, "gone-worker", 30, ["noop"])
+    await conn.execute("UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", lost)
+    assert [r.job_id for r in await app.queue.job_rescue_stale(3)] == [lost]
+    [rescued] = await attempt_log(conn, lost)
+    assert (rescued["outcome"], rescued["status"], rescued["worker"], rescued["lease_epoch"]) == (
+        "recovered", "pending", "gone-worker", claimed.lease_epoch)
+    assert rescued["error"].startswith("lease of gone-worker expired at ")
+    # handed back: a claim this worker does not run, and a release (PoolExhausted) through COMPLETE
+    [again] = await app.queue.job_claim(["default"], 1, "other-worker", 30, ["noop"])
+    assert [r.job_id for r in await app.queue.job_release_owned_except("other-worker", [])] == [lost]
+    [third] = await app.queue.job_claim(["default"], 1, "other-worker", 30, ["noop"])
+    await app.queue.job_complete_many([JobOutcome(lost, third.lease_epoch, "noop", "released")])
+    assert [(a["outcome"], a["status"], a["lease_epoch"], a["attempt"]) for a in await attempt_log(conn, lost)] == [
+        ("recovered", "pending", claimed.lease_epoch, 1), ("handed back", "pending", again.lease_epoch, 2),
+        ("handed back", "pending", third.lease_epoch, 2)]
+
+    client = await dashboard()
+    detail = await (await client.get(f"/api/jobs/{failing}")).json()
+    assert [(a["attempt"], a["outcome"], a["status"]) for a in detail["attempts"]] == [
+        (1, "error", "pending"), (2, "error", "pending"), (3, "error", "failed")]
+    assert all(a["duration_s"] is not None and a["duration_s"] >= 0 for a in detail["attempts"])
+    page = await (await client.get(f"/jobs/{failing}")).text()
+    table = page[page.index('<table id="attempts">'):page.index('<template id="tpl-attempt">')]
+    assert table.count("<tr>") == 4 and f'<td data-bind="worker">{worker_id}</td>' in table  # a head and three attempts
+    assert "JobFailed: boom &lt;script&gt;" in table and "<script>" not in table and "second line" not in table
+    # the attempt running now is the last row, with no end
+    [now_running] = await app.queue.job_claim(["default"], 1, "other-worker", 30, ["noop"])
+    detail = await (await client.get(f"/api/jobs/{lost}")).json()
+    assert [(a["outcome"], a["finished_at"], a["lease_epoch"]) for a in detail["attempts"]][-1] == (
+        "running", None, now_running.lease_epoch)
+
+
+async def test_the_attempt_log_keeps_the_newest_entries_only(app: App, conn: asyncpg.Connection) -> None:
+    job_id = await app.enqueue("noop", {})
+    old = [{"attempt": n, "outcome": "handed back"} for n in range(1, 41)]  # more than the cap, say an old limit
+    await conn.execute("UPDATE runner_jobs SET attempt_log = $2::text::jsonb WHERE id = $1", job_id, json.dumps(old))
+    [claimed] = await app.queue.job_claim(["default"], 1, "w", 30, ["noop"])
+    await app.queue.job_complete_many([JobOutcome(job_id, claimed.lease_epoch, "noop", "succeeded")])
+    log = await attempt_log(conn, job_id)
+    assert len(log) == queue_sql.ATTEMPT_LOG_LIMIT == 25
+    assert [a["attempt"] for a in log[:-1]] == list(range(17, 41)) and log[-1]["outcome"] == "succeeded"
 
 
 async def test_a_search_no_index_serves_pages_through_windows_of_ids(

@@ -147,12 +147,54 @@ async def job_detail(app: App, job_id: int) -> dict[str, Any]:
         "eta_s": None if rate is None or rate[1] is None else round(rate[1], 1),
         "children": [safe_job(child) for child in children],
         "timeline": timeline(job),
+        "attempts": await attempts(app, job),
+        "attempt_log_limit": sql.ATTEMPT_LOG_LIMIT,
         "now": now,
     }
 
 
+ATTEMPT_FIELDS = ("attempt", "started_at", "finished_at", "outcome", "status", "worker", "lease_epoch", "error")
+
+
+async def attempts(app: App, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's attempts, oldest first: the ended ones from its attempt log (the newest
+    ``ATTEMPT_LOG_LIMIT``), then the one running now, if any."""
+    raw = _decoded(await app.db.fetchval(sql.DASH_JOB_ATTEMPTS, job["id"]))
+    rows = [_attempt(entry) for entry in raw if isinstance(entry, dict)] if isinstance(raw, list) else []
+    if job["status"] == "running":
+        rows.append(_attempt({"attempt": job["attempts"] + 1, "started_at": job.get("started_at"),
+                              "outcome": "running", "status": "running", "worker": job.get("lease_owner"),
+                              "lease_epoch": job.get("lease_epoch")}))
+    return rows
+
+
+def _attempt(entry: dict[str, Any]) -> dict[str, Any]:
+    row = {key: entry.get(key) for key in ATTEMPT_FIELDS}
+    for key in ("started_at", "finished_at"):
+        row[key] = _when(row[key])
+    started, finished = row["started_at"], row["finished_at"]
+    row["duration_s"] = (round((finished - started).total_seconds(), 3)
+                         if isinstance(started, datetime) and isinstance(finished, datetime) else None)
+    row["error"] = redact(row["error"]) if isinstance(row["error"], str) and row["error"] else None
+    for key in ("outcome", "status", "worker"):
+        if row[key] is not None and not isinstance(row[key], str):
+            row[key] = str(row[key])
+    return row
+
+
+def _when(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
 def timeline(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """What the row records of a job's life, in order (only the latest attempt's start is stored)."""
+    """The row's own times of a job's life, in order (each attempt is in ``attempts``)."""
     events: list[tuple[str, datetime | None, str]] = [
         ("created", job.get("created_at"), ""),
         ("runnable from", job.get("run_at"), "" if job["status"] == "pending" else "of the latest attempt"),
