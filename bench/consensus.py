@@ -14,6 +14,12 @@ Two figures, on one fresh anvil (finality window 0):
   over the whole worker process (start-up, deployment and drain included); chain transactions sent; the
   worker's peak TCP connections to the node (ESTABLISHED sockets it owns, from /proc/net/tcp).
 
+- **appealed** (``--appealed 0.1``): one more round per ``--appeal-rounds`` (1) with the finality window at
+  ``--appeal-window`` (5 s) and that fraction of transactions appealed by the bench as soon as each is
+  decided on chain (``runner.jobs.consensus`` SQL, as ``runner appeal`` does); half of them succeed (the
+  appeal's validators disagree: a rollback of the newer transactions of the contract), half fail (the
+  window restarts, x 0.8). The window itself is then part of the time to the last finalization.
+
 Each round uses a fresh database and a fresh anvil; the median of ``--rounds`` (5) is reported, with the
 ratio consensus/raw (target >= 50%). The database is RUNNER_BENCH_DATABASE_URL or the embedded
 PostgreSQL under RUNNER_BENCH_HOME; anvil comes from node_modules (``npm ci``). Results go to
@@ -55,6 +61,7 @@ from bench._common import (  # noqa: E402
 )
 from runner.chain import close_chain, open_chain  # noqa: E402
 from runner.config import load_settings  # noqa: E402
+from runner.jobs.consensus import sql as consensus_sql  # noqa: E402
 from runner.jobs.consensus.model import new_submission, to_checksum_address  # noqa: E402
 from tests.chain_fixtures import Anvil, anvil_binary, established_to, free_port  # noqa: E402
 
@@ -73,6 +80,9 @@ class Round:
     chain_txs: int
     peak_node_connections: int
     statuses: dict[str, int]
+    appealed: int = 0  # appeals the bench requested
+    appeals_succeeded: int = 0
+    rolled_back_runs: int = 0  # re-runs: rounds above 0 of transactions that were not appealed themselves
 
     @property
     def ratio(self) -> float:
@@ -97,8 +107,11 @@ async def raw_rate(url: str, count: int) -> float:
         await close_chain(chain)
 
 
-def plan(txs: int, contracts: int) -> list[tuple[str, dict[str, Any]]]:
+def plan(txs: int, contracts: int, appealed: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+    """Key-value ops round-robin over the contracts; with ``appealed``, every 1/appealed-th transaction is
+    marked for an appeal (odd ones: the appeal's validators disagree, so it succeeds)."""
     out = []
+    every = round(1 / appealed) if appealed else 0
     for i in range(txs):
         to = to_checksum_address("0x" + f"{0xB0000 + i % contracts:040x}")
         n = i // contracts
@@ -107,12 +120,15 @@ def plan(txs: int, contracts: int) -> list[tuple[str, dict[str, Any]]]:
             data = {"op": "mint", "amount": 10_000}
         elif n % 3 == 0:
             data = {"op": "transfer", "to": SENDER, "amount": 1}
+        if every and i % every == every - 1:
+            data["consensus"] = {"appeal_disagree": 7} if (i // every) % 2 else {"appeal_delay": 0}
         out.append((to, data))
     return out
 
 
-def worker_env(db_url: str, chain_url: str, concurrency: int) -> dict[str, str]:
-    return base_env(RUNNER_DATABASE_URL=db_url, RUNNER_CHAIN_URL=chain_url, RUNNER_CONSENSUS_FINALITY_WINDOW="0",
+def worker_env(db_url: str, chain_url: str, concurrency: int, window: float = 0) -> dict[str, str]:
+    return base_env(RUNNER_DATABASE_URL=db_url, RUNNER_CHAIN_URL=chain_url,
+                    RUNNER_CONSENSUS_FINALITY_WINDOW=str(window),
                     RUNNER_CONSENSUS_CONCURRENCY=str(concurrency), RUNNER_HTTP_ENABLED="false",
                     RUNNER_LOG_LEVEL="warning", RUNNER_LOG_FORMAT="json")
 
@@ -135,7 +151,26 @@ class Watch:
         return self.peak
 
 
-async def one_round(server: Server, args: argparse.Namespace, index: int) -> Round:
+async def appeal_marked(db_url: str, window: float, stop: asyncio.Event) -> int:
+    """Appeal each marked transaction (input.consensus set) once it is decided on chain; returns how many."""
+    connection = await asyncpg.connect(db_url)
+    asked: set[str] = set()
+    try:
+        while not stop.is_set():
+            ready = await connection.fetch(
+                "SELECT hash FROM runner_consensus_transactions WHERE input ? 'consensus' AND status = 'ACCEPTED' "
+                "AND decided_event_tx IS NOT NULL AND appeal_requested IS NULL AND jsonb_array_length(appeals) = 0")
+            for row in ready:
+                if row["hash"] not in asked and await connection.fetchval(
+                        consensus_sql.REQUEST_APPEAL, row["hash"], window, 0.8):
+                    asked.add(row["hash"])
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    return len(asked)
+
+
+async def one_round(server: Server, args: argparse.Namespace, index: int, appealed: float = 0.0) -> Round:
     binary = anvil_binary()
     if binary is None:
         raise SystemExit("anvil is not installed: run `npm ci` at the repository root")
@@ -147,11 +182,12 @@ async def one_round(server: Server, args: argparse.Namespace, index: int) -> Rou
     logs.mkdir(parents=True, exist_ok=True)
     try:
         raw_before = await raw_rate(node.url, args.raw)
-        env = worker_env(db_url, node.url, args.concurrency)
+        window = args.appeal_window if appealed else 0.0
+        env = worker_env(db_url, node.url, args.concurrency, window)
         subprocess.run([str(RUNNER_CLI), "migrate"], env=env, check=True, capture_output=True)
         connection = await asyncpg.connect(db_url)
         try:
-            subs = [new_submission(SENDER, to, data) for to, data in plan(args.txs, args.contracts)]
+            subs = [new_submission(SENDER, to, data) for to, data in plan(args.txs, args.contracts, appealed)]
             await connection.execute(
                 "INSERT INTO runner_consensus_transactions (hash, from_address, to_address, input) "
                 "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]::jsonb[])",
@@ -161,6 +197,8 @@ async def one_round(server: Server, args: argparse.Namespace, index: int) -> Rou
             reader = await open_chain(settings)
             sent_before = await reader.w3.eth.get_transaction_count(reader.address)
             started = time.perf_counter()
+            stop = asyncio.Event()
+            appealer = asyncio.create_task(appeal_marked(db_url, window, stop)) if appealed else None
             with open(logs / "worker.log", "w") as sink:
                 proc = subprocess.Popen([str(RUNNER_CLI), "worker", "--drain"], env=env, stdout=sink,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -168,6 +206,8 @@ async def one_round(server: Server, args: argparse.Namespace, index: int) -> Rou
                 code = await asyncio.to_thread(proc.wait)
                 wall = time.perf_counter() - started
                 peak = watch.finish()
+            stop.set()
+            asked = await appealer if appealer is not None else 0
             if code != 0:
                 raise SystemExit(f"worker exited {code}; see {logs / 'worker.log'}")
             chain_txs = await reader.w3.eth.get_transaction_count(reader.address) - sent_before
@@ -181,6 +221,10 @@ async def one_round(server: Server, args: argparse.Namespace, index: int) -> Rou
                 "SELECT count(*) FROM runner_consensus_transactions WHERE status <> 'FINALIZED'")
             if unfinished:
                 raise SystemExit(f"{unfinished} transactions not finalized")
+            appeal_rows = await connection.fetch(
+                "SELECT appeals, round, input ? 'consensus' AS marked FROM runner_consensus_transactions")
+            succeeded = sum('"succeeded"' in str(r["appeals"]) for r in appeal_rows)
+            reruns = sum(r["round"] > 0 for r in appeal_rows if not r["marked"])
         finally:
             await connection.close()
         raw_after = await raw_rate(node.url, args.raw)
@@ -188,11 +232,14 @@ async def one_round(server: Server, args: argparse.Namespace, index: int) -> Rou
         result = Round(raw_sends_per_s=raw, raw_before=raw_before, raw_after=raw_after,
                        finalized_per_s_window=args.txs / float(window),
                        finalized_per_s_process=args.txs / wall, worker_wall_s=wall, chain_txs=chain_txs,
-                       peak_node_connections=peak, statuses=statuses)
+                       peak_node_connections=peak, statuses=statuses, appealed=asked,
+                       appeals_succeeded=succeeded, rolled_back_runs=reruns)
         log(f"round {index}: raw {raw:.0f} sends/s ({raw_before:.0f} before, {raw_after:.0f} after); "
             f"consensus {result.finalized_per_s_window:.0f} finalized/s "
             f"(window), {result.finalized_per_s_process:.0f}/s (whole process, {wall:.1f}s); {chain_txs} chain "
-            f"txs; peak node connections {peak}; ratio {100 * result.ratio:.0f}%")
+            f"txs; peak node connections {peak}; ratio {100 * result.ratio:.0f}%"
+            + (f"; {asked} appealed ({succeeded} succeeded, {reruns} newer transactions rolled back), window "
+               f"{window:g}s" if appealed else ""))
         return result
     finally:
         node.stop()
@@ -206,6 +253,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--raw", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--appealed", type=float, default=0.1, help="fraction appealed in the appeal rounds")
+    parser.add_argument("--appeal-rounds", type=int, default=1)
+    parser.add_argument("--appeal-window", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="one small round (a smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -213,6 +263,8 @@ async def main() -> None:
     server = start_server()
     try:
         rounds = [await one_round(server, args, i) for i in range(args.rounds)]
+        appeal_rounds = [await one_round(server, args, args.rounds + i, args.appealed)
+                         for i in range(args.appeal_rounds if args.appealed else 0)]
     finally:
         server.stop_if_started_here()
     summary = {
@@ -223,9 +275,19 @@ async def main() -> None:
         "peak_node_connections": max(r.peak_node_connections for r in rounds),
         "chain_txs_per_round": [r.chain_txs for r in rounds],
     }
+    if appeal_rounds:
+        summary["appealed"] = {
+            "fraction": args.appealed, "window_s": args.appeal_window,
+            "finalized_per_s_window": median([r.finalized_per_s_window for r in appeal_rounds]),
+            "ratio_window_to_raw": median([r.ratio for r in appeal_rounds]),
+            "appeals": [r.appealed for r in appeal_rounds],
+            "succeeded": [r.appeals_succeeded for r in appeal_rounds],
+            "rolled_back_runs": [r.rolled_back_runs for r in appeal_rounds],
+        }
     report = {"command": " ".join(["python", "bench/consensus.py", *sys.argv[1:]]), "config": vars(args),
               "machine": machine(), "commit": git_commit(), "summary": summary,
-              "rounds": [asdict(r) | {"ratio": r.ratio} for r in rounds]}
+              "rounds": [asdict(r) | {"ratio": r.ratio} for r in rounds],
+              "appeal_rounds": [asdict(r) | {"ratio": r.ratio} for r in appeal_rounds]}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "consensus.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

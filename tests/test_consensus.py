@@ -483,3 +483,32 @@ async def test_a_consensus_main_of_another_version_is_deployed_again(
         assert replaced.address != other
         assert int.from_bytes(await chain.call(replaced.address, selector("VERSION")), "big") == VERSION
         assert await conn.fetchval("SELECT address FROM runner_consensus_deployments") == replaced.address
+
+
+async def test_early_quorum_cancels_the_validators_still_running(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """Two validators that would take the whole 600 s validator timeout: once three votes agree (or three
+    disagree) the outcome is certain, the two are cancelled and recorded as "cancelled" (their commit and
+    reveal are still on chain, vote code 4), and the transaction is decided at once. Without early quorum
+    the drain would wait out the timeout."""
+    from runner.jobs.consensus import metrics as consensus_metrics
+
+    cancelled_before = consensus_metrics.CONSENSUS_VALIDATORS_CANCELLED._value.get()
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_VALIDATOR_TIMEOUT="600",
+                             RUNNER_CONSENSUS_ROTATIONS="0") as app:
+        to = contract_address(9)
+        agreed = await submit(app, to, {"op": "set", "key": "a", "value": 1, "consensus": {"validator_timeouts": 2}})
+        refused = await submit(app, to, {"op": "set", "key": "b", "value": 2,
+                                         "consensus": {"validator_timeouts": 2, "disagree": 5}})
+        await drain(app, 60)
+        events = await engine_of(app).contract.logs()
+    txs = {t["hash"]: t for t in await rows(conn)}
+    assert (txs[agreed]["outcome"], txs[refused]["outcome"]) == ("ACCEPTED", "UNDETERMINED")
+    for tx_hash in (agreed, refused):
+        assert [v["vote"] for v in txs[tx_hash]["votes"]][:2] == ["cancelled", "cancelled"]
+    assert "0 agree, 3 disagree, 0 timed out, 2 cancelled of 5" in txs[refused]["reason"]
+    check_events(list(txs.values()), events)
+    revealed = Counter(e.args[1] for e in events if e.name == "VoteRevealed")
+    assert revealed[cm.word(4)] == 4  # the vote code of "cancelled", two per transaction
+    assert consensus_metrics.CONSENSUS_VALIDATORS_CANCELLED._value.get() - cancelled_before == 4

@@ -15,7 +15,7 @@ import contextlib
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,13 +72,48 @@ def decide(votes: list[Vote]) -> tuple[str, str | None]:
     """A majority agreeing accepts; timeouts that kept a majority from forming are VALIDATORS_TIMEOUT."""
     agree = sum(v.vote == "agree" for v in votes)
     timeouts = sum(v.vote == "timeout" for v in votes)
+    cancelled = sum(v.vote == "cancelled" for v in votes)
     majority = len(votes) // 2 + 1
     if agree >= majority:
         return ACCEPTED, None
-    tally = f"{agree} agree, {len(votes) - agree - timeouts} disagree, {timeouts} timed out of {len(votes)}"
+    tally = (f"{agree} agree, {len(votes) - agree - timeouts - cancelled} disagree, {timeouts} timed out"
+             + (f", {cancelled} cancelled" if cancelled else "") + f" of {len(votes)}")
     if timeouts and agree + timeouts >= majority:
         return VALIDATORS_TIMEOUT, f"validators timed out: {tally}"
     return UNDETERMINED, f"no majority: {tally}"
+
+
+def settled_early(votes: list[Vote], total: int) -> bool:
+    """Whether ``votes`` (of ``total``) already decide: a majority agrees, or a majority disagrees (then
+    neither ACCEPTED nor VALIDATORS_TIMEOUT can come of the rest). The rest cannot change the outcome."""
+    majority = total // 2 + 1
+    return sum(v.vote == "agree" for v in votes) >= majority or sum(v.vote == "disagree" for v in votes) >= majority
+
+
+async def gather_votes(validators: list[str], ballots: list[Coroutine[Any, Any, Vote]],
+                       prior: Sequence[Vote] = ()) -> list[Vote]:
+    """Run the ballots concurrently; once ``prior`` and the votes in decide the outcome (early quorum),
+    the validators still running are cancelled and recorded as "cancelled" (their slots free at once)."""
+    tasks = [asyncio.ensure_future(ballot) for ballot in ballots]
+    total = len(prior) + len(tasks)
+    try:
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            votes = [*prior, *(t.result() for t in tasks if t.done())]
+            if pending and settled_early(votes, total):
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                metrics.CONSENSUS_VALIDATORS_CANCELLED.inc(len(pending))
+                break
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return [t.result() if not t.cancelled() else Vote(v, "cancelled", secrets.token_hex(16))
+            for t, v in zip(tasks, validators, strict=True)]
 
 
 def receipt_of(execution: Execution) -> dict[str, Any]:
@@ -225,9 +260,8 @@ class TxTask:
         await self.emit_once("proposed", [self.event(cm.PROPOSED, leader, cm.word(receipt["receipt_hash"]))])
 
         validators = [n for n in engine.nodes if n != leader]
-        votes = list(await asyncio.gather(*[
-            self._validate(i, v, view, faults, receipt["receipt_hash"]) for i, v in enumerate(validators)
-        ]))
+        votes = await gather_votes(validators, [self._validate(i, v, view, faults, receipt["receipt_hash"])
+                                                for i, v in enumerate(validators)])
         await self._transition(COMMITTING, votes=[v.committed() for v in votes])
         await self.emit_once("committed", [self.event(cm.COMMITTED, v.validator, cm.word(v.commit)) for v in votes])
 
@@ -284,14 +318,15 @@ class TxTask:
         faults = Faults.parse(tx.input)
         before = await engine.store.state_before(tx)
         leader_hash = (tx.result or {}).get("receipt_hash") or ""
-        votes = list(await asyncio.gather(*[
-            self._validate(i, v, view, faults, leader_hash, state=before, appeal=True) for i, v in enumerate(validators)
-        ]))
+        earlier = [Vote(o["validator"], o["vote"], o["salt"]) for o in tx.votes if "vote" in o]
+        ballots = [self._validate(i, v, view, faults, leader_hash, state=before, appeal=True)
+                   for i, v in enumerate(validators)]
+        votes = await gather_votes(validators, ballots, prior=earlier)
         record["committed_event_tx"] = await self.emit_once(
             "committed", [self.event(cm.COMMITTED, v.validator, cm.word(v.commit)) for v in votes])
         record["revealed_event_tx"] = await self.emit_once(
             "revealed", [self.event(cm.REVEALED, v.validator, cm.word(VOTE_CODES[v.vote])) for v in votes])
-        merged = [Vote(o["validator"], o["vote"], o["salt"]) for o in tx.votes if "vote" in o] + votes
+        merged = earlier + votes
         outcome, reason = decide(merged)
         record.update(validators=validators, votes=[v.revealed() for v in votes], merged=reason or "majority agrees")
         if outcome == ACCEPTED:

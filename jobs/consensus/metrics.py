@@ -31,4 +31,7 @@ CONSENSUS_EVENT_BATCH = Histogram(
 CONSENSUS_ROTATIONS = Counter(
     "runner_consensus_leader_rotations_total", "Leaders rotated in after a round without a majority"
 )
+CONSENSUS_VALIDATORS_CANCELLED = Counter(
+    "runner_consensus_validators_cancelled_total", "Validators cancelled because the majority was already certain"
+)
 CONSENSUS_APPEALS = Counter("runner_consensus_appeals_total", "Appeals settled by this worker, by kind", ["kind"])

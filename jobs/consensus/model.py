@@ -69,7 +69,8 @@ DECIDED = (ACCEPTED, UNDETERMINED, LEADER_TIMEOUT, VALIDATORS_TIMEOUT)
 # outcome code carried by the TransactionUndetermined event
 OUTCOME_CODES = {UNDETERMINED: 1, LEADER_TIMEOUT: 2, VALIDATORS_TIMEOUT: 3}
 # vote code carried by the VoteRevealed event
-VOTE_CODES = {"agree": 1, "disagree": 2, "timeout": 3}
+# "cancelled": still running when the majority was already certain (early quorum); it decides nothing
+VOTE_CODES = {"agree": 1, "disagree": 2, "timeout": 3, "cancelled": 4}
 
 FAULTS_KEY = "consensus"  # reserved input key: fault injection for tests, stripped before execution
 MAX_INPUT_BYTES = 64 * 1024
