@@ -293,3 +293,32 @@ async def test_appeals_that_cannot_be_made_are_one_line_and_exit_2(
     assert bad.returncode == 2 and "RUNNER_CONSENSUS_APPEAL_GROWTH" in bad.stderr, bad.stderr
     assert {r["status"] for r in await rows(conn)} == {"PENDING", "CANCELED"}
     assert all(r["appeal_requested"] is None for r in await rows(conn))
+
+
+async def test_an_appeal_that_raises_is_abandoned_alone_and_the_decision_stands(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """A poisoned appeal (its settlement raises) ends once, recorded as abandoned with the reason; it is
+    not claimed again and again, the transaction stays ACCEPTED and still finalizes, and the appeal of
+    another contract's transaction beside it is settled."""
+    async with consensus_app(**WINDOW) as app:
+        poisoned = await submit(app, contract_address(26), {"op": "set", "key": "a", "value": 1,
+                                                            "consensus": {"appeal_error": True}})
+        healthy = await submit(app, contract_address(27), {"op": "set", "key": "b", "value": 2})
+        async with running_worker(app):
+            await wait_until(lambda: all_settled(conn, [poisoned, healthy]), 60)
+            for tx_hash in (poisoned, healthy):
+                await appeal(app, tx_hash)
+            await wait_until(lambda: appeals_done(conn, poisoned, 1), 60)
+            await wait_until(lambda: appeals_done(conn, healthy, 1), 60)
+        row = await row_of(conn, poisoned)
+        [record] = row["appeals"]
+        assert (record["outcome"], record["round"]) == ("abandoned", 1)
+        assert record["reason"] == "RuntimeError: appeal_error: the test fault"
+        assert (row["status"], row["round"], row["appeal_failed"]) == ("ACCEPTED", 1, 0)
+        assert (await row_of(conn, healthy))["appeals"][0]["outcome"] == "failed"
+        await backdate(conn, 3601)
+        await drain(app, 60)
+        events = await engine_of(app).contract.logs()
+    assert {r["status"] for r in await rows(conn)} == {"FINALIZED"}
+    assert Counter(e.tx_id for e in events if e.name == "AppealStarted") == {poisoned: 1, healthy: 1}

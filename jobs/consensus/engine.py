@@ -93,6 +93,9 @@ class Engine:
             await self._quietly(self.after_chain_error(error))
         except Exception as error:  # a bug or a database outage: count it as a recovery (capped)
             log.error("consensus task failed", tx=short_hash(tx.hash), status=tx.status, error=repr(error))
+            if tx.appeal:  # the decision stands; the appeal ends, recorded (an operator may appeal again)
+                await self._quietly(self.store.appeal_abandoned(tx, f"{type(error).__name__}: {error}"[:300]))
+                return
             await self._quietly(self.store.recover_own([(tx.hash, tx.epoch)], self.settings.max_recoveries,
                                                        f"task error {type(error).__name__}"))
         finally:

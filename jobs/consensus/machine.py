@@ -305,6 +305,9 @@ class TxTask:
         for column in ("committed", "revealed", "appealed"):
             tx.events.pop(column, None)
         started = await self.emit_once("appealed", [self.event(cm.APPEAL_STARTED, data=cm.word(cm.APPEAL_KINDS[kind]))])
+        faults = Faults.parse(tx.input)
+        if faults.appeal_error:
+            raise RuntimeError("appeal_error: the test fault")
         metrics.CONSENSUS_APPEALS.labels(kind).inc()
         record: dict[str, Any] = {"kind": kind, "round": tx.round, "started_event_tx": started}
         if kind == "leader":
@@ -315,7 +318,6 @@ class TxTask:
             return
         validators = engine.appeal_validators(number)
         view = TxView(tx.hash, tx.from_address, tx.to_address, strip_faults(tx.input))
-        faults = Faults.parse(tx.input)
         before = await engine.store.state_before(tx)
         leader_hash = (tx.result or {}).get("receipt_hash") or ""
         earlier = [Vote(o["validator"], o["vote"], o["salt"]) for o in tx.votes if "vote" in o]

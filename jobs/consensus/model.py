@@ -208,6 +208,7 @@ class Faults:
     disagree_rounds: int = 0  # 0: every round
     appeal_disagree: int = 0  # validators of an appeal that disagree with the leader's receipt
     appeal_delay: float = 0.0  # seconds each validator of an appeal takes (a worker killed mid-appeal)
+    appeal_error: bool = False  # the appeal's settlement raises (a poisoned appeal)
     validator_timeouts: int = 0
     leader_delay: float = 0.0
     validator_delay: float = 0.0
@@ -219,7 +220,8 @@ class Faults:
             return cls()
         if not isinstance(raw, dict):
             raise UsageError(f"input.{FAULTS_KEY}: must be an object")
-        unknown = raw.keys() - {"disagree", "disagree_rounds", "appeal_disagree", "appeal_delay", "validator_timeouts",
+        unknown = raw.keys() - {"disagree", "disagree_rounds", "appeal_disagree", "appeal_delay", "appeal_error",
+                                "validator_timeouts",
                                 "leader_delay", "validator_delay"}
         if unknown:
             raise UsageError(f"input.{FAULTS_KEY}: unknown flag {sorted(unknown)[0]!r}")
@@ -228,6 +230,7 @@ class Faults:
             disagree_rounds=_count(raw, "disagree_rounds"),
             appeal_disagree=_count(raw, "appeal_disagree"),
             appeal_delay=_seconds(raw, "appeal_delay"),
+            appeal_error=_flag(raw, "appeal_error"),
             validator_timeouts=_count(raw, "validator_timeouts"),
             leader_delay=_seconds(raw, "leader_delay"),
             validator_delay=_seconds(raw, "validator_delay"),
@@ -246,6 +249,13 @@ def _seconds(raw: dict[str, Any], key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise UsageError(f"input.{FAULTS_KEY}.{key}: must be a non-negative number of seconds")
     return float(value)
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"input.{FAULTS_KEY}.{key}: must be true or false")
+    return value
 
 
 def strip_faults(data: dict[str, Any]) -> dict[str, Any]:

@@ -315,6 +315,15 @@ WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.lease_owner = $3 AND t.status IN 
 RETURNING t.hash
 """
 
+# An appeal whose settlement raised: the request ends, recorded, its round used ($5: a later appeal opens
+# the next one); the decision and its window stand.
+APPEAL_ABANDONED = f"""
+UPDATE {T} t SET appeal_requested = NULL, appeals = t.appeals || $4::jsonb, round = $5, lease_owner = NULL,
+    lease_expires_at = NULL
+WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.lease_owner = $3 AND t.status IN {DECIDED}
+RETURNING t.hash
+"""
+
 # A successful appeal (or a leader appeal): the transaction and every newer one of its contract that ran
 # back to PENDING in one statement, fenced on the appealed one's lease. Their epochs are bumped (an
 # in-flight worker's writes and emits are refused), their decisions, votes, patches and event hashes

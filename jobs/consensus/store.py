@@ -312,6 +312,13 @@ class ConsensusStore:
         if moved is None:
             raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before its appeal failed")
 
+    async def appeal_abandoned(self, tx: Claimed, why: str) -> None:
+        """The appeal's settlement failed (an error, not a crash): the request ends, recorded with the
+        reason; the decision and its window stand."""
+        record = {"kind": tx.appeal, "round": tx.round, "outcome": "abandoned", "reason": why}
+        await self.db.fetchval(sql.APPEAL_ABANDONED, tx.hash, tx.epoch, self.owner, [record], tx.round)
+        log.warning("appeal abandoned", tx=short_hash(tx.hash), reason=why)
+
     async def rollback(self, tx: Claimed, record: dict[str, Any], reason: str, rerun_round: int) -> list[str]:
         """Return ``tx`` (to run again in ``rerun_round``) and every newer transaction of its contract that
         ran (each in its next round) to PENDING, and restore the contract's accepted state to what it was
