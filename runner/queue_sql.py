@@ -162,7 +162,8 @@ UPDATE runner_jobs j
 SET status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'pending' END,
     finished_at = CASE WHEN j.cancel_requested THEN now() END,
     last_error = CASE WHEN j.cancel_requested THEN 'cancelled by request' ELSE j.last_error END,
-    attempt_log = {_append_attempt("j", "'handed back'", "CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'pending' END",
+    attempt_log = {_append_attempt("j", "'handed back'",
+                                   "CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'pending' END",
                                    "CASE WHEN j.cancel_requested THEN 'cancelled by request' END")},
     lease_owner = NULL, lease_expires_at = NULL, run_at = now()
 WHERE j.status = 'running' AND j.lease_owner = $1 AND NOT (j.id = ANY($2::bigint[]))
