@@ -688,6 +688,14 @@ ORDER BY parent_id, id
 
 # --- the dashboard: consensus (the consensus plugin's tables, read only; absent when it never migrated)
 DASH_CONSENSUS_PRESENT = "SELECT to_regclass('runner_consensus_transactions') IS NOT NULL"
+# Which columns of later consensus revisions the table has (round: 0009, appeals: 0011): the list shows them
+# when they are there, and answers on an older schema too.
+DASH_CONSENSUS_COLUMNS = """
+SELECT to_regclass('runner_consensus_transactions') IS NOT NULL AS present,
+       coalesce(array_agg(attname::text) FILTER (WHERE attname IS NOT NULL), '{}') AS columns
+FROM pg_attribute
+WHERE attrelid = to_regclass('runner_consensus_transactions') AND attname IN ('round', 'appeals') AND NOT attisdropped
+"""
 
 # Unfinished transactions by contract and status, exact (runner_consensus_tx_unfinished_idx).
 DASH_CONSENSUS_UNFINISHED = """
@@ -710,14 +718,22 @@ _DASH_TX_COLUMNS = """hash, seq, status, from_address, to_address, leader, outco
        activated_event_tx, proposed_event_tx, committed_event_tx, revealed_event_tx, decided_event_tx,
        finalized_event_tx"""
 
-# The newest transactions, optionally of one status ($1) and contract ($2), keyset paging on seq ($3).
-DASH_CONSENSUS_LIST = f"""
-SELECT {_DASH_TX_COLUMNS} FROM runner_consensus_transactions
+# The newest transactions, optionally of one status ($1) and contract ($2), keyset paging on seq ($3); with
+# their round and number of appeals when the table has those columns (dash_consensus_list).
+_DASH_CONSENSUS_LIST = """
+SELECT {columns} FROM runner_consensus_transactions
 WHERE ($1::text IS NULL OR status = $1::text) AND ($2::text IS NULL OR to_address = $2::text)
   AND ($3::bigint IS NULL OR seq < $3::bigint)
 ORDER BY seq DESC
 LIMIT $4
 """
+
+
+def dash_consensus_list(with_round: bool, with_appeals: bool) -> str:
+    extra = (", round" if with_round else "") + (
+        ", CASE WHEN jsonb_typeof(appeals) = 'array' THEN jsonb_array_length(appeals) END AS appeal_count"
+        if with_appeals else "")
+    return _DASH_CONSENSUS_LIST.format(columns=_DASH_TX_COLUMNS + extra)
 
 # The whole row as JSON too: columns a later consensus revision adds (rounds, say) are shown without a change
 # here.

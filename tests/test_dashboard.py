@@ -530,6 +530,59 @@ async def test_read_only_hides_and_refuses_actions(
     assert not await conn.fetchval("SELECT paused FROM runner_schedules WHERE name = 'nightly'")
 
 
+async def test_a_transactions_appeals_and_round_are_shown(
+    dashboard: Factory, jobs: Jobs, conn: asyncpg.Connection
+) -> None:
+    started, committed, revealed, leader_started = ("0x" + c * 64 for c in "1234")
+    appeals = [
+        {"kind": "validator", "round": 1, "validators": ["0xa1", "0xa2", "0xa3"], "votes": [{"vote": 1}] * 3,
+         "outcome": "failed", "merged": "majority agrees", "started_event_tx": started,
+         "committed_event_tx": committed, "revealed_event_tx": revealed},
+        {"kind": "leader", "round": 2, "validators": [], "votes": [], "outcome": "succeeded",
+         "merged": MARKUP, "started_event_tx": leader_started},
+        "not an object",
+    ]
+    await conn.execute("UPDATE runner_consensus_transactions SET round = 3, appeal_failed = 1, "
+                       "appeal_requested = 'validator', appeals = $2::text::jsonb WHERE hash = $1",
+                       TX_HASH, json.dumps(appeals))
+    client = await dashboard()
+    tx = await (await client.get(f"/api/consensus/{TX_HASH}")).json()
+    assert (tx["transaction"]["round"], tx["transaction"]["appeal_failed"],
+            tx["transaction"]["appeal_requested"]) == (3, 1, "validator")
+    assert [(a["number"], a["kind"], a["round"], a["validators"], a["votes"], a["outcome"]) for a in tx["appeals"]] == [
+        (1, "validator", 1, 3, 3, "failed"), (2, "leader", 2, 0, 0, "succeeded"), (3, None, None, None, None, None)]
+    assert [(a["started_event_tx"], a["committed_event_tx"], a["revealed_event_tx"]) for a in tx["appeals"][:2]] == [
+        (started, committed, revealed), (leader_started, None, None)]  # chain txs whole, never masked as keys
+    assert "appeals" not in tx["transaction"]["other_columns"] and "round" not in tx["transaction"]["other_columns"]
+    page = await (await client.get(f"/consensus/{TX_HASH}")).text()
+    table = page[page.index('<table id="appeals">'):page.index('<template id="tpl-appeal">')]
+    assert table.count("<tr>") == 4  # a head and three appeals
+    assert ('<td data-bind="kind">validator</td><td class="num" data-bind="round">1</td>'
+            '<td class="num" data-bind="validators">3</td>') in table
+    assert f'<td class="hash" data-bind="started_event_tx">{leader_started}</td>' in table
+    assert all(chain_tx in table for chain_tx in (started, committed, revealed))
+    assert "&lt;script&gt;" in table and "<script>" not in table and "<img" not in table
+    assert '<dd id="tx-round" data-live="transaction.round">3</dd>' in page
+    assert '<dd id="tx-appeal-requested" data-live="transaction.appeal_requested">validator</dd>' in page
+    listed = await (await client.get("/api/consensus")).json()
+    assert [(t["round"], t["appeal_count"]) for t in listed["transactions"]] == [(3, 3)]
+    assert "<th class=\"num\">round</th>" in await (await client.get("/consensus")).text()
+
+    # an older schema (before the revisions that added rounds and appeals): the pages answer without them
+    await conn.execute("ALTER TABLE runner_consensus_transactions DROP COLUMN appeals CASCADE, "
+                       "DROP COLUMN appeal_requested CASCADE, DROP COLUMN appeal_failed CASCADE, "
+                       "DROP COLUMN round CASCADE, DROP COLUMN rotation_count CASCADE")
+    tx = await (await client.get(f"/api/consensus/{TX_HASH}")).json()
+    assert tx["appeals"] == [] and not tx["appeals_column"] and tx["transaction"]["round"] is None
+    page = await client.get(f"/consensus/{TX_HASH}")
+    body = await page.text()
+    assert page.status == 200 and 'id="appeals"' not in body and 'id="tx-round"' not in body and CHAIN_TX in body
+    listing = await client.get("/consensus")
+    assert listing.status == 200 and "<th class=\"num\">round</th>" not in await listing.text()
+    listed = await (await client.get("/api/consensus")).json()
+    assert "round" not in listed["transactions"][0] and listed["transactions"][0]["hash"] == TX_HASH
+
+
 async def test_consensus_page_says_when_its_tables_are_absent(
     dashboard: Factory, conn: asyncpg.Connection
 ) -> None:

@@ -280,16 +280,20 @@ async def consensus_present(app: App) -> bool:
 
 async def consensus(app: App, status: str | None = None, contract: str | None = None,
                     before_seq: int | None = None, limit: int = PAGE_SIZE) -> dict[str, Any]:
-    if not await consensus_present(app):
+    found = await app.db.fetchrow(sql.DASH_CONSENSUS_COLUMNS)
+    if found is None or not found["present"]:
         return {"present": False}
+    columns = set(found["columns"])
     counts: dict[str, dict[str, int]] = {}
     for statement, args in ((sql.DASH_CONSENSUS_UNFINISHED, ()), (sql.DASH_CONSENSUS_RECENT_DONE,
                                                                  (CONSENSUS_RECENT,))):
         for row in await app.db.fetch(statement, *args):
             counts.setdefault(row["to_address"], {})[row["status"]] = int(row["n"])
-    rows = await app.db.fetch(sql.DASH_CONSENSUS_LIST, status, contract, before_seq, limit + 1)
+    statement = sql.dash_consensus_list("round" in columns, "appeals" in columns)
+    rows = await app.db.fetch(statement, status, contract, before_seq, limit + 1)
     transactions = [_plain(r) for r in rows[:limit]]
     return {"present": True, "statuses": CONSENSUS_STATUSES, "by_contract": counts,
+            "round_column": "round" in columns, "appeals_column": "appeals" in columns,
             "done_among": CONSENSUS_RECENT, "transactions": transactions,
             "next_before_seq": transactions[-1]["seq"] if len(rows) > limit else None}
 
@@ -302,13 +306,57 @@ async def consensus_transaction(app: App, tx_hash: str) -> dict[str, Any] | None
         return None
     tx = _plain(row)
     whole = _decoded(tx.pop("whole_row"))
+    whole = whole if isinstance(whole, dict) else {}
     for column in ("input", "votes", "result", "state_patch"):
         tx[column] = redact_value(_decoded(tx[column]))
-    more = {k: v for k, v in whole.items() if k not in tx} if isinstance(whole, dict) else {}
+    # Columns of later revisions (rounds: 0009; appeals: 0011), named when the table has them, None when not.
+    for column in ROUND_COLUMNS:
+        value = whole.get(column)
+        tx[column] = value if isinstance(value, int | str) and not isinstance(value, bool) else None
+    if isinstance(tx["appeal_requested"], str):
+        tx["appeal_requested"] = redact(tx["appeal_requested"])
+    raw_appeals = whole.get("appeals")
+    appeals = [_appeal(n, entry) for n, entry in enumerate(raw_appeals, 1)] if isinstance(raw_appeals, list) else []
+    more = {k: v for k, v in whole.items() if k not in tx and k not in ("appeals", *ROUND_COLUMNS)}
+    if "appeals" in whole and not isinstance(raw_appeals, list):
+        more["appeals"] = raw_appeals  # not the list a revision writes: shown as it is
     tx["other_columns"] = redact_value(more)
     if tx.get("reason"):
         tx["reason"] = redact(tx["reason"])
-    return {"present": True, "transaction": tx, "timeline": _tx_timeline(tx)}
+    return {"present": True, "transaction": tx, "timeline": _tx_timeline(tx), "appeals": appeals,
+            "appeals_column": "appeals" in whole}
+
+
+ROUND_COLUMNS = ("round", "rotation_count", "appeal_requested", "appeal_failed")
+APPEAL_EVENTS = ("started", "committed", "revealed")
+
+
+def _appeal(number: int, entry: Any) -> dict[str, Any]:
+    """One appeal as the page shows it: its kind, round, how many validators and votes, outcome, why the
+    merged votes decided so, and the chain transaction of each of its events (AppealStarted, commit, reveal)."""
+    item: dict[str, Any] = entry if isinstance(entry, dict) else {}
+    validators, votes = item.get("validators"), item.get("votes")
+
+    def text(key: str) -> str | None:
+        value = item.get(key)
+        return redact(value)[:300] if isinstance(value, str) else None
+
+    round_ = item.get("round")
+    shown: dict[str, Any] = {
+        "number": number,
+        "kind": text("kind"),
+        "round": round_ if isinstance(round_, int) and not isinstance(round_, bool) else None,
+        "validators": len(validators) if isinstance(validators, list) else None,
+        "votes": len(votes) if isinstance(votes, list) else None,
+        "outcome": text("outcome"),
+        "merged": text("merged"),
+    }
+    for event in APPEAL_EVENTS:  # chain transaction hashes, shown whole (as the *_event_tx columns)
+        value = item.get(f"{event}_event_tx")
+        shown[f"{event}_event_tx"] = value[:200] if isinstance(value, str) else None
+    if not isinstance(entry, dict):
+        shown["merged"] = redact(json.dumps(redact_value(entry), default=str))[:300]  # not an object: said as is
+    return shown
 
 
 def _tx_timeline(tx: dict[str, Any]) -> list[dict[str, Any]]:
