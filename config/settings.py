@@ -223,6 +223,9 @@ class Settings(BaseSettings):
     dashboard_user: str | None = Field(None, min_length=1, max_length=200)  # basic auth, with the password
     dashboard_password: SecretStr | None = None
     dashboard_read_only: bool = False  # actions hidden and refused (403)
+    # serve the dashboard under /dashboard/ on the worker's HTTP server too (RUNNER_HTTP_HOST/_PORT), with the
+    # same rules: beyond loopback the worker refuses to start without a token or basic auth (exit 2)
+    dashboard_mount: bool = False
 
     # --- chain (the one AsyncWeb3 of the process, runner.chain; plugins use it) -----------------
     chain_url: str | None = None  # an http(s):// JSON-RPC URL, checked here (check_http_url)

@@ -148,6 +148,13 @@ def worker_command(
     """Run jobs (and the consensus loops) until SIGTERM, or until drained."""
     positive("--concurrency", concurrency)
     settings = settings_or_exit(concurrency=concurrency, queues=queue or None, app=app_ref)
+    if settings.http_enabled and settings.dashboard_mount:  # refused before connecting, as `runner dashboard`
+        from runner.dashboard import MOUNTED_WHERE, DashboardBindError, auth_from_settings, check_bind
+
+        try:
+            check_bind(settings.http_host, auth_from_settings(settings), MOUNTED_WHERE)
+        except DashboardBindError as error:
+            raise fail(str(error), error.exit_code) from None
     if settings.http_enabled:
         import importlib
         import threading
@@ -700,12 +707,10 @@ def dashboard_command(
 ) -> None:
     """The web dashboard for operators: jobs, workers, backfills, schedules and consensus, live."""
     settings = settings_or_exit(dashboard_host=host, dashboard_port=port)
-    from runner.dashboard import Auth, DashboardBindError, check_bind, serve  # aiohttp and Jinja2: only here
+    # aiohttp and Jinja2: only here
+    from runner.dashboard import DashboardBindError, auth_from_settings, check_bind, serve
 
-    def secret(value: Any) -> str | None:
-        return None if value is None else str(value.get_secret_value())
-
-    auth = Auth.of(secret(settings.dashboard_token), settings.dashboard_user, secret(settings.dashboard_password))
+    auth = auth_from_settings(settings)
     try:
         check_bind(settings.dashboard_host, auth)
     except DashboardBindError as error:

@@ -11,6 +11,8 @@
   (``Plugin.sample_metrics``) by this server every ``RUNNER_DEPTH_SAMPLE_INTERVAL`` seconds, never per
   scrape.
 - ``/pool``: JSON with min, max, size, in use, idle, waiters and the budget formula's inputs.
+- ``/dashboard/`` with ``RUNNER_DASHBOARD_MOUNT=true``: the operators' dashboard (runner.dashboard), under
+  its own rules (authentication beyond loopback, CSRF, read-only mode, its security headers).
 
 The server runs in the worker's event loop; it never borrows a pool connection except for ``/readyz``.
 """
@@ -43,6 +45,7 @@ LAG_SAMPLE_INTERVAL_S = 0.1
 LAG_WINDOW_S = 5.0
 STOP_TIMEOUT_S = 2.0
 JSON_TYPE = "application/json"
+DASHBOARD_ROOT = "/dashboard"  # where RUNNER_DASHBOARD_MOUNT serves the dashboard
 
 
 class HttpServerError(RunnerError):
@@ -154,6 +157,10 @@ class HttpServer:
         return f"http://{host}:{self.port}"
 
     # --- lifecycle ------------------------------------------------------------------------------
+    @property
+    def dashboard_mounted(self) -> bool:
+        return self.app.settings.dashboard_mount
+
     def web_app(self) -> web.Application:
         application = web.Application()
         application.add_routes([
@@ -163,7 +170,20 @@ class HttpServer:
             web.get("/metrics", self.metrics),
             web.get("/pool", self.pool),
         ])
+        if self.dashboard_mounted:
+            application.router.add_get(DASHBOARD_ROOT, _to_dashboard)  # before the sub-app, which matches it too
+            application.add_subapp(DASHBOARD_ROOT, self._dashboard())
         return application
+
+    def _dashboard(self) -> web.Application:
+        """The dashboard (runner.dashboard) as a sub-application, with its own guard: authentication, the
+        loopback Host check, CSRF, read-only mode and its security headers, as ``runner dashboard``."""
+        from runner.dashboard import MOUNTED_WHERE, auth_from_settings, build, check_bind
+
+        settings = self.app.settings
+        auth = auth_from_settings(settings)
+        check_bind(self.host, auth, MOUNTED_WHERE)  # DashboardBindError: one line, exit 2
+        return build(self.app, auth, settings.dashboard_read_only, DASHBOARD_ROOT)
 
     async def start(self) -> HttpServer:
         runner = web.AppRunner(self.web_app(), access_log=None, handle_signals=False, shutdown_timeout=STOP_TIMEOUT_S)
@@ -182,7 +202,7 @@ class HttpServer:
         self.lag.start()
         if any(plugin.sample_metrics is not None for plugin in self.app.plugins):
             self._sampler = asyncio.create_task(self._sample_plugins(), name="http-plugin-sampler")
-        log.info("http listening", url=self.url, endpoints="/healthz /readyz /metrics /pool")
+        log.info("http listening", url=self.url, endpoints=" ".join(self.endpoints()))
         return self
 
     async def stop(self) -> None:
@@ -312,8 +332,11 @@ class HttpServer:
         metrics.EVENT_LOOP_LAG.set(self.lag.lag_s())
 
     # --- handlers -------------------------------------------------------------------------------
+    def endpoints(self) -> list[str]:
+        return ["/healthz", "/readyz", "/metrics", "/pool"] + ([f"{DASHBOARD_ROOT}/"] if self.dashboard_mounted else [])
+
     async def index(self, _request: web.Request) -> web.Response:
-        return _json({"endpoints": ["/healthz", "/readyz", "/metrics", "/pool"]})
+        return _json({"endpoints": self.endpoints()})
 
     async def healthz(self, _request: web.Request) -> web.Response:
         healthy, body = self.health()
@@ -329,6 +352,10 @@ class HttpServer:
 
     async def pool(self, _request: web.Request) -> web.Response:
         return _json(self.pool_status())
+
+
+async def _to_dashboard(_request: web.Request) -> web.Response:
+    return web.Response(status=308, headers={"Location": f"{DASHBOARD_ROOT}/"})
 
 
 def _bind(check: Callable[[App], Awaitable[None]], app: App) -> Callable[[], Awaitable[None]]:

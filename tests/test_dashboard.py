@@ -15,15 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from runner import queue_sql
 from runner.app import App
-from runner.dashboard import Auth, build
+from runner.config import load_settings
+from runner.dashboard import Auth, DashboardBindError, build
 from runner.dashboard import data as dashboard_data
-from runner.dashboard.security import CSP
+from runner.dashboard.security import CSP, auth_from_settings
+from runner.http import HttpServer
 from runner.queue import JobOutcome
 from runner.worker import Worker
 from tests.conftest import ROOT, cli_env, run_cli
@@ -629,3 +632,135 @@ async def test_the_command_serves_beyond_loopback_with_a_token(runner_env: dict[
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+
+
+# --- mounted in the worker's HTTP server (RUNNER_DASHBOARD_MOUNT) ---------------------------------------
+@pytest.fixture
+async def http_server(runner_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]:
+    """http_server(host=..., **env): the worker's HTTP server (runner.http) on a free port, its App opened
+    with the given RUNNER_* settings."""
+    opened: list[tuple[App, HttpServer | None]] = []
+
+    async def make(host: str = "127.0.0.1", **env: str) -> HttpServer:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        app = await App.open(load_settings())
+        opened.append((app, None))
+        server = await HttpServer(app, host=host, port=0).start()
+        opened[-1] = (app, server)
+        return server
+
+    yield make
+    for app, server in reversed(opened):
+        if server is not None:
+            await server.stop()
+        await app.close()
+
+
+def session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies for 127.0.0.1 too
+                                 timeout=aiohttp.ClientTimeout(30))
+
+
+async def test_the_dashboard_mounted_in_the_worker_http_server(
+    http_server: Factory, jobs: Jobs, conn: asyncpg.Connection
+) -> None:
+    server = await http_server(RUNNER_DASHBOARD_MOUNT="true")
+    url = f"http://127.0.0.1:{server.port}"
+    async with session() as client:
+        async with client.get(f"{url}/dashboard/") as response:
+            overview = await response.text()
+            assert response.status == 200, overview[:2000]
+            assert response.headers["Content-Security-Policy"] == CSP
+            assert response.headers["X-Frame-Options"] == "DENY"
+        assert 'src="/dashboard/static/dashboard.js"' in overview and 'data-api="/dashboard/api/overview"' in overview
+        assert 'href="/jobs' not in overview and 'href="/dashboard/jobs"' in overview
+        async with client.get(f"{url}/dashboard", allow_redirects=False) as response:
+            assert response.status == 308 and response.headers["Location"] == "/dashboard/"
+        # every link of the pages works under the prefix
+        seen: set[str] = set()
+        for page in ("/dashboard/", "/dashboard/jobs", f"/dashboard/jobs/{jobs.backfill}", "/dashboard/backfills",
+                     "/dashboard/consensus", f"/dashboard/consensus/{TX_HASH}", "/dashboard/schedules"):
+            async with client.get(f"{url}{page}") as response:
+                body = await response.text()
+                assert response.status == 200, (page, body[:2000])
+            shown = re.sub(r"<template .*?</template>", "", body, flags=re.S)  # the polling script's blank rows
+            links = set(re.findall(r'\s(?:href|src|action)="(/[^"]*)"', shown))
+            assert links and all(link.startswith("/dashboard/") for link in links), (page, links)
+            templates = set(re.findall(r'data-bind-href="([^"]*)"', body))  # the polling script's row links
+            assert all(t.startswith("/dashboard/") for t in templates), (page, templates)
+            posted = ("/cancel", "/retry", "/pause", "/resume", "/bulk", "/logout")  # forms: posted, not followed
+            links = {link for link in links if not any(word in link for word in posted)}
+            seen |= {link.replace("&amp;", "&") for link in links}
+        for link in sorted(seen):
+            async with client.get(f"{url}{link}") as response:
+                assert response.status == 200, link
+        async with client.get(f"{url}/dashboard/api/jobs/{jobs.pending}") as response:
+            assert response.status == 200 and (await response.json())["job"]["id"] == jobs.pending
+        # the same rules: a POST without the CSRF token is refused and changes nothing
+        async with client.post(f"{url}/dashboard/jobs/{jobs.pending}/cancel", data={},
+                               allow_redirects=False) as response:
+            assert response.status == 403
+        async with client.post(f"{url}/dashboard/api/jobs/{jobs.pending}/cancel") as response:
+            assert response.status == 403
+        assert await status_of(conn, jobs.pending) == "pending"
+        csrf = CSRF_INPUT.search(await (await client.get(f"{url}/dashboard/jobs")).text())
+        assert csrf
+        async with client.post(f"{url}/dashboard/jobs/{jobs.pending}/cancel", data={"csrf": csrf.group(1)},
+                               allow_redirects=False) as response:
+            assert response.status == 303
+            assert response.headers["Location"] == f"/dashboard/jobs/{jobs.pending}?notice=cancelled"
+        assert await status_of(conn, jobs.pending) == "cancelled"
+        async with client.post(f"{url}/dashboard/jobs/bulk", allow_redirects=False,
+                               data={"csrf": csrf.group(1), "action": "cancel", "next": "/jobs",
+                                     "ids": [str(jobs.delayed)]}) as response:
+            assert response.headers["Location"] == "/dashboard/?notice=bulk"  # never out of the mount
+        async with client.get(f"{url}/dashboard/", headers={"Host": "evil.example"}) as response:
+            assert response.status == 403  # the loopback Host check (DNS rebinding) applies too
+        async with client.get(f"{url}/healthz") as response:  # the worker's own endpoints as before
+            assert response.status == 200 and "Content-Security-Policy" not in response.headers
+        async with client.get(f"{url}/") as response:
+            assert "/dashboard/" in (await response.json())["endpoints"]
+
+
+async def test_the_mounted_dashboard_read_only_and_unmounted(http_server: Factory, jobs: Jobs,
+                                                             conn: asyncpg.Connection) -> None:
+    unmounted = await http_server()
+    async with session() as client:
+        for path in ("/dashboard/", "/dashboard", "/dashboard/jobs", "/dashboard/static/dashboard.js"):
+            async with client.get(f"http://127.0.0.1:{unmounted.port}{path}", allow_redirects=False) as response:
+                assert response.status == 404, path
+    read_only = await http_server(RUNNER_DASHBOARD_MOUNT="true", RUNNER_DASHBOARD_READ_ONLY="true")
+    url = f"http://127.0.0.1:{read_only.port}"
+    async with session() as client:
+        async with client.get(f"{url}/dashboard/jobs/{jobs.pending}") as response:
+            page = await response.text()
+            assert response.status == 200 and "read-only" in page and 'id="cancel"' not in page
+        browser = next(c.value for c in client.cookie_jar if c.key == "runner_dashboard_csrf")
+        valid = auth_from_settings(read_only.app.settings).csrf_for(browser)
+        async with client.post(f"{url}/dashboard/jobs/{jobs.pending}/cancel", data={"csrf": valid},
+                               allow_redirects=False) as response:
+            assert response.status == 403 and "read-only" in await response.text()
+    assert await status_of(conn, jobs.pending) == "pending"
+
+
+async def test_the_mounted_dashboard_beyond_loopback_needs_auth(
+    http_server: Factory, runner_env: dict[str, str], app: App, jobs: Jobs
+) -> None:
+    result = run_cli(runner_env, "worker", RUNNER_HTTP_ENABLED="true", RUNNER_HTTP_HOST="0.0.0.0",
+                     RUNNER_HTTP_PORT="0", RUNNER_DASHBOARD_MOUNT="true", timeout=60)
+    assert result.returncode == 2, result
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: the dashboard mounted in the worker's HTTP server (RUNNER_DASHBOARD_MOUNT, "
+                           "RUNNER_HTTP_HOST) would listen on 0.0.0.0") and "RUNNER_DASHBOARD_TOKEN" in line, line
+    assert (await app.queue.job_get(jobs.pending))["lease_epoch"] == 0  # nothing was claimed
+    # not mounted, the worker's server binds there as before; mounted with a token, it does too
+    with pytest.raises(DashboardBindError):
+        await http_server("0.0.0.0", RUNNER_DASHBOARD_MOUNT="true")
+    server = await http_server("0.0.0.0", RUNNER_DASHBOARD_MOUNT="true", RUNNER_DASHBOARD_TOKEN=TOKEN)
+    async with session() as client:
+        async with client.get(f"http://127.0.0.1:{server.port}/dashboard/api/overview") as response:
+            assert response.status == 401
+        async with client.get(f"http://127.0.0.1:{server.port}/dashboard/api/overview",
+                              headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 200 and "counts" in await response.json()

@@ -11,13 +11,24 @@ Pages (server-rendered, Jinja2 with autoescaping) and the same data as JSON unde
 - ``/backfills``, ``/schedules`` (``POST /schedules/NAME/pause`` and ``/resume``), ``/consensus`` and
   ``/consensus/HASH``, each with its ``/api/...`` twin.
 
+``RUNNER_DASHBOARD_MOUNT=true`` serves the same application under ``/dashboard/`` on the worker's HTTP
+server (``runner.http``), with the same rules (its bind address counts).
+
 Pages update themselves by polling their ``/api`` twin (``static/dashboard.js``, vendored: no build step,
 no CDN). Security: see :mod:`runner.dashboard.security`.
 """
 
 from __future__ import annotations
 
-from runner.dashboard.security import Auth, DashboardBindError, check_bind, is_loopback
+from runner.dashboard.security import (
+    MOUNTED_WHERE,
+    Auth,
+    DashboardBindError,
+    auth_from_settings,
+    check_bind,
+    is_loopback,
+)
 from runner.dashboard.server import DashboardError, build, serve
 
-__all__ = ["Auth", "DashboardBindError", "DashboardError", "build", "check_bind", "is_loopback", "serve"]
+__all__ = ["MOUNTED_WHERE", "Auth", "DashboardBindError", "DashboardError", "auth_from_settings", "build",
+           "check_bind", "is_loopback", "serve"]

@@ -24,11 +24,17 @@ import hmac
 import ipaddress
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from runner.errors import UsageError
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+    from runner.config import Settings
 
 SESSION_COOKIE = "runner_dashboard_session"
 CSRF_COOKIE = "runner_dashboard_csrf"
@@ -133,11 +139,22 @@ class Auth:
         return hmac.compare_digest(submitted.encode(), self.csrf_for(browser_id).encode())
 
 
-def check_bind(host: str, auth: Auth) -> None:
+def check_bind(host: str, auth: Auth, where: str = "the dashboard") -> None:
     if not is_loopback(host) and not auth.configured:
         raise DashboardBindError(
-            f"the dashboard would listen on {host}, beyond this machine, without authentication: set "
+            f"{where} would listen on {host}, beyond this machine, without authentication: set "
             "RUNNER_DASHBOARD_TOKEN (or RUNNER_DASHBOARD_USER and RUNNER_DASHBOARD_PASSWORD), or bind 127.0.0.1")
+
+
+MOUNTED_WHERE = "the dashboard mounted in the worker's HTTP server (RUNNER_DASHBOARD_MOUNT, RUNNER_HTTP_HOST)"
+
+
+def auth_from_settings(settings: Settings) -> Auth:
+    """The credentials RUNNER_DASHBOARD_TOKEN / _USER / _PASSWORD configure (none: loopback only)."""
+    def secret(value: SecretStr | None) -> str | None:
+        return None if value is None else value.get_secret_value()
+
+    return Auth.of(secret(settings.dashboard_token), settings.dashboard_user, secret(settings.dashboard_password))
 
 
 def browser_id(request: web.Request) -> tuple[str, bool]:

@@ -66,10 +66,11 @@ class DashboardError(RunnerError):
 class Config:
     """What every handler needs: the runner App, the credentials, the mode and the templates."""
 
-    def __init__(self, app: App, auth: Auth, read_only: bool) -> None:
+    def __init__(self, app: App, auth: Auth, read_only: bool, root: str = "") -> None:
         self.app = app
         self.auth = auth
         self.read_only = read_only
+        self.root = root  # the path it is mounted under ("" on its own; "/dashboard" in the worker's server)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,  # every value is HTML-escaped unless a template says otherwise (none does)
@@ -78,7 +79,7 @@ class Config:
             lstrip_blocks=True,
         )
         self.templates.filters.update(ts=fmt_ts, num=fmt_num, secs=fmt_secs, pretty=fmt_json, segment=fmt_segment)
-        self.templates.globals.update(statuses=STATUSES, poll_ms=POLL_MS, blank=Blank())
+        self.templates.globals.update(statuses=STATUSES, poll_ms=POLL_MS, blank=Blank(), root=root)
 
 
 class Blank(dict[str, Any]):
@@ -160,8 +161,21 @@ def config_of(request: web.Request) -> Config:
     return config
 
 
+def local_path(request: web.Request) -> str:
+    """The request's path below the dashboard's root (the path itself when it is not mounted)."""
+    root = config_of(request).root
+    if root and request.path.startswith(root):
+        return request.path[len(root):] or "/"
+    return request.path
+
+
+def url_for(request: web.Request, path: str) -> str:
+    """A dashboard path (``/jobs/7``) as a link from the browser: under the root when mounted."""
+    return config_of(request).root + path
+
+
 def wants_json(request: web.Request) -> bool:
-    return request.path.startswith("/api/")
+    return local_path(request).startswith("/api/")
 
 
 @web.middleware
@@ -170,7 +184,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     config = config_of(request)
     request[BROWSER_KEY], new_browser = browser_id(request)
     response = await _guarded(request, handler, config)
-    if new_browser and not request.path.startswith("/static/"):
+    if new_browser and not local_path(request).startswith("/static/"):
         set_cookie(response, CSRF_COOKIE, request[BROWSER_KEY], secure=is_https(request))
     return response
 
@@ -182,7 +196,7 @@ async def _guarded(request: web.Request, handler: Handler, config: Config) -> we
         # own name to 127.0.0.1 (DNS rebinding) would otherwise read the dashboard and post its forms.
         return error_page(request, config, 403, "this dashboard answers loopback host names only "
                           "(127.0.0.1, localhost, ::1) unless authentication is configured")
-    public = request.path.startswith("/static/") or request.path == "/login"
+    public = local_path(request).startswith("/static/") or local_path(request) == "/login"
     if not public and not auth.allows(request):
         return unauthorized(request, config)
     if request.method not in SAFE_METHODS:
@@ -208,7 +222,7 @@ async def _refused_post(request: web.Request, config: Config) -> web.StreamRespo
     """Why a state-changing request is refused (403), or None when it may go on."""
     if not same_origin(request):
         return error_page(request, config, 403, "cross-origin request refused")
-    if config.read_only and request.path not in ("/login", "/logout"):
+    if config.read_only and local_path(request) not in ("/login", "/logout"):
         return error_page(request, config, 403, "the dashboard is read-only (RUNNER_DASHBOARD_READ_ONLY)")
     if config.auth.bearer(request):
         return None  # a browser never sends this header by itself: no cross-site forgery can carry it
@@ -234,7 +248,7 @@ def unauthorized(request: web.Request, config: Config) -> web.StreamResponse:
             response = web.Response(text="authentication required", status=401)
         response.headers.update(headers)
         return response
-    page = render(request, config, "login.html", {"next": safe_next(request.path_qs), "wrong": False},
+    page = render(request, config, "login.html", {"next": safe_next(request.path_qs, config.root), "wrong": False},
                   title="Log in", api=None)
     page.set_status(401)
     page.headers.update(headers)
@@ -256,10 +270,12 @@ async def add_headers(_request: web.Request, response: web.StreamResponse) -> No
         response.headers["Cache-Control"] = "no-store"
 
 
-def safe_next(target: str | None) -> str:
-    """A redirect target on this site only (a path, never //host or a scheme)."""
+def safe_next(target: str | None, root: str = "") -> str:
+    """A redirect target on this site only (a path, never //host or a scheme), under the root when mounted."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
+        return root + "/"
+    if root and target != root and not target.startswith(root + "/"):
+        return root + "/"
     return target
 
 
@@ -268,15 +284,17 @@ def render(request: web.Request, config: Config, template: str, context: dict[st
            api: str | None) -> web.Response:
     notice = NOTICES.get(request.query.get("notice", ""))
     body = config.templates.get_template(template).render(
-        **context, title=title, api=api, path=request.path, here=request.path_qs, read_only=config.read_only,
+        **context, title=title, api=None if api is None else config.root + api, path=local_path(request),
+        here=request.path_qs, read_only=config.read_only,
         csrf=config.auth.csrf_for(request[BROWSER_KEY]), csrf_field=CSRF_FIELD, notice=notice,
         logged_in=config.auth.session(request), auth_configured=config.auth.configured,
     )
     return web.Response(text=body, content_type="text/html", charset="utf-8")
 
 
-def redirect(target: str, notice: str | None = None) -> web.Response:
-    location = safe_next(target)
+def redirect(request: web.Request, target: str, notice: str | None = None) -> web.Response:
+    """A 303 to ``target``: a full path (a form's ``next``) kept on this site and under the root."""
+    location = safe_next(target, config_of(request).root)
     if notice:
         location += ("&" if "?" in location else "?") + urlencode({"notice": notice})
     return web.Response(status=303, headers={"Location": location})
@@ -319,7 +337,7 @@ async def jobs_data(request: web.Request) -> dict[str, Any]:
     body["search_window"] = data.SEARCH_WINDOW
     body["filter"] = {"status": list(where.statuses), "kind": ", ".join(where.kinds),
                       "queue": ", ".join(where.queues), "error": error or "", "limit": limit}
-    body["next_url"] = next_page(request, "/jobs", "before_id", body["next_before_id"])
+    body["next_url"] = next_page(request, url_for(request, "/jobs"), "before_id", body["next_before_id"])
     return body
 
 
@@ -363,7 +381,8 @@ async def job_cancel(request: web.Request) -> web.StreamResponse:
     status = await config_of(request).app.queue.job_request_cancel(job_id)
     if wants_json(request):
         return to_json({"id": job_id, "status": status})
-    return redirect(f"/jobs/{job_id}", "cancelled" if status == "cancelled" else "cancel-requested")
+    return redirect(request, url_for(request, f"/jobs/{job_id}"),
+                    "cancelled" if status == "cancelled" else "cancel-requested")
 
 
 async def job_retry(request: web.Request) -> web.StreamResponse:
@@ -371,7 +390,7 @@ async def job_retry(request: web.Request) -> web.StreamResponse:
     await config_of(request).app.queue.job_retry(job_id)
     if wants_json(request):
         return to_json({"id": job_id, "status": "pending"})
-    return redirect(f"/jobs/{job_id}", "retried")
+    return redirect(request, url_for(request, f"/jobs/{job_id}"), "retried")
 
 
 async def jobs_bulk(request: web.Request) -> web.StreamResponse:
@@ -399,7 +418,7 @@ async def jobs_bulk(request: web.Request) -> web.StreamResponse:
     if wants_json(request):
         return to_json({"action": action, "done": done, "skipped": skipped})
     next_url = form.get("next")
-    return redirect(next_url if isinstance(next_url, str) else "/jobs", "bulk")
+    return redirect(request, next_url if isinstance(next_url, str) else url_for(request, "/jobs"), "bulk")
 
 
 async def backfills_page(request: web.Request) -> web.StreamResponse:
@@ -435,7 +454,7 @@ async def _set_paused(request: web.Request, paused: bool) -> web.StreamResponse:
     await config_of(request).app.pause_schedule(name, paused)
     if wants_json(request):
         return to_json({"name": name, "paused": paused})
-    return redirect("/schedules", "paused" if paused else "resumed")
+    return redirect(request, url_for(request, "/schedules"), "paused" if paused else "resumed")
 
 
 def consensus_args(request: web.Request) -> tuple[str | None, str | None, int | None]:
@@ -452,7 +471,7 @@ async def consensus_data(request: web.Request) -> dict[str, Any]:
     status, contract, before = consensus_args(request)
     body = await data.consensus(config_of(request).app, status, contract, before)
     body["filter"] = {"status": status or "", "contract": contract or ""}
-    body["next_url"] = next_page(request, "/consensus", "before_seq", body.get("next_before_seq"))
+    body["next_url"] = next_page(request, url_for(request, "/consensus"), "before_seq", body.get("next_before_seq"))
     return body
 
 
@@ -487,8 +506,9 @@ async def transaction_api(request: web.Request) -> web.StreamResponse:
 async def login_page(request: web.Request) -> web.StreamResponse:
     config = config_of(request)
     if config.auth.token is None:
-        return redirect("/")
-    return render(request, config, "login.html", {"next": safe_next(request.query.get("next")), "wrong": False},
+        return redirect(request, url_for(request, "/"))
+    return render(request, config, "login.html", {"next": safe_next(request.query.get("next"), config.root),
+                                                  "wrong": False},
                   title="Log in", api=None)
 
 
@@ -496,26 +516,28 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     config = config_of(request)
     form = await request.post()
     token, next_url = form.get("token"), form.get("next")
-    target = safe_next(next_url if isinstance(next_url, str) else None)
+    target = safe_next(next_url if isinstance(next_url, str) else None, config.root)
     if config.auth.token is None or not isinstance(token, str) or not config.auth.token_matches(token):
         page = render(request, config, "login.html", {"next": target, "wrong": True}, title="Log in", api=None)
         page.set_status(401)
         return page
-    response = redirect(target)
+    response = redirect(request, target)
     set_cookie(response, SESSION_COOKIE, config.auth.session_value(), secure=is_https(request))
     return response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    response = redirect("/login" if config_of(request).auth.token else "/", "logged-out")
+    response = redirect(request, url_for(request, "/login" if config_of(request).auth.token else "/"), "logged-out")
     response.del_cookie(SESSION_COOKIE, path="/")
     return response
 
 
 # --- the application ----------------------------------------------------------------------------------
-def build(app: App, auth: Auth, read_only: bool = False) -> web.Application:
+def build(app: App, auth: Auth, read_only: bool = False, root: str = "") -> web.Application:
+    """The dashboard as an aiohttp application; ``root`` is the path it is mounted under, when it is a
+    sub-application (``/dashboard`` in the worker's HTTP server): every link and redirect goes under it."""
     application = web.Application(middlewares=[guard], client_max_size=64 * 1024)
-    application[CONFIG_KEY] = Config(app, auth, read_only)
+    application[CONFIG_KEY] = Config(app, auth, read_only, root.rstrip("/"))
     application.on_response_prepare.append(add_headers)
     application.add_routes([
         web.get("/", overview_page),
