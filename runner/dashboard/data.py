@@ -161,6 +161,10 @@ async def attempts(app: App, job: dict[str, Any]) -> list[dict[str, Any]]:
     ``ATTEMPT_LOG_LIMIT``), then the one running now, if any."""
     raw = _decoded(await app.db.fetchval(sql.DASH_JOB_ATTEMPTS, job["id"]))
     rows = [_attempt(entry) for entry in raw if isinstance(entry, dict)] if isinstance(raw, list) else []
+    if not rows and job["status"] == "succeeded":  # succeeded at its first attempt: not logged (hot path)
+        rows.append(_attempt({"attempt": job["attempts"] + 1, "started_at": job.get("started_at"),
+                              "finished_at": job.get("finished_at"), "outcome": "succeeded",
+                              "status": "succeeded", "lease_epoch": job.get("lease_epoch")}))
     if job["status"] == "running":
         rows.append(_attempt({"attempt": job["attempts"] + 1, "started_at": job.get("started_at"),
                               "outcome": "running", "status": "running", "worker": job.get("lease_owner"),
