@@ -112,13 +112,15 @@ async def test_live_worker_that_lost_its_lease_drops_the_job(app: App, settings:
         worker_a = Worker(app_a, install_signal_handlers=False)
         task_a = asyncio.create_task(worker_a.run())
         await wait_until(lambda: app.db.fetchval("SELECT status = 'running' FROM runner_jobs WHERE id = $1", job_id))
+        # A claims nothing more (its handler runs on within the grace): otherwise A itself may take the
+        # rescued job back before B does (seen under two CPU hogs), which is fine but not this test
+        worker_a.request_stop()
         await app.db.execute(
             "UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id)
         assert [j.job_id for j in await app.queue.job_rescue_stale(max_recoveries=3)] == [job_id]
         await run_worker(app)  # worker B claims and finishes the job
         # A's handler wakes up, tries to record and complete, and is refused: then A runs nothing.
         await wait_until(lambda: holds(not worker_a.executor.active), 30)
-        worker_a.request_stop()
         await asyncio.wait_for(task_a, 30)
     finally:
         await app_a.close()
