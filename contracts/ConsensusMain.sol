@@ -6,13 +6,14 @@ pragma solidity ^0.8.24;
 /// transaction emits one event here, indexed by the transaction id (its runner hash) and by the
 /// address of the (off-chain) contract the transaction targets.
 /// @dev Events are emitted in batches: one chain transaction carries the events of many transitions,
-/// in the order given, so one process can keep up with the node. Only the deployer may emit.
+/// in the order given, so one process can keep up with the node. Only the deployer may emit, except a
+/// registered validator's own votes: those it signs itself (emitVotes, the validator is msg.sender).
 /// Each event is emitted at most once per (transaction, transition, round): a repeated one (a stale
 /// worker's late batch, a resend after a receipt timeout, a second process with the same key) is skipped,
 /// so the chain's record holds every event exactly once whoever sends it.
 contract ConsensusMain {
     /// @notice Bumped when the events or emitBatch change: a worker deploys again over an older one.
-    uint256 public constant VERSION = 2;
+    uint256 public constant VERSION = 3;
 
     // Kinds accepted by emitBatch, one per event.
     uint8 internal constant ACTIVATED = 0;
@@ -48,11 +49,18 @@ contract ConsensusMain {
     /// the accepted receipt), 2: leader (a new leader proposes again).
     event AppealStarted(bytes32 indexed txId, address indexed contractAddress, uint8 appealKind, uint256 round);
 
+    /// @notice The owner registered (true) or removed (false) a validator that signs its own votes.
+    event ValidatorSet(address indexed validator, bool active);
+
     error NotOwner();
+    error NotValidator();
     error LengthMismatch();
     error UnknownKind(uint8 kind);
 
     address public immutable owner;
+
+    /// @notice Validators that may sign their own VoteCommitted and VoteRevealed events (emitVotes).
+    mapping(address => bool) public validators;
 
     /// @notice Whether the event with this key was emitted: keccak256(slot, txId, actor, round), where the
     /// slot is the transition (TransactionAccepted and TransactionUndetermined share one: a transaction
@@ -105,6 +113,44 @@ contract ConsensusMain {
                 emit AppealStarted(txIds[i], contracts[i], uint8(uint256(data[i])), round);
             } else {
                 revert UnknownKind(kind);
+            }
+        }
+    }
+
+    /// @notice Register (active) or remove validators; only the owner.
+    function setValidators(address[] calldata list, bool active) external {
+        if (msg.sender != owner) revert NotOwner();
+        for (uint256 i = 0; i < list.length; ++i) {
+            validators[list[i]] = active;
+            emit ValidatorSet(list[i], active);
+        }
+    }
+
+    /// @notice A registered validator's own votes, signed by it: kinds[i] is COMMITTED or REVEALED (low 8
+    /// bits) with the round above, as in emitBatch; the validator of each event is msg.sender. Skipped
+    /// like emitBatch's when emitted before, whoever sent them.
+    function emitVotes(
+        uint256[] calldata kinds,
+        bytes32[] calldata txIds,
+        address[] calldata contracts,
+        bytes32[] calldata data
+    ) external {
+        if (!validators[msg.sender]) revert NotValidator();
+        uint256 n = kinds.length;
+        if (txIds.length != n || contracts.length != n || data.length != n) {
+            revert LengthMismatch();
+        }
+        for (uint256 i = 0; i < n; ++i) {
+            uint8 kind = uint8(kinds[i]);
+            uint256 round = kinds[i] >> 8;
+            if (kind != COMMITTED && kind != REVEALED) revert UnknownKind(kind);
+            if (!_first(kind, round, txIds[i], msg.sender)) {
+                continue;
+            }
+            if (kind == COMMITTED) {
+                emit VoteCommitted(txIds[i], contracts[i], msg.sender, data[i], round);
+            } else {
+                emit VoteRevealed(txIds[i], contracts[i], msg.sender, data[i], round);
             }
         }
     }

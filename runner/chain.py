@@ -259,10 +259,20 @@ class Chain:
     chain_id: int
     provider: Any
     nonces: NonceManager = field(init=False)
+    # every key this process signs with, by address: its own, and validators' (each its own nonce lane)
+    signers: dict[str, LocalAccount] = field(init=False)
     _fees: Fees | None = None
 
     def __post_init__(self) -> None:
         self.nonces = NonceManager(self._pending_count, self._cancel_nonce)
+        self.signers = {str(self.account.address): self.account}
+
+    def add_signer(self, private_key: str) -> str:
+        """Sign with this key too (a validator's own transactions, through this same provider); its
+        address. The key stays in memory only."""
+        account: LocalAccount = Account.from_key(private_key)
+        self.signers[str(account.address)] = account
+        return str(account.address)
 
     @property
     def address(self) -> str:
@@ -330,18 +340,22 @@ class Chain:
         return self._fees
 
     # --- writes ---------------------------------------------------------------------------------
-    async def send_transaction(self, *, to: str | None, data: bytes, gas: int, value: int = 0) -> str:
-        """Sign with the next nonce and send; return the transaction hash (0x-hex). Does not wait."""
+    async def send_transaction(self, *, to: str | None, data: bytes, gas: int, value: int = 0,
+                               sender: str | None = None) -> str:
+        """Sign with the next nonce of ``sender`` (a key given to add_signer; default this process's own)
+        and send; return the transaction hash (0x-hex). Does not wait."""
+        account = self.signers[sender] if sender is not None else self.account
+        sender = str(account.address)
         for _ in range(SEND_ATTEMPTS):
             fees = await self._fee_fields()
-            async with self.nonces.reserve(self.address) as slot:
+            async with self.nonces.reserve(sender) as slot:
                 fields: dict[str, Any] = {
                     "chainId": self.chain_id, "nonce": slot.nonce, "gas": gas, "value": value, "data": data,
                     "maxFeePerGas": fees.max_fee, "maxPriorityFeePerGas": fees.tip, "type": 2,
                 }
                 if to is not None:
                     fields["to"] = to_checksum_address(to)
-                raw = self._sign(fields)
+                raw = self._sign(fields, account)
                 tx_hash = "0x" + keccak(raw).hex()
                 try:
                     await self.w3.eth.send_raw_transaction(raw)
@@ -352,7 +366,7 @@ class Chain:
                             slot.used = True
                             return tx_hash
                         slot.stale = True
-                        log.warning("nonce rejected; re-reading it from the node", sender=self.address,
+                        log.warning("nonce rejected; re-reading it from the node", sender=sender,
                                     nonce=slot.nonce, error=str(error)[:200])
                         continue
                     if any(marker in text for marker in _FEE_ERRORS):
@@ -362,15 +376,16 @@ class Chain:
                 slot.used = True
                 metrics.CHAIN_SENDS.inc()
                 return tx_hash
-        raise ChainError(f"could not send a transaction from {self.address} after {SEND_ATTEMPTS} attempts")
+        raise ChainError(f"could not send a transaction from {sender} after {SEND_ATTEMPTS} attempts")
 
     async def _cancel_nonce(self, sender: str, nonce: int) -> None:
         """Fill ``nonce`` with a no-op (0 to ourselves) priced to replace whatever of ours the node still
         holds queued at it. Called by the nonce manager under the sender's lock."""
         fees = await self._fee_fields()
+        account = self.signers.get(sender, self.account)
         bump = 2
         for _ in range(SEND_ATTEMPTS):
-            raw = self._sign({
+            raw = self._sign(account=account, fields={
                 "chainId": self.chain_id, "nonce": nonce, "gas": 21_000, "value": 0,
                 "to": to_checksum_address(sender), "data": b"", "type": 2,
                 "maxFeePerGas": bump * fees.max_fee, "maxPriorityFeePerGas": bump * fees.tip,
@@ -390,14 +405,17 @@ class Chain:
             return
         raise ChainError(f"could not fill nonce {nonce} of {sender} after {SEND_ATTEMPTS} attempts")
 
-    def _sign(self, fields: dict[str, Any]) -> bytes:
+    @staticmethod
+    def _sign(fields: dict[str, Any], account: LocalAccount) -> bytes:
         """The signed raw transaction. eth_account's Account.sign_transaction re-derives the key pair
         from the private key on every call; signing with the account's key object skips that."""
-        *_, encoded = sign_transaction_dict(self.account._key_obj, fields)
+        *_, encoded = sign_transaction_dict(account._key_obj, fields)
         return bytes(encoded)
 
-    async def wait_receipt(self, tx_hash: str, timeout_s: float) -> Receipt:
-        """Poll for the receipt with a short, growing interval; raise on revert or timeout."""
+    async def wait_receipt(self, tx_hash: str, timeout_s: float, sender: str | None = None) -> Receipt:
+        """Poll for the receipt with a short, growing interval; raise on revert or timeout (then the
+        nonce of ``sender``, default this process's own key, is read again before its next send)."""
+        sender = sender or self.address
         deadline = time.monotonic() + timeout_s
         delay = RECEIPT_POLL_MIN_S
         while True:
@@ -406,7 +424,7 @@ class Chain:
             except ChainError:
                 # The node did not answer: it may come back without what we sent (a restart). Re-read the
                 # nonce before the next send, filling any gap it left (see NonceManager).
-                async with self.nonces.reserve(self.address) as slot:
+                async with self.nonces.reserve(sender) as slot:
                     slot.stale = True
                 raise
             if receipt is not None:
@@ -415,7 +433,7 @@ class Chain:
                 return receipt
             if time.monotonic() >= deadline:
                 # It may have been dropped (a nonce gap, a restarted node): count again from the node.
-                async with self.nonces.reserve(self.address) as slot:
+                async with self.nonces.reserve(sender) as slot:
                     slot.stale = True
                 raise ChainTimeout(f"transaction {tx_hash} not mined within {timeout_s:g}s")
             await asyncio.sleep(delay)

@@ -88,7 +88,12 @@ async def open_resources(app: App) -> None:
         except asyncpg.UndefinedTableError:
             raise RunnerError("the consensus tables are missing: run `runner migrate` first") from None
         emitter = EventEmitter(contract, receipt_timeout_s=receipt_timeout(app), max_inflight=EMIT_MAX_INFLIGHT)
-        app.resources["consensus"] = Engine(app, chain, contract, emitter, KeyValueExecutor())
+        engine = Engine(app, chain, contract, emitter, KeyValueExecutor())
+        try:
+            await engine.load_validators()
+        except asyncpg.UndefinedTableError:
+            raise RunnerError("the validators table is missing: run `runner migrate` first") from None
+        app.resources["consensus"] = engine
     except BaseException:
         app.resources.pop("chain", None)
         await close_chain(chain)

@@ -121,6 +121,10 @@ def describe(row: dict[str, Any]) -> list[str]:
     for kind, chain_tx in row["events"].items():
         lines.append(f"event {kind:<10}{chain_tx or '-'}")
     lines.append(f"round           {row.get('round', 0)}")
+    if row.get("draw"):
+        draw = row["draw"]
+        lines.append(f"draw            seed {draw.get('seed')} (run round {draw.get('run_round')}), committee "
+                     + " ".join(draw.get("committee") or []))
     for appeal in row.get("appeals") or []:
         lines.append(f"appeal          {appeal.get('kind')} round {appeal.get('round')} {appeal.get('outcome')} "
                      f"({len(appeal.get('validators') or [])} validators)")
@@ -129,7 +133,94 @@ def describe(row: dict[str, Any]) -> list[str]:
     return lines
 
 
+validators_cli = typer.Typer(no_args_is_help=True, help="The consensus validators: address, stake and where "
+                                                         "each one's signing key is (never the key itself).")
+
+
+@validators_cli.command("add")
+def validators_add(
+    stake: Annotated[int, typer.Option("--stake", help="Its weight in the draw of leaders and validators (1 or more)")],
+    key: Annotated[str | None, typer.Option(
+        "--key", help="Where a worker finds its private key: env:NAME, file:PATH or dev:N (anvil's public "
+                      "development account N); its votes are then signed by it. The address is the key's")] = None,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="Without --key: a validator whose votes the worker's own key sends")] = None,
+) -> None:
+    """Add a validator, or change an existing one's stake and key reference. Workers read the table when they
+    start (restart them to apply a change)."""
+    from runner.jobs.consensus.model import parse_address
+    from runner.jobs.consensus.store import ConsensusStore
+    from runner.jobs.consensus.validators import MAX_STAKE, Validator, check_key_ref, key_address
+
+    settings = settings_or_exit()
+    try:
+        if not 1 <= stake <= MAX_STAKE:
+            raise UsageError(f"--stake must be 1 to {MAX_STAKE}, got {stake}")
+        if key is None and address is None:
+            raise UsageError("give --key (a validator that signs its votes) or --address (one that does not)")
+        chosen = parse_address(address, "--address") if address is not None else None
+        if key is not None:
+            of_key = key_address(check_key_ref(key))  # resolved here: a reference that points nowhere fails now
+            if chosen is not None and chosen.lower() != of_key.lower():
+                raise UsageError(f"--address {chosen} is not the address of the key {key} ({of_key})")
+            chosen = of_key
+    except UsageError as error:
+        raise fail(str(error), 2) from None
+    assert chosen is not None
+    validator = Validator(chosen, stake, key)
+
+    async def body(app: App) -> bool:
+        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).put_validator(validator)
+
+    added = with_app(settings, body)
+    print(f"{chosen} {'added' if added else 'updated'} (stake {stake}, key {key or 'none: the worker signs'})")
+
+
+@validators_cli.command("list")
+def validators_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False) -> None:
+    """Every validator: address, stake, share of the total stake, key reference."""
+    from runner.jobs.consensus.store import ConsensusStore
+
+    settings = settings_or_exit()
+
+    async def body(app: App) -> list[dict[str, Any]]:
+        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).validator_rows()
+
+    rows = with_app(settings, body)
+    total = sum(r["stake"] for r in rows)
+    for row in rows:
+        row["share"] = round(row["stake"] / total, 6) if total else 0.0
+    if as_json:
+        print(json.dumps(rows, default=json_default))
+        return
+    if not rows:
+        print("no validators: workers draw from 64 synthetic ones of equal stake whose votes they sign")
+    for row in rows:
+        print(f"{row['address']}  stake {row['stake']:>8} ({100 * row['share']:5.1f}%)  key {row['key_ref'] or '-'}")
+
+
+@validators_cli.command("remove")
+def validators_remove(address: Annotated[str, typer.Argument(help="The validator's address")]) -> None:
+    """Remove a validator (workers stop drawing it once restarted; its past votes stay on chain)."""
+    from runner.jobs.consensus.model import parse_address
+    from runner.jobs.consensus.store import ConsensusStore
+
+    settings = settings_or_exit()
+    try:
+        checked = parse_address(address, "ADDRESS")
+    except UsageError as error:
+        raise fail(str(error), 2) from None
+
+    async def body(app: App) -> bool:
+        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).remove_validator(checked)
+
+    if not with_app(settings, body):
+        raise fail(f"no validator {checked}", 2)
+    print(f"{checked} removed")
+
+
 def register_commands(cli: typer.Typer) -> None:
     cli.command("submit")(submit_command)
     cli.command("tx")(tx_command)
     cli.command("appeal")(appeal_command)
+    cli.add_typer(validators_cli, name="validators")

@@ -22,7 +22,7 @@ ARTIFACT_PATH = Path(__file__).with_name("ConsensusMain.json")
 CONTRACT_NAME = "ConsensusMain"
 DEPLOY_GAS = 1_500_000
 
-VERSION = 2  # ConsensusMain.VERSION: a deployment of another version is replaced (as after a reset)
+VERSION = 3  # ConsensusMain.VERSION: a deployment of another version is replaced (as after a reset)
 
 # emitBatch kinds, as in contracts/ConsensusMain.sol
 ACTIVATED, PROPOSED, COMMITTED, REVEALED, ACCEPTED, UNDETERMINED, FINALIZED, LEADER_ROTATED, APPEAL_STARTED = range(9)
@@ -41,6 +41,8 @@ COLUMN_KINDS = {"activated": (ACTIVATED,), "proposed": (PROPOSED,), "committed":
                 # not stored in columns: found on chain by their round
                 "rotated": (LEADER_ROTATED,), "appealed": (APPEAL_STARTED,)}
 BATCH_TYPES = ["uint256[]", "bytes32[]", "address[]", "address[]", "bytes32[]"]
+VOTE_TYPES = ["uint256[]", "bytes32[]", "address[]", "bytes32[]"]
+VOTE_KINDS = frozenset({COMMITTED, REVEALED})  # the events a validator may sign itself (emitVotes)
 ZERO_ADDRESS = "0x" + "00" * 20
 ZERO_WORD = b"\x00" * 32
 
@@ -93,18 +95,42 @@ def _address_bytes(address: str) -> bytes:
     return bytes.fromhex(address.removeprefix("0x"))  # eth_abi takes 20 raw bytes; no checksum hashing
 
 
+def _encode_word_arrays(function: str, arrays: tuple[list[bytes], ...], n: int) -> bytes:
+    """Calldata of a function taking only arrays of 32-byte words: one offset per array, then per array
+    its length and its words (tests check it against eth_abi)."""
+    size = 32 * (n + 1)
+    head = b"".join(word(32 * len(arrays) + i * size) for i in range(len(arrays)))
+    return selector(function) + head + b"".join(word(n) + b"".join(a) for a in arrays)
+
+
 def encode_batch(events: list[Event]) -> bytes:
-    """emitBatch calldata. Every element of the five arrays is one 32-byte word, so the ABI layout is
-    five offsets, then per array its length and its words (tests check it against eth_abi)."""
-    n = len(events)
+    """emitBatch calldata (the owner's batch: any kind, the actor given per event)."""
     arrays = (
         [word(e.kind_word) for e in events], [word(e.tx_id) for e in events],
         [word(_address_bytes(e.contract)) for e in events], [word(_address_bytes(e.actor)) for e in events],
         [e.data.rjust(32, b"\x00") for e in events],
     )
-    size = 32 * (n + 1)
-    head = b"".join(word(32 * len(arrays) + i * size) for i in range(len(arrays)))
-    return selector("emitBatch") + head + b"".join(word(n) + b"".join(a) for a in arrays)
+    return _encode_word_arrays("emitBatch", arrays, len(events))
+
+
+def encode_votes(events: list[Event]) -> bytes:
+    """emitVotes calldata (one validator's own votes: the actor is whoever signs the transaction)."""
+    arrays = (
+        [word(e.kind_word) for e in events], [word(e.tx_id) for e in events],
+        [word(_address_bytes(e.contract)) for e in events], [e.data.rjust(32, b"\x00") for e in events],
+    )
+    return _encode_word_arrays("emitVotes", arrays, len(events))
+
+
+def encode_votes_abi(events: list[Event]) -> bytes:
+    return selector("emitVotes") + encode(VOTE_TYPES, [
+        [e.kind_word for e in events], [word(e.tx_id) for e in events],
+        [_address_bytes(e.contract) for e in events], [e.data for e in events],
+    ])
+
+
+def encode_set_validators(addresses: list[str], active: bool) -> bytes:
+    return selector("setValidators") + encode(["address[]", "bool"], [[_address_bytes(a) for a in addresses], active])
 
 
 def encode_batch_abi(events: list[Event]) -> bytes:
@@ -142,7 +168,7 @@ class DecodedEvent:
 
 def decode_log(entry: Any) -> DecodedEvent | None:
     """A ConsensusMain log as (name, txId, contract, other args); None for anything else."""
-    names = {v: k for k, v in topics().items()}
+    names = {v: k for k, v in topics().items() if k in KIND_NAMES}  # a transaction's events only
     raw_topics = [bytes(t) for t in entry["topics"]]
     name = names.get(raw_topics[0]) if raw_topics else None
     if name is None:
@@ -180,6 +206,23 @@ class ConsensusMain:
             "toBlock": "latest",
         })
         return [d for d in (decode_log(e) for e in entries) if d is not None]
+
+
+    async def registered(self, address: str) -> bool:
+        """Whether ``address`` is a registered validator (may sign its own votes)."""
+        data = selector("validators") + encode(["address"], [_address_bytes(address)])
+        return bool(decode(["bool"], await self.chain.call(self.address, data))[0])
+
+    async def register_validators(self, addresses: list[str], receipt_timeout_s: float) -> str | None:
+        """Register the validators not registered yet (the owner's transaction); their chain tx or None."""
+        missing = [a for a in addresses if not await self.registered(a)]
+        if not missing:
+            return None
+        tx_hash = await self.chain.send_transaction(to=self.address, data=encode_set_validators(missing, True),
+                                                    gas=60_000 + 30_000 * len(missing))
+        await self.chain.wait_receipt(tx_hash, receipt_timeout_s)
+        log.info("validators registered on ConsensusMain", count=len(missing), chain_tx=tx_hash)
+        return tx_hash
 
 
 async def _usable(chain: Chain, address: str) -> bool:

@@ -12,11 +12,17 @@ one query (``fence_check``) asks which of them this worker still holds; a reques
 (a rollback bumped its epoch, another worker recovered it) is refused with LeaseLost and never reaches
 the chain. What the check cannot stop is a lease lost in the seconds between that query and the block:
 such an event is still its own round's only one (the contract emits each once), never a duplicate.
+
+Lanes: a vote (VoteCommitted, VoteRevealed) of a validator whose key this process holds (``signers``) is
+signed by that validator, in a batch of that validator's own votes (``emitVotes``); everything else goes
+in the worker's batches (``emitBatch``). Each lane is one sender, so each key's nonces stay contiguous
+(runner.chain's per-sender nonce lane); a request spanning lanes resolves when every part is mined.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +30,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from runner.chain import ChainError
 from runner.errors import LeaseLost
 from runner.jobs.consensus import metrics
-from runner.jobs.consensus.contract import EVENT_NAMES, ConsensusMain, Event, batch_gas, carried, encode_batch
+from runner.jobs.consensus.contract import (
+    EVENT_NAMES,
+    VOTE_KINDS,
+    ConsensusMain,
+    Event,
+    batch_gas,
+    carried,
+    encode_batch,
+    encode_votes,
+)
 from runner.logs import get_logger
 
 log = get_logger("runner.jobs.consensus.emitter")
@@ -34,6 +49,7 @@ MAX_BATCH_EVENTS = 400
 Fence = tuple[str, int]  # (consensus transaction hash, lease epoch)
 FenceCheck = Callable[[Sequence[Fence]], Awaitable[set[Fence]]]
 Request = tuple[list[Event], Sequence[Fence], "asyncio.Future[str | None]"]
+Lane = str | None  # a validator's address (its own votes), or None: the worker's own batches
 
 
 class EmitterClosed(ChainError):
@@ -52,8 +68,9 @@ class EventEmitter:
         self.receipt_timeout_s = receipt_timeout_s
         self.max_inflight = max_inflight
         self.fence_check = fence_check
-        self._queue: deque[Request] = deque()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self.signers: frozenset[str] = frozenset()  # validators whose votes they sign themselves
+        self._queues: dict[Lane, deque[Request]] = {}
+        self._inflight: dict[Lane, set[asyncio.Task[None]]] = {}
         self._closed = False
         self.batches = 0
         self.events = 0
@@ -63,28 +80,46 @@ class EventEmitter:
         still holds each of those leases (LeaseLost otherwise)."""
         if self._closed:
             raise EmitterClosed("the event emitter is closed")
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._queue.append((events, fences, future))
-        self._kick()
-        return await future
+        parts = self.lanes(events)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[str | None]] = []
+        for lane, part in parts.items():
+            future: asyncio.Future[str | None] = loop.create_future()
+            self._queues.setdefault(lane, deque()).append((part, fences, future))
+            futures.append(future)
+            self._kick(lane)
+        results = await asyncio.gather(*futures)
+        return next((r for r in results if r is not None), None)  # the worker's lane first, when it has a part
 
-    def _kick(self) -> None:
-        while self._queue and len(self._inflight) < self.max_inflight and not self._closed:
-            batch = self._take()
+    def lanes(self, events: list[Event]) -> dict[Lane, list[Event]]:
+        """The events by the lane that sends them, each lane's in the order given; the worker's first."""
+        parts: dict[Lane, list[Event]] = {}
+        for event in events:
+            lane = event.actor if event.kind in VOTE_KINDS and event.actor in self.signers else None
+            parts.setdefault(lane, []).append(event)
+        if None in parts:
+            parts = {None: parts.pop(None), **parts}
+        return parts
+
+    def _kick(self, lane: Lane) -> None:
+        queue, inflight = self._queues.get(lane), self._inflight.setdefault(lane, set())
+        while queue and len(inflight) < self.max_inflight and not self._closed:
+            batch = self._take(queue)
             if not batch:
                 continue
-            task = asyncio.create_task(self._send(batch), name="consensus-emit")
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
+            task = asyncio.create_task(self._send(lane, batch), name="consensus-emit")
+            inflight.add(task)
+            task.add_done_callback(functools.partial(self._done, lane))
 
-    def _take(self) -> list[Request]:
+    @staticmethod
+    def _take(queue: deque[Request]) -> list[Request]:
         batch: list[Request] = []
         count = 0
-        while self._queue:
-            events, fences, future = self._queue[0]
+        while queue:
+            events, fences, future = queue[0]
             if batch and count + len(events) > MAX_BATCH_EVENTS:
                 break
-            self._queue.popleft()
+            queue.popleft()
             if future.done():  # its task was cancelled before we got to it: nothing to send
                 continue
             batch.append((events, fences, future))
@@ -109,11 +144,11 @@ class EventEmitter:
                                                    "was taken (rolled back or recovered)"))
         return kept
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._kick()
+    def _done(self, lane: Lane, task: asyncio.Task[None]) -> None:
+        self._inflight[lane].discard(task)
+        self._kick(lane)
 
-    async def _send(self, batch: list[Request]) -> None:
+    async def _send(self, lane: Lane, batch: list[Request]) -> None:
         started = time.monotonic()
         try:
             batch = await self._fenced(batch)
@@ -121,10 +156,11 @@ class EventEmitter:
             if not events:
                 return
             chain = self.contract.chain
-            tx_hash = await chain.send_transaction(to=self.contract.address, data=encode_batch(events),
-                                                   gas=batch_gas(len(events)))
+            data = encode_batch(events) if lane is None else encode_votes(events)
+            tx_hash = await chain.send_transaction(to=self.contract.address, data=data, gas=batch_gas(len(events)),
+                                                   sender=lane)
             sent = time.monotonic()
-            receipt = await chain.wait_receipt(tx_hash, self.receipt_timeout_s)
+            receipt = await chain.wait_receipt(tx_hash, self.receipt_timeout_s, sender=lane)
             if receipt.logs != len(events) and not await chain.code_at(self.contract.address):
                 raise ContractMissing(f"ConsensusMain at {self.contract.address} emitted {receipt.logs} of "
                                       f"{len(events)} events in {tx_hash}: no code behind the address")
@@ -146,7 +182,8 @@ class EventEmitter:
         self.batches += 1
         self.events += len(events) - sum(map(len, skipped))
         log.debug("event batch mined", events=len(events), requests=len(batch), send_s=round(sent - started, 4),
-                  receipt_s=round(time.monotonic() - sent, 4), queued=len(self._queue))
+                  receipt_s=round(time.monotonic() - sent, 4), signer=lane or "worker",
+                  queued=len(self._queues.get(lane) or ()))
         metrics.CONSENSUS_EVENT_BATCH.observe(len(events))
         for entry, _, future in batch:
             repeated = id(entry) in skipped_ids
@@ -158,11 +195,12 @@ class EventEmitter:
 
     async def close(self) -> None:
         self._closed = True
-        while self._queue:
-            _, _, future = self._queue.popleft()
-            if not future.done():
-                future.set_exception(EmitterClosed("the event emitter closed"))
-        tasks = list(self._inflight)
+        for queue in self._queues.values():
+            while queue:
+                _, _, future = queue.popleft()
+                if not future.done():
+                    future.set_exception(EmitterClosed("the event emitter closed"))
+        tasks = [task for inflight in self._inflight.values() for task in inflight]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -20,16 +20,25 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from runner.chain import Chain, ChainError
-from runner.errors import LeaseLost
+from runner.errors import LeaseLost, UsageError
 from runner.jobs.consensus import contract as cm
 from runner.jobs.consensus import metrics
 from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
 from runner.jobs.consensus.emitter import ContractMissing, EventEmitter
 from runner.jobs.consensus.executor import ContractExecutor, Execution, TxView
 from runner.jobs.consensus.machine import TxTask, decided_event
-from runner.jobs.consensus.model import IN_MACHINE, node_addresses, short_hash, validator_set
+from runner.jobs.consensus.model import IN_MACHINE, short_hash
 from runner.jobs.consensus.settings import consensus_settings
 from runner.jobs.consensus.store import Claimed, ConsensusStore
+from runner.jobs.consensus.validators import (
+    Draw,
+    Validator,
+    draw,
+    draw_order,
+    draw_seed,
+    resolve_key,
+    synthetic_validators,
+)
 from runner.logs import get_logger
 from runner.service import Service
 
@@ -54,7 +63,9 @@ class Engine:
         self.executor = executor
         self.store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
         emitter.fence_check = self.store.held  # every emit is fenced on the leases it is sent under
-        self.nodes = validator_set(consensus.validators)
+        self.validators: list[Validator] = synthetic_validators()  # until load_validators reads the table
+        self.nodes = [v.address for v in self.validators]
+        self.stakes = {v.address: v.stake for v in self.validators}
         # bounds executions across all in-flight transactions (a real GenVM would be CPU-heavy)
         self.validator_slots = asyncio.Semaphore(consensus.validators * consensus.concurrency)
         self.tasks: dict[str, TxTask] = {}
@@ -64,11 +75,51 @@ class Engine:
         self.finality: FinalityLoop | None = None
         self._redeploying = asyncio.Lock()
 
-    def appeal_validators(self, appeal: int) -> list[str]:
-        """The validators of appeal number ``appeal`` (0: the first): new nodes, after the base set and
-        those of the appeals before it, as many as RUNNER_CONSENSUS_APPEAL_GROWTH says."""
-        start = len(self.nodes) + sum(self.consensus.appeal_validators(k) for k in range(appeal))
-        return node_addresses(start, self.consensus.appeal_validators(appeal))
+    # --- validators ---------------------------------------------------------------------------
+    async def load_validators(self) -> None:
+        """The validators table (empty: SYNTHETIC_POOL unkeyed nodes of equal stake). Each keyed validator's
+        key is resolved and checked against its address, becomes a signer of the one chain, and is
+        registered on ConsensusMain; a key that cannot be found, or too few validators, is a UsageError."""
+        rows = await self.store.validators()
+        if not rows:
+            return
+        size = self.consensus.validators + 1
+        if len(rows) < size:
+            raise UsageError(f"the validators table has {len(rows)} validator(s); RUNNER_CONSENSUS_VALIDATORS="
+                             f"{self.consensus.validators} needs {size} (a leader and {size - 1} validators)")
+        keyed = [self._add_signer(v) for v in rows if v.key_ref is not None]
+        self.validators = rows
+        self.nodes = [v.address for v in rows]
+        self.stakes = {v.address: v.stake for v in rows}
+        self.emitter.signers = frozenset(keyed)
+        await self.register_validators()
+        log.info("validators loaded", validators=len(rows), signing=len(keyed), stake=sum(self.stakes.values()))
+
+    def _add_signer(self, validator: Validator) -> str:
+        assert validator.key_ref is not None
+        address = self.chain.add_signer(resolve_key(validator.key_ref))
+        if address.lower() != validator.address.lower():
+            raise UsageError(f"validator {validator.address}: its key reference {validator.key_ref} holds the "
+                             f"key of {address}")
+        return address
+
+    async def register_validators(self) -> None:
+        signers = sorted(self.emitter.signers)
+        if signers:
+            await self.contract.register_validators(signers, self.emitter.receipt_timeout_s)
+
+    def draw_for(self, tx: Claimed) -> Draw:
+        """This run's committee: seeded by the round the run began in (rotations keep it), without the
+        leaders that leader appeals dropped."""
+        dropped = frozenset(a["leader"] for a in tx.appeals if a.get("kind") == "leader" and a.get("leader"))
+        return draw(self.validators, tx.hash, tx.round - tx.rotation_count, self.consensus.validators + 1, dropped)
+
+    def appeal_draw(self, tx: Claimed, number: int) -> tuple[str, list[str]]:
+        """Appeal ``number``'s seed and validators: new to the transaction (neither its leader nor any
+        earlier voter), drawn by stake with the seed of the appeal's round; fewer when the table runs out."""
+        seed = draw_seed(tx.hash, tx.round)
+        voted = frozenset({o["validator"] for o in tx.votes} | ({tx.leader} if tx.leader else set()))
+        return seed, draw_order(self.validators, seed, voted)[:self.consensus.appeal_validators(number)]
 
     # --- tasks ----------------------------------------------------------------------------------
     def start(self, tx: Claimed) -> TxTask:
@@ -128,6 +179,7 @@ class Engine:
             contract = await ensure_deployed(self.chain, self.store, self.emitter.receipt_timeout_s)
             self.contract = contract
             self.emitter.contract = contract
+            await self.register_validators()
             log.warning("ConsensusMain deployed again after the node lost it", address=contract.address)
 
     def paused(self) -> bool:

@@ -37,11 +37,11 @@ from runner.jobs.consensus.model import (
     Faults,
     diff_state,
     hash_hex,
-    pick_leader,
     short_hash,
     strip_faults,
 )
 from runner.jobs.consensus.store import Claimed
+from runner.jobs.consensus.validators import Draw
 from runner.logs import get_logger
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ class TxTask:
         self.last_progress = time.monotonic()
         self.chain_waits = 0  # RPCs and receipt waits under way: bounded by their own timeouts, and progress
         self.task: asyncio.Task[None] | None = None
+        self.draw: Draw | None = None  # this run's committee (drawn when it starts)
 
     def progress(self) -> None:
         self.last_progress = time.monotonic()
@@ -154,7 +155,10 @@ class TxTask:
         stored = self.tx.events.get(column)
         kinds, round = cm.COLUMN_KINDS[column], self.tx.round
         async with self.on_chain():
-            if stored is None and self.tx.claimed_before:
+            # held before: its events may be on chain already; the logs tell, when one chain transaction
+            # carries them all (votes signed by several validators may be on chain in part: sent again,
+            # ConsensusMain skips those it has)
+            if stored is None and self.tx.claimed_before and len(self.engine.emitter.lanes(events)) == 1:
                 stored = await self.engine.contract.find_event(kinds, self.tx.hash, round)
             if stored is not None:
                 for kind in {e.kind for e in events}:
@@ -168,6 +172,10 @@ class TxTask:
                              "as emitted, but no log of them was found")
         self.tx.events[column] = stored
         return stored
+
+    def _draw_record(self) -> dict[str, Any]:
+        assert self.draw is not None
+        return self.draw.record(self.engine.stakes)
 
     def event(self, kind: int, actor: str = cm.ZERO_ADDRESS, data: bytes = cm.ZERO_WORD) -> cm.Event:
         return cm.Event(kind, self.tx.hash, self.tx.to_address, actor, data, round=self.tx.round)
@@ -221,7 +229,8 @@ class TxTask:
         tx, engine = self.tx, self.engine
         faults = Faults.parse(tx.input)
         view = TxView(tx.hash, tx.from_address, tx.to_address, strip_faults(tx.input))
-        tx.leader = engine.nodes[pick_leader(tx.hash, engine.nodes, tx.round)]
+        self.draw = engine.draw_for(tx)
+        tx.leader = self.draw.leader(tx.rotation_count)
         if tx.rotation_count:  # taken back up in a round a rotation opened (its worker died in it)
             await self.emit_once("rotated", [self.event(cm.LEADER_ROTATED, tx.leader)])
         else:
@@ -251,15 +260,16 @@ class TxTask:
             execution = await asyncio.wait_for(self._run_leader(view, faults), engine.consensus.leader_timeout)
         except TimeoutError:
             timeout_reason = f"leader {leader} did not answer within {engine.consensus.leader_timeout:g}s"
-            await self._transition(LEADER_TIMEOUT, leader=leader, reason=timeout_reason)
+            await self._transition(LEADER_TIMEOUT, leader=leader, reason=timeout_reason, draw=self._draw_record())
             await self._finish(LEADER_TIMEOUT, None)
             return None
         self.progress()
         receipt = receipt_of(execution)
-        await self._transition(PROPOSING, leader=leader, result=receipt)
+        await self._transition(PROPOSING, leader=leader, result=receipt, draw=self._draw_record())
         await self.emit_once("proposed", [self.event(cm.PROPOSED, leader, cm.word(receipt["receipt_hash"]))])
 
-        validators = [n for n in engine.nodes if n != leader]
+        assert self.draw is not None
+        validators = self.draw.validators(tx.rotation_count)
         votes = await gather_votes(validators, [self._validate(i, v, view, faults, receipt["receipt_hash"])
                                                 for i, v in enumerate(validators)])
         await self._transition(COMMITTING, votes=[v.committed() for v in votes])
@@ -277,7 +287,8 @@ class TxTask:
         tx = self.tx
         tx.round += 1
         tx.rotation_count += 1
-        tx.leader = self.engine.nodes[pick_leader(tx.hash, self.engine.nodes, tx.round)]
+        assert self.draw is not None
+        tx.leader = self.draw.leader(tx.rotation_count)
         for column in ("proposed", "committed", "revealed", "rotated"):
             tx.events.pop(column, None)
         await self._transition(ACTIVATED, leader=tx.leader, new_round=True,
@@ -310,13 +321,13 @@ class TxTask:
             raise RuntimeError("appeal_error: the test fault")
         metrics.CONSENSUS_APPEALS.labels(kind).inc()
         record: dict[str, Any] = {"kind": kind, "round": tx.round, "started_event_tx": started}
-        if kind == "leader":
-            record.update(validators=[], votes=[], outcome="succeeded")
+        if kind == "leader":  # its leader is dropped: the re-run's draw leaves it out
+            record.update(validators=[], votes=[], outcome="succeeded", leader=tx.leader)
             # the appeal's round is the new proposal's: AppealStarted opens it, a new leader proposes in it
             await engine.store.rollback(tx, record, f"leader appeal (round {tx.round}): proposing again, new leader",
                                         rerun_round=tx.round)
             return
-        validators = engine.appeal_validators(number)
+        record["seed"], validators = engine.appeal_draw(tx, number)
         view = TxView(tx.hash, tx.from_address, tx.to_address, strip_faults(tx.input))
         before = await engine.store.state_before(tx)
         leader_hash = (tx.result or {}).get("receipt_hash") or ""
@@ -324,13 +335,16 @@ class TxTask:
         ballots = [self._validate(i, v, view, faults, leader_hash, state=before, appeal=True)
                    for i, v in enumerate(validators)]
         votes = await gather_votes(validators, ballots, prior=earlier)
-        record["committed_event_tx"] = await self.emit_once(
-            "committed", [self.event(cm.COMMITTED, v.validator, cm.word(v.commit)) for v in votes])
-        record["revealed_event_tx"] = await self.emit_once(
-            "revealed", [self.event(cm.REVEALED, v.validator, cm.word(VOTE_CODES[v.vote])) for v in votes])
+        if votes:
+            record["committed_event_tx"] = await self.emit_once(
+                "committed", [self.event(cm.COMMITTED, v.validator, cm.word(v.commit)) for v in votes])
+            record["revealed_event_tx"] = await self.emit_once(
+                "revealed", [self.event(cm.REVEALED, v.validator, cm.word(VOTE_CODES[v.vote])) for v in votes])
         merged = earlier + votes
         outcome, reason = decide(merged)
         record.update(validators=validators, votes=[v.revealed() for v in votes], merged=reason or "majority agrees")
+        if not validators:  # every validator of the table voted on it already: the decision stands
+            record["merged"] = "no validator left to draw: every one has voted on this transaction"
         if outcome == ACCEPTED:
             record["outcome"] = "failed"
             await engine.store.appeal_failed(tx, record, [v.revealed() for v in merged])

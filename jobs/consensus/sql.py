@@ -11,6 +11,7 @@ T = "runner_consensus_transactions"
 ACCEPTED_STATES = "runner_consensus_accepted_states"
 FINALIZED_STATES = "runner_consensus_finalized_states"
 DEPLOYMENTS = "runner_consensus_deployments"
+VALIDATORS = "runner_consensus_validators"
 
 IN_MACHINE = "('ACTIVATED', 'PROPOSING', 'COMMITTING', 'REVEALING')"
 DECIDED = "('ACCEPTED', 'UNDETERMINED', 'LEADER_TIMEOUT', 'VALIDATORS_TIMEOUT')"
@@ -22,7 +23,7 @@ EVENT_COLUMNS = ("activated_event_tx", "proposed_event_tx", "committed_event_tx"
                  "decided_event_tx", "finalized_event_tx")
 CLAIMED_COLUMNS = (
     "t.hash, t.seq, t.lease_epoch, t.status, t.from_address, t.to_address, t.input, t.leader, t.result, "
-    "t.recovery_count, t.round, t.rotation_count, " + ", ".join(f"t.{c}" for c in EVENT_COLUMNS)
+    "t.recovery_count, t.round, t.rotation_count, t.appeals, " + ", ".join(f"t.{c}" for c in EVENT_COLUMNS)
 )
 
 INSERT_MANY = f"""
@@ -69,15 +70,16 @@ RETURNING {CLAIMED_COLUMNS},
 # epoch, owner and the status it leaves; the statement carries many rows. It renews each moved row's
 # lease (progress), and a move to ACCEPTED writes the contract's accepted state in the same statement.
 # Arrays: hash, epoch, from status, to status, leader, result, votes, reason, state_patch, the four
-# event hashes known so far, accepted state (jsonb as text), and for a leader rotation the new round and
-# rotation count (NULL otherwise): a new round's proposal and votes are not the last round's.
+# event hashes known so far, accepted state (jsonb as text), for a leader rotation the new round and
+# rotation count (NULL otherwise: a new round's proposal and votes are not the last round's), and the
+# run's draw (NULL: unchanged).
 TRANSITION = f"""
 WITH i AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                          $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
-                         $15::int[], $16::int[])
+                         $15::int[], $16::int[], $17::text[])
         AS i(hash, epoch, from_status, to_status, leader, result, votes, reason, state_patch,
-             activated, proposed, committed, revealed, accepted_state, round, rotation_count)
+             activated, proposed, committed, revealed, accepted_state, round, rotation_count, draw)
 ), moved AS (
     UPDATE {T} t
     SET status = i.to_status,
@@ -88,15 +90,16 @@ WITH i AS (
         state_patch = i.state_patch::jsonb,
         round = COALESCE(i.round, t.round),
         rotation_count = COALESCE(i.rotation_count, t.rotation_count),
+        draw = COALESCE(i.draw::jsonb, t.draw),
         activated_event_tx = COALESCE(t.activated_event_tx, i.activated),
         proposed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.proposed_event_tx, i.proposed) END,
         committed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.committed_event_tx, i.committed) END,
         revealed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.revealed_event_tx, i.revealed) END,
         outcome = CASE WHEN i.to_status IN {DECIDED} THEN i.to_status END,
         timestamp_awaiting_finalization = CASE WHEN i.to_status IN {DECIDED} THEN now() END,
-        lease_expires_at = now() + make_interval(secs => $17)
+        lease_expires_at = now() + make_interval(secs => $18)
     FROM i
-    WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $18 AND t.status = i.from_status
+    WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $19 AND t.status = i.from_status
     RETURNING t.hash, t.seq, t.to_address, i.accepted_state
 ), accepted AS (
     -- one in-flight transaction per contract, so one row per address; DISTINCT ON guards it anyway
@@ -294,7 +297,7 @@ WITH picked AS (
 UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
     lease_epoch = t.lease_epoch + 1
 FROM picked WHERE t.hash = picked.hash
-RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeals, t.appeal_requested
+RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeal_requested
 """
 
 # The contract's state just before a transaction: its finalized state, then the patches of the accepted
@@ -339,6 +342,7 @@ UPDATE {T} t SET status = 'PENDING',
     reason = CASE WHEN t.hash = g.hash THEN $6 ELSE 'rolled back: an appeal of an older transaction of its '
                                                      'contract succeeded' END,
     rotation_count = 0, appeal_requested = NULL, leader = NULL, votes = NULL, result = NULL, state_patch = NULL,
+    draw = NULL,
     outcome = NULL, timestamp_awaiting_finalization = NULL,
     {", ".join(f"{c} = NULL" for c in EVENT_COLUMNS)},
     lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
@@ -370,6 +374,17 @@ FROM unnest($1::text[], $2::bigint[]) AS r(hash, epoch)
 WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4 AND t.status = 'FINALIZED'
 RETURNING t.hash
 """
+
+# --- validators -------------------------------------------------------------------------------------
+VALIDATORS_ALL = f"SELECT address, stake, key_ref, added_at FROM {VALIDATORS} ORDER BY address"
+
+UPSERT_VALIDATOR = f"""
+INSERT INTO {VALIDATORS} (address, stake, key_ref) VALUES ($1, $2, $3)
+ON CONFLICT (address) DO UPDATE SET stake = EXCLUDED.stake, key_ref = EXCLUDED.key_ref
+RETURNING (xmax = 0) AS added
+"""
+
+DELETE_VALIDATOR = f"DELETE FROM {VALIDATORS} WHERE address = $1 RETURNING address"
 
 # --- reads ---------------------------------------------------------------------------------------------
 COUNTS = f"SELECT status, count(*) AS n FROM {T} GROUP BY status"

@@ -15,6 +15,7 @@ from runner.errors import LeaseLost, UsageError
 from runner.jobs.consensus import sql
 from runner.jobs.consensus.batching import GroupCommit
 from runner.jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
+from runner.jobs.consensus.validators import Validator
 from runner.logs import get_logger
 
 log = get_logger("runner.jobs.consensus.store")
@@ -142,7 +143,7 @@ class ConsensusStore:
     async def transition(
         self, tx: Claimed, *, to: str, leader: str | None = None, result: Any = None, votes: Any = None,
         reason: str | None = None, state_patch: Any = None, accepted_state: dict[str, Any] | None = None,
-        new_round: bool = False,
+        new_round: bool = False, draw: dict[str, Any] | None = None,
     ) -> None:
         """One fenced transition (group-committed with other tasks'); raises LeaseLost when the
         transaction is no longer ours. ``new_round``: a leader rotation, stored with ``tx.round`` and
@@ -150,7 +151,8 @@ class ConsensusStore:
         ev = tx.events
         row = (tx.hash, tx.epoch, tx.status, to, leader, _json(result), _json(votes), reason, _json(state_patch),
                ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"),
-               _json(accepted_state), tx.round if new_round else None, tx.rotation_count if new_round else None)
+               _json(accepted_state), tx.round if new_round else None, tx.rotation_count if new_round else None,
+               _json(draw))
         if not await self._transitions().submit(row):
             raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before {tx.status} -> {to}")
         tx.status = to
@@ -363,6 +365,22 @@ class ConsensusStore:
         return {"accepted": row["accepted"], "finalized": row["finalized"]}
 
     # --- the ConsensusMain deployment -----------------------------------------------------------
+    # --- validators -----------------------------------------------------------------------------
+    async def validators(self) -> list[Validator]:
+        rows = await self.db.fetch(sql.VALIDATORS_ALL)
+        return [Validator(r["address"], int(r["stake"]), r["key_ref"]) for r in rows]
+
+    async def validator_rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.db.fetch(sql.VALIDATORS_ALL)]
+
+    async def put_validator(self, validator: Validator) -> bool:
+        """Add a validator, or change its stake and key reference; True when it was new."""
+        row = await self.db.fetchrow(sql.UPSERT_VALIDATOR, validator.address, validator.stake, validator.key_ref)
+        return bool(row and row["added"])
+
+    async def remove_validator(self, address: str) -> bool:
+        return await self.db.fetchrow(sql.DELETE_VALIDATOR, address) is not None
+
     async def deployment(self, chain_id: int, contract: str) -> tuple[str, int] | None:
         row = await self.db.fetchrow(sql.DEPLOYMENT, chain_id, contract)
         return (row["address"], row["block_number"]) if row else None
