@@ -63,7 +63,7 @@ def _dev_key(index: int) -> str:
 
     Account.enable_unaudited_hdwallet_features()
     account = Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
-    return str(account.key.hex())
+    return "0x" + bytes(account.key).hex()
 
 
 def resolve_key(key_ref: str, environ: Mapping[str, str] | None = None) -> str:
