@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
+from runner.batching import BatcherClosed, GroupCommit
 from runner.chain import ChainError
 from runner.errors import LeaseLost
 from runner.jobs.consensus import metrics
@@ -48,7 +49,6 @@ MAX_BATCH_EVENTS = 400
 
 Fence = tuple[str, int]  # (consensus transaction hash, lease epoch)
 FenceCheck = Callable[[Sequence[Fence]], Awaitable[set[Fence]]]
-Request = tuple[list[Event], Sequence[Fence], "asyncio.Future[str | None]"]
 Lane = str | None  # a validator's address (its own votes), or None: the worker's own batches
 
 
@@ -61,6 +61,12 @@ class ContractMissing(ChainError):
     was reset to a fresh chain). The engine deploys again."""
 
 
+@dataclass(frozen=True, eq=False)
+class Request:
+    events: list[Event]  # one transition's, never split across batches
+    fences: Sequence[Fence]
+
+
 class EventEmitter:
     def __init__(self, contract: ConsensusMain, *, receipt_timeout_s: float, max_inflight: int = 2,
                  fence_check: FenceCheck | None = None) -> None:
@@ -69,8 +75,7 @@ class EventEmitter:
         self.max_inflight = max_inflight
         self.fence_check = fence_check
         self.signers: frozenset[str] = frozenset()  # validators whose votes they sign themselves
-        self._queues: dict[Lane, deque[Request]] = {}
-        self._inflight: dict[Lane, set[asyncio.Task[None]]] = {}
+        self._lanes: dict[Lane, GroupCommit[Request, str | None]] = {}
         self._closed = False
         self.batches = 0
         self.events = 0
@@ -80,15 +85,11 @@ class EventEmitter:
         still holds each of those leases (LeaseLost otherwise)."""
         if self._closed:
             raise EmitterClosed("the event emitter is closed")
-        parts = self.lanes(events)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[str | None]] = []
-        for lane, part in parts.items():
-            future: asyncio.Future[str | None] = loop.create_future()
-            self._queues.setdefault(lane, deque()).append((part, fences, future))
-            futures.append(future)
-            self._kick(lane)
-        results = await asyncio.gather(*futures)
+        parts = [self._lane(lane).submit(Request(part, fences)) for lane, part in self.lanes(events).items()]
+        try:
+            results = [await parts[0]] if len(parts) == 1 else await asyncio.gather(*parts)
+        except BatcherClosed as error:
+            raise EmitterClosed(str(error)) from None
         return next((r for r in results if r is not None), None)  # the worker's lane first, when it has a part
 
     def lanes(self, events: list[Event]) -> dict[Lane, list[Event]]:
@@ -101,60 +102,39 @@ class EventEmitter:
             parts = {None: parts.pop(None), **parts}
         return parts
 
-    def _kick(self, lane: Lane) -> None:
-        queue, inflight = self._queues.get(lane), self._inflight.setdefault(lane, set())
-        while queue and len(inflight) < self.max_inflight and not self._closed:
-            batch = self._take(queue)
-            if not batch:
-                continue
-            task = asyncio.create_task(self._send(lane, batch), name="consensus-emit")
-            inflight.add(task)
-            task.add_done_callback(functools.partial(self._done, lane))
+    def _lane(self, lane: Lane) -> GroupCommit[Request, str | None]:
+        batcher = self._lanes.get(lane)
+        if batcher is None:
+            batcher = self._lanes[lane] = GroupCommit(
+                functools.partial(self._send, lane), max_batch=MAX_BATCH_EVENTS, max_inflight=self.max_inflight,
+                weight=lambda request: len(request.events), name="consensus-emit")
+        return batcher
 
-    @staticmethod
-    def _take(queue: deque[Request]) -> list[Request]:
-        batch: list[Request] = []
-        count = 0
-        while queue:
-            events, fences, future = queue[0]
-            if batch and count + len(events) > MAX_BATCH_EVENTS:
-                break
-            queue.popleft()
-            if future.done():  # its task was cancelled before we got to it: nothing to send
-                continue
-            batch.append((events, fences, future))
-            count += len(events)
-        return batch
-
-    async def _fenced(self, batch: list[Request]) -> list[Request]:
-        """The requests whose leases are all still held; the others fail with LeaseLost."""
-        fences = [f for _, entry_fences, _ in batch for f in entry_fences]
+    async def _fenced(self, batch: Sequence[Request]) -> dict[int, LeaseLost]:
+        """The requests (by position) whose leases are no longer all held, each with its LeaseLost."""
+        fences = [f for request in batch for f in request.fences]
         if not fences or self.fence_check is None:
-            return batch
+            return {}
         held = await self.fence_check(fences)
-        kept: list[Request] = []
-        for request in batch:
-            lost = [f for f in request[1] if f not in held]
-            if not lost:
-                kept.append(request)
-                continue
-            metrics.CONSENSUS_EVENTS_FENCED.inc(len(request[0]))
-            if not request[2].done():
-                request[2].set_exception(LeaseLost(f"events of {len(lost)} transaction(s) not sent: their lease "
-                                                   "was taken (rolled back or recovered)"))
-        return kept
+        refused: dict[int, LeaseLost] = {}
+        for i, request in enumerate(batch):
+            lost = [f for f in request.fences if f not in held]
+            if lost:
+                metrics.CONSENSUS_EVENTS_FENCED.inc(len(request.events))
+                refused[i] = LeaseLost(f"events of {len(lost)} transaction(s) not sent: their lease was taken "
+                                       "(rolled back or recovered)")
+        return refused
 
-    def _done(self, lane: Lane, task: asyncio.Task[None]) -> None:
-        self._inflight[lane].discard(task)
-        self._kick(lane)
-
-    async def _send(self, lane: Lane, batch: list[Request]) -> None:
+    async def _send(self, lane: Lane, batch: Sequence[Request]) -> list[str | BaseException | None]:
+        """One chain transaction for the batch's requests still fenced in; each request's answer: the
+        chain tx, None (ConsensusMain skipped its events: emitted before), or its LeaseLost."""
         started = time.monotonic()
         try:
-            batch = await self._fenced(batch)
-            events = [e for entry, _, _ in batch for e in entry]
+            refused = await self._fenced(batch)
+            sending = [r for i, r in enumerate(batch) if i not in refused]
+            events = [e for request in sending for e in request.events]
             if not events:
-                return
+                return [refused.get(i) for i in range(len(batch))]
             chain = self.contract.chain
             data = encode_batch(events) if lane is None else encode_votes(events)
             tx_hash = await chain.send_transaction(to=self.contract.address, data=data, gas=batch_gas(len(events)),
@@ -164,43 +144,33 @@ class EventEmitter:
             if receipt.logs != len(events) and not await chain.code_at(self.contract.address):
                 raise ContractMissing(f"ConsensusMain at {self.contract.address} emitted {receipt.logs} of "
                                       f"{len(events)} events in {tx_hash}: no code behind the address")
-        except BaseException as error:
-            failure = error if isinstance(error, Exception) else EmitterClosed("event emission was cancelled")
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(failure)
-            if not isinstance(error, Exception):
-                raise
-            log.warning("event batch failed", events=sum(len(entry) for entry, _, _ in batch), error=repr(error))
-            return
-        skipped = [entry for entry, _, _ in batch if receipt.logs != len(events)
-                   and not carried(entry, receipt.log_keys, self.contract.address)]
-        skipped_ids = {id(entry) for entry in skipped}
+        except Exception as error:  # every request of the batch fails with it (GroupCommit)
+            log.warning("event batch failed", events=sum(len(r.events) for r in batch), error=repr(error))
+            raise
+        skipped = {id(r) for r in sending if receipt.logs != len(events)
+                   and not carried(r.events, receipt.log_keys, self.contract.address)}
         if skipped:
-            log.info("ConsensusMain skipped events it had emitted before", events=sum(map(len, skipped)),
-                     chain_tx=tx_hash)
+            log.info("ConsensusMain skipped events it had emitted before",
+                     events=sum(len(r.events) for r in sending if id(r) in skipped), chain_tx=tx_hash)
         self.batches += 1
-        self.events += len(events) - sum(map(len, skipped))
-        log.debug("event batch mined", events=len(events), requests=len(batch), send_s=round(sent - started, 4),
+        self.events += sum(len(r.events) for r in sending if id(r) not in skipped)
+        log.debug("event batch mined", events=len(events), requests=len(sending), send_s=round(sent - started, 4),
                   receipt_s=round(time.monotonic() - sent, 4), signer=lane or "worker",
-                  queued=len(self._queues.get(lane) or ()))
+                  queued=self._lanes[lane].queued())
         metrics.CONSENSUS_EVENT_BATCH.observe(len(events))
-        for entry, _, future in batch:
-            repeated = id(entry) in skipped_ids
-            for event in entry:
+        answers: list[str | BaseException | None] = []
+        for i, request in enumerate(batch):
+            if i in refused:
+                answers.append(refused[i])
+                continue
+            repeated = id(request) in skipped
+            for event in request.events:
                 counter = metrics.CONSENSUS_EVENTS_SKIPPED if repeated else metrics.CONSENSUS_EVENTS
                 counter.labels(EVENT_NAMES[event.kind]).inc()
-            if not future.done():
-                future.set_result(None if repeated else tx_hash)
+            answers.append(None if repeated else tx_hash)
+        return answers
 
     async def close(self) -> None:
         self._closed = True
-        for queue in self._queues.values():
-            while queue:
-                _, _, future = queue.popleft()
-                if not future.done():
-                    future.set_exception(EmitterClosed("the event emitter closed"))
-        tasks = [task for inflight in self._inflight.values() for task in inflight]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for batcher in self._lanes.values():
+            await batcher.close()

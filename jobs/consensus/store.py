@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 
+from runner.batching import GroupCommit
 from runner.db import Database
 from runner.errors import LeaseLost, UsageError
 from runner.jobs.consensus import sql
-from runner.jobs.consensus.batching import GroupCommit
 from runner.jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
 from runner.jobs.consensus.validators import Validator
 from runner.logs import get_logger
