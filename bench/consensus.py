@@ -20,6 +20,11 @@ Two figures, on one fresh anvil (finality window 0):
   appeal's validators disagree: a rollback of the newer transactions of the contract), half fail (the
   window restarts, x 0.8). The window itself is then part of the time to the last finalization.
 
+- **keyed** (``--keyed 8``): after each of the first ``--keyed-rounds`` plain rounds, the same round with
+  that many validators in the table, holding anvil's development keys 2.. (stakes 1..n): every validator
+  signs its own votes (one chain transaction per key per batch), so the chain carries many more
+  transactions; reported side by side with the plain rounds of the same run.
+
 Each round uses a fresh database and a fresh anvil; the median of ``--rounds`` (5) is reported, with the
 ratio consensus/raw (target >= 50%). The database is RUNNER_BENCH_DATABASE_URL or the embedded
 PostgreSQL under RUNNER_BENCH_HOME; anvil comes from node_modules (``npm ci``). Results go to
@@ -62,7 +67,8 @@ from bench._common import (  # noqa: E402
 from runner.chain import close_chain, open_chain  # noqa: E402
 from runner.config import load_settings  # noqa: E402
 from runner.jobs.consensus import sql as consensus_sql  # noqa: E402
-from runner.jobs.consensus.model import new_submission, to_checksum_address  # noqa: E402
+from runner.jobs.consensus.model import address_of_key, new_submission, to_checksum_address  # noqa: E402
+from runner.jobs.consensus.validators import resolve_key  # noqa: E402
 from tests.chain_fixtures import Anvil, anvil_binary, established_to, free_port  # noqa: E402
 
 RAW_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"  # anvil account 1 (public)
@@ -87,6 +93,8 @@ class Round:
     appealed: int = 0  # appeals the bench requested
     appeals_succeeded: int = 0
     rolled_back_runs: int = 0  # re-runs: rounds above 0 of transactions that were not appealed themselves
+    keyed_validators: int = 0
+    validator_chain_txs: int = 0  # sent by the validators' own keys
 
     @property
     def ratio(self) -> float:
@@ -177,7 +185,8 @@ async def appeal_marked(db_url: str, window: float, stop: asyncio.Event) -> int:
     return len(asked)
 
 
-async def one_round(server: Server, args: argparse.Namespace, index: int, appealed: float = 0.0) -> Round:
+async def one_round(server: Server, args: argparse.Namespace, index: int, appealed: float = 0.0,
+                    keyed: int = 0) -> Round:
     binary = anvil_binary()
     if binary is None:
         raise SystemExit("anvil is not installed: run `npm ci` at the repository root")
@@ -194,6 +203,10 @@ async def one_round(server: Server, args: argparse.Namespace, index: int, appeal
         subprocess.run([str(RUNNER_CLI), "migrate"], env=env, check=True, capture_output=True)
         connection = await asyncpg.connect(db_url)
         try:
+            validators = [(address_of_key(resolve_key(f"dev:{i + 2}")), i + 1, f"dev:{i + 2}") for i in range(keyed)]
+            if validators:
+                await connection.executemany(
+                    "INSERT INTO runner_consensus_validators (address, stake, key_ref) VALUES ($1, $2, $3)", validators)
             subs = [new_submission(SENDER, to, data) for to, data in plan(args.txs, args.contracts, appealed)]
             await connection.execute(
                 "INSERT INTO runner_consensus_transactions (hash, from_address, to_address, input) "
@@ -203,6 +216,7 @@ async def one_round(server: Server, args: argparse.Namespace, index: int, appeal
             settings = load_settings(database_url="postgresql://unused@127.0.0.1/unused", chain_url=node.url)
             reader = await open_chain(settings)
             sent_before = await reader.w3.eth.get_transaction_count(reader.address)
+            validator_before = [await reader.w3.eth.get_transaction_count(a) for a, _, _ in validators]
             started = time.perf_counter()
             stop = asyncio.Event()
             appealer = asyncio.create_task(appeal_marked(db_url, window, stop)) if appealed else None
@@ -218,6 +232,8 @@ async def one_round(server: Server, args: argparse.Namespace, index: int, appeal
             if code != 0:
                 raise SystemExit(f"worker exited {code}; see {logs / 'worker.log'}")
             chain_txs = await reader.w3.eth.get_transaction_count(reader.address) - sent_before
+            validator_txs = sum([await reader.w3.eth.get_transaction_count(a) for a, _, _ in validators]) \
+                - sum(validator_before)
             await close_chain(reader)
             busy_s = await connection.fetchval(
                 "SELECT extract(epoch FROM max(finalized_at) - min(activated_at)) FROM runner_consensus_transactions")
@@ -240,13 +256,15 @@ async def one_round(server: Server, args: argparse.Namespace, index: int, appeal
                        finalized_per_s_window=args.txs / float(busy_s),
                        finalized_per_s_process=args.txs / wall, worker_wall_s=wall, chain_txs=chain_txs,
                        peak_node_connections=peak, statuses=statuses, appealed=asked,
-                       appeals_succeeded=succeeded, rolled_back_runs=reruns)
+                       appeals_succeeded=succeeded, rolled_back_runs=reruns, keyed_validators=keyed,
+                       validator_chain_txs=validator_txs)
         log(f"round {index}: raw {raw:.0f} sends/s ({raw_before:.0f} before, {raw_after:.0f} after); "
             f"consensus {result.finalized_per_s_window:.0f} finalized/s "
             f"(window), {result.finalized_per_s_process:.0f}/s (whole process, {wall:.1f}s); {chain_txs} chain "
             f"txs; peak node connections {peak}; ratio {100 * result.ratio:.0f}%"
             + (f"; {asked} appealed ({succeeded} succeeded, {reruns} newer transactions rolled back), window "
-               f"{window:g}s" if appealed else ""))
+               f"{window:g}s" if appealed else "")
+            + (f"; {keyed} keyed validators sent {validator_txs} chain txs" if keyed else ""))
         return result
     finally:
         node.stop()
@@ -263,13 +281,21 @@ async def main() -> None:
     parser.add_argument("--appealed", type=float, default=0.1, help="fraction appealed in the appeal rounds")
     parser.add_argument("--appeal-rounds", type=int, default=1)
     parser.add_argument("--appeal-window", type=float, default=5.0)
+    parser.add_argument("--keyed", type=int, default=0, help="validators with their own keys in the keyed rounds")
+    parser.add_argument("--keyed-rounds", type=int, default=1)
+    parser.add_argument("--name", default="consensus", help="file stem under bench/results")
     parser.add_argument("--quick", action="store_true", help="one small round (a smoke run)")
     args = parser.parse_args()
     if args.quick:
         args.txs, args.contracts, args.raw, args.rounds = 200, 20, 300, 1
     server = start_server()
     try:
-        rounds = [await one_round(server, args, i) for i in range(args.rounds)]
+        rounds: list[Round] = []
+        keyed_rounds: list[Round] = []
+        for i in range(args.rounds):  # a keyed round after each of the first plain ones: side by side
+            rounds.append(await one_round(server, args, i))
+            if args.keyed and i < args.keyed_rounds:
+                keyed_rounds.append(await one_round(server, args, 100 + i, keyed=args.keyed))
         appeal_rounds = [await one_round(server, args, args.rounds + i, args.appealed)
                          for i in range(args.appeal_rounds if args.appealed else 0)]
     finally:
@@ -291,12 +317,23 @@ async def main() -> None:
             "succeeded": [r.appeals_succeeded for r in appeal_rounds],
             "rolled_back_runs": [r.rolled_back_runs for r in appeal_rounds],
         }
+    if keyed_rounds:
+        summary["keyed"] = {
+            "validators": args.keyed,
+            "finalized_per_s_window": median([r.finalized_per_s_window for r in keyed_rounds]),
+            "ratio_window_to_raw": median([r.ratio for r in keyed_rounds]),
+            "worker_chain_txs": [r.chain_txs for r in keyed_rounds],
+            "validator_chain_txs": [r.validator_chain_txs for r in keyed_rounds],
+            "plain_rounds_finalized_per_s": [r.finalized_per_s_window for r in rounds[:len(keyed_rounds)]],
+            "keyed_rounds_finalized_per_s": [r.finalized_per_s_window for r in keyed_rounds],
+        }
     report = {"command": " ".join(["python", "bench/consensus.py", *sys.argv[1:]]), "config": vars(args),
               "machine": machine(), "commit": git_commit(), "summary": summary,
               "rounds": [asdict(r) | {"ratio": r.ratio} for r in rounds],
-              "appeal_rounds": [asdict(r) | {"ratio": r.ratio} for r in appeal_rounds]}
+              "appeal_rounds": [asdict(r) | {"ratio": r.ratio} for r in appeal_rounds],
+              "keyed_rounds": [asdict(r) | {"ratio": r.ratio} for r in keyed_rounds]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "consensus.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 
