@@ -147,8 +147,8 @@ async def test_validators_cli_adds_lists_and_removes_without_printing_keys(
 async def test_a_worker_refuses_to_start_on_a_table_it_cannot_use(
     runner_env: dict[str, str], app: App, conn: asyncpg.Connection, tmp_path: Path,
 ) -> None:
-    """Too few validators for a committee, a key that is not there, a key that is another address's: one
-    line each, exit 2, before anything is claimed."""
+    """Too few validators for a committee, a key that is not there, a key that is another address's, a
+    validator without funds for its votes: one line each, exit 2, before anything is claimed."""
     store = ConsensusStore(app.db, "test", 30)
     await submit_plain(store)
     env = {"RUNNER_CONSENSUS_ENABLED": "true", "RUNNER_CONSENSUS_VALIDATORS": "2", "RUNNER_CONSENSUS_ROTATIONS": "1"}
@@ -162,13 +162,14 @@ async def test_a_worker_refuses_to_start_on_a_table_it_cannot_use(
         text = log.read_text()
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0], text[-2000:]
-        assert "22" * 32 not in text
+        assert "22" * 32 not in text and KEY_1[2:] not in text
 
     await refused("too-few", "the validators table has 2 validator(s); RUNNER_CONSENSUS_VALIDATORS=2 needs 3")
     await store.put_validator(Validator(ADDRESS_1, 5, "env:GONE_KEY"))
     await refused("no-key", "key reference env:GONE_KEY: the environment variable GONE_KEY is not set")
     await refused("other-key", f"validator {ADDRESS_1}: its key reference env:GONE_KEY holds the key of",
                   GONE_KEY="22" * 32)
+    await refused("unfunded", f"validator {ADDRESS_1} has no funds on chain", GONE_KEY=KEY_1)
     assert {r["status"] for r in await rows(conn)} == {"PENDING"}
 
 

@@ -88,6 +88,10 @@ class Engine:
             raise UsageError(f"the validators table has {len(rows)} validator(s); RUNNER_CONSENSUS_VALIDATORS="
                              f"{self.consensus.validators} needs {size} (a leader and {size - 1} validators)")
         keyed = [self._add_signer(v) for v in rows if v.key_ref is not None]
+        for address in keyed:  # it pays for its own votes: without funds every one of them would fail
+            if not await self.chain.w3.eth.get_balance(address):  # type: ignore[arg-type]
+                raise UsageError(f"validator {address} has no funds on chain {self.chain.chain_id} to pay for "
+                                 "its votes: fund it, or remove its key reference")
         self.validators = rows
         self.nodes = [v.address for v in rows]
         self.stakes = {v.address: v.stake for v in rows}
