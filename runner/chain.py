@@ -219,7 +219,10 @@ class NonceManager:
         return self._next.get(sender)
 
 
-_NONCE_ERRORS = ("nonce too low", "nonce too high", "invalid nonce", "already known", "known transaction",
+# "already imported": anvil's word for a raw transaction it holds already (two processes with one key
+# signed the very same deployment at start-up, byte for byte)
+_NONCE_ERRORS = ("nonce too low", "nonce too high", "invalid nonce", "already known", "already imported",
+                 "known transaction",
                  "replacement transaction underpriced", "nonce has already been used")
 _FEE_ERRORS = ("max fee per gas less than block base fee", "fee cap less than block base fee",
                "transaction underpriced", "maxfeepergas")
@@ -397,7 +400,8 @@ class Chain:
                 if "underpriced" in text:
                     bump *= 2
                     continue
-                if any(marker in text for marker in ("nonce too low", "already known", "nonce has already")):
+                if any(marker in text for marker in ("nonce too low", "already known",
+                                                     "nonce has already")):
                     return  # already mined (ours or this very no-op): nothing left to replace
                 raise ChainError(f"the node refused the no-op for nonce {nonce}: {error}") from error
             metrics.CHAIN_NONCE_GAP_FILLS.inc()

@@ -285,3 +285,22 @@ async def test_a_deployment_never_takes_an_address_it_must_avoid(node_chain: Cha
     assert await node_chain.code_at(old) == b""
     plain, _ = await node_chain.deploy(bytecode, DEPLOY_GAS, 30)  # CREATE's address, as the node computes it
     assert plain == create_address(node_chain.address, nonce + 2)
+
+
+async def test_two_processes_sending_the_same_signed_transaction_both_get_its_hash(
+    node_chain: Chain, anvil: Anvil,  # noqa: F811
+) -> None:
+    """Two processes with one key sign the very same transaction (the same deployment at the same nonce and
+    fees, byte for byte): the node answers the second "transaction already imported", which is that very
+    transaction, not a failure (seen when two workers started at once under CPU load)."""
+    other = await open_chain(chain_settings(anvil.url))
+    try:
+        await asyncio.gather(node_chain._fee_fields(), other._fee_fields())
+        other._fees = node_chain._fees  # same fees, so the same bytes
+        first, second = await asyncio.gather(
+            node_chain.send_transaction(to=node_chain.address, data=b"same", gas=30_000),
+            other.send_transaction(to=node_chain.address, data=b"same", gas=30_000))
+        assert first == second
+        assert (await node_chain.wait_receipt(first, 30)).status == 1
+    finally:
+        await close_chain(other)
