@@ -27,7 +27,7 @@ from runner.jobs.consensus.validators import (
     resolve_key,
 )
 from tests.chain_fixtures import Anvil, anvil  # noqa: F401
-from tests.conftest import run_cli, start_worker
+from tests.conftest import run_cli, start_worker, wait_exit
 from tests.consensus_helpers import (
     all_settled,
     check_finalized_order,
@@ -158,7 +158,7 @@ async def test_a_worker_refuses_to_start_on_a_table_it_cannot_use(
     async def refused(name: str, message: str, **extra: str) -> None:
         log = tmp_path / f"{name}.log"
         worker = start_worker(runner_env, "--drain", log_path=log, **env, **extra)
-        code = await asyncio.wait_for(asyncio.to_thread(worker.wait), 120)
+        code = await wait_exit(worker, 120)
         text = log.read_text()
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0], text[-2000:]
@@ -250,12 +250,7 @@ async def test_keyed_validators_sign_their_own_votes_with_contiguous_nonces_on_a
     chain transaction signed by its own validator, exactly once per (transaction, round, validator); each
     key's nonces are 0..n-1 with every one mined; the worker's key sent no vote of a keyed validator."""
     validators = await keyed_table(runner_env, app, {"disagree": 2, "disagree_rounds": 1})
-    log = tmp_path / "worker.log"
-    worker = start_worker(runner_env, "--drain", log_path=log, **keyed_env(anvil))
-    code = await asyncio.wait_for(asyncio.to_thread(worker.wait), 240)
-    assert code == 0, log.read_text()[-3000:]
-    txs = await rows(conn)
-    assert len(txs) == 24 and {t["status"] for t in txs} == {"FINALIZED"}
+    txs = await drained(runner_env, anvil, conn, tmp_path / "worker.log")
     assert sum(t["rotation_count"] for t in txs) == 1
     await check_signed_votes(anvil, conn, txs, validators, rounds=25)
 
@@ -279,12 +274,7 @@ async def test_kill_9_mid_consensus_then_another_worker_finishes_each_key_exactl
     await wait_until(mid_consensus, timeout_s=90)
     first.kill()
     first.wait()
-    log = tmp_path / "second.log"
-    second = start_worker(runner_env, "--drain", log_path=log, **keyed_env(anvil))
-    code = await asyncio.wait_for(asyncio.to_thread(second.wait), 240)
-    assert code == 0, log.read_text()[-3000:]
-    txs = await rows(conn)
-    assert len(txs) == 24 and {t["status"] for t in txs} == {"FINALIZED"}
+    txs = await drained(runner_env, anvil, conn, tmp_path / "second.log")
     assert sum(t["recovery_count"] for t in txs) >= 2
     await check_signed_votes(anvil, conn, txs, validators, rounds=24)
 
@@ -308,6 +298,16 @@ async def keyed_table(runner_env: dict[str, str], app: App, faults: dict[str, fl
         plan[5][1]["consensus"] = dict(faults)
     await store.insert([new_submission(ADDRESS_1, to, data) for to, data in plan])
     return await store.validators()
+
+
+async def drained(runner_env: dict[str, str], anvil: Anvil, conn: asyncpg.Connection,  # noqa: F811
+                  log: Path) -> list[asyncpg.Record]:
+    """A draining worker's run to its end: exit 0, and all 24 transactions FINALIZED."""
+    worker = start_worker(runner_env, "--drain", log_path=log, **keyed_env(anvil))
+    assert await wait_exit(worker, 240) == 0, log.read_text()[-3000:]
+    txs = await rows(conn)
+    assert len(txs) == 24 and {t["status"] for t in txs} == {"FINALIZED"}
+    return txs
 
 
 def keyed_env(anvil: Anvil) -> dict[str, str]:  # noqa: F811

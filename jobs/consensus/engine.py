@@ -64,8 +64,6 @@ class Engine:
         self.store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
         emitter.fence_check = self.store.held  # every emit is fenced on the leases it is sent under
         self.validators: list[Validator] = synthetic_validators()  # until load_validators reads the table
-        self.nodes = [v.address for v in self.validators]
-        self.stakes = {v.address: v.stake for v in self.validators}
         # bounds executions across all in-flight transactions (a real GenVM would be CPU-heavy)
         self.validator_slots = asyncio.Semaphore(consensus.validators * consensus.concurrency)
         self.tasks: dict[str, TxTask] = {}
@@ -93,11 +91,17 @@ class Engine:
                 raise UsageError(f"validator {address} has no funds on chain {self.chain.chain_id} to pay for "
                                  "its votes: fund it, or remove its key reference")
         self.validators = rows
-        self.nodes = [v.address for v in rows]
-        self.stakes = {v.address: v.stake for v in rows}
         self.emitter.signers = frozenset(keyed)
         await self.register_validators()
         log.info("validators loaded", validators=len(rows), signing=len(keyed), stake=sum(self.stakes.values()))
+
+    @property
+    def nodes(self) -> list[str]:
+        return [v.address for v in self.validators]
+
+    @property
+    def stakes(self) -> dict[str, int]:
+        return {v.address: v.stake for v in self.validators}
 
     def _add_signer(self, validator: Validator) -> str:
         assert validator.key_ref is not None

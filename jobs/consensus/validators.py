@@ -78,7 +78,7 @@ def resolve_key(key_ref: str, environ: Mapping[str, str] | None = None) -> str:
         where = f"the environment variable {rest}"
     else:
         try:
-            value = Path(rest).read_text().strip()
+            value = Path(rest).read_text()
         except OSError as error:
             raise UsageError(f"key reference {key_ref}: cannot read the file ({error.strerror})") from None
         where = f"the file {rest}"
