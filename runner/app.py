@@ -390,14 +390,18 @@ class App:
         delay: float = 0.0,
         max_attempts: int | None = None,
         dedupe_key: str | None = None,
+        fifo_key: str | None = None,
         connection: Any = None,
     ) -> int:
         """Enqueue one job and return its id (with a ``dedupe_key`` already unfinished: that job's id).
 
-        ``connection``: an asyncpg connection, a SQLAlchemy ``AsyncConnection`` or ``AsyncSession``; the job
-        then exists if and only if that transaction commits, and workers are woken when it does.
+        ``fifo_key``: jobs that share it run one at a time, in enqueue order, whichever workers run them
+        (jobs with other keys, or none, run alongside). ``connection``: an asyncpg connection, a SQLAlchemy
+        ``AsyncConnection`` or ``AsyncSession``; the job then exists if and only if that transaction
+        commits, and workers are woken when it does.
         """
-        job = NewJob(kind, {} if payload is None else payload, queue or "", priority, delay, max_attempts, dedupe_key)
+        job = NewJob(kind, {} if payload is None else payload, queue or "", priority, delay, max_attempts, dedupe_key,
+                     fifo_key=fifo_key)
         ((job_id, _created),) = await self.enqueue_jobs([job], connection=connection)
         return job_id
 
@@ -410,10 +414,12 @@ class App:
         priority: int = 0,
         delay: float = 0.0,
         max_attempts: int | None = None,
+        fifo_key: str | None = None,
         connection: Any = None,
     ) -> list[int]:
-        """Enqueue many jobs of one kind in one transaction (all or none); returns their ids in order."""
-        jobs = [NewJob(kind, p, queue or "", priority, delay, max_attempts) for p in payloads]
+        """Enqueue many jobs of one kind in one transaction (all or none); returns their ids in order.
+        With ``fifo_key`` they run one at a time, in this order."""
+        jobs = [NewJob(kind, p, queue or "", priority, delay, max_attempts, fifo_key=fifo_key) for p in payloads]
         return [job_id for job_id, _ in await self.enqueue_jobs(jobs, connection=connection)]
 
     async def enqueue_jobs(self, jobs: Sequence[NewJob], *, connection: Any = None) -> list[tuple[int, bool]]:
@@ -450,7 +456,7 @@ class App:
         text = check_new_job(job, self.settings.max_payload_bytes)
         if kind.validate is not None:
             await kind.validate(job.payload, self)
-        return NewJob(job.kind, job.payload, queue, job.priority, job.delay_s, job.max_attempts, job.dedupe_key), text
+        return dataclasses.replace(job, queue=queue), text
 
     # --- read and operate ----------------------------------------------------------------------------
     async def get(self, job_id: int) -> Job:
@@ -529,6 +535,9 @@ def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> str:
     if job.dedupe_key is not None and (not isinstance(job.dedupe_key, str) or not job.dedupe_key
                                        or len(job.dedupe_key) > MAX_DEDUPE_KEY_CHARS):
         raise UsageError(f"a dedupe key is a non-empty string of at most {MAX_DEDUPE_KEY_CHARS} characters")
+    if job.fifo_key is not None and (not isinstance(job.fifo_key, str) or not job.fifo_key
+                                     or len(job.fifo_key) > MAX_DEDUPE_KEY_CHARS):
+        raise UsageError(f"a fifo key is a non-empty string of at most {MAX_DEDUPE_KEY_CHARS} characters")
     return json_text(job.payload, max_payload_bytes)
 
 

@@ -288,6 +288,8 @@ def enqueue_command(
     delay: Annotated[float, typer.Option(help="Seconds before the job may run")] = 0.0,
     max_attempts: Annotated[int | None, typer.Option(help="Attempts before failed")] = None,
     dedupe_key: Annotated[str | None, typer.Option(help="At most one unfinished job per key")] = None,
+    fifo_key: Annotated[str | None, typer.Option(help="Jobs sharing this key run one at a time, in enqueue "
+                                                      "order")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job (progress on a terminal); exit 0 only if it "
                                             "succeeded, else print its error")] = False,
 ) -> None:
@@ -305,7 +307,8 @@ def enqueue_command(
         raise fail("--dedupe-key and --wait apply to a single job, not --jsonl", 2)
     from runner.queue import NewJob
 
-    jobs = [NewJob(kind, p, queue or "", priority, delay, max_attempts, dedupe_key) for p in payloads]
+    jobs = [NewJob(kind, p, queue or "", priority, delay, max_attempts, dedupe_key, fifo_key=fifo_key)
+            for p in payloads]
 
     async def body(app: App) -> int:
         # The one enqueue path (runner.App): validated as from the API; a file goes in one transaction.

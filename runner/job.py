@@ -38,6 +38,7 @@ class Job:
     schedule_name: str | None = None  # a periodic job: its schedule, and the tick it was enqueued for
     schedule_tick: datetime | None = None
     parent_id: int | None = None  # a child job (a parallel backfill's chunk): the job that made it
+    fifo_key: str | None = None  # one job of this key runs at a time, in id order
 
     @property
     def finished(self) -> bool:

@@ -33,6 +33,7 @@ class NewJob:
     max_attempts: int | None = None  # None: the kind's own policy, else RUNNER_DEFAULT_MAX_ATTEMPTS
     dedupe_key: str | None = None
     parent_id: int | None = None  # the job this one was made by (its cancel and retry reach this one)
+    fifo_key: str | None = None  # jobs sharing a key run one at a time, in enqueue (id) order
 
 
 @dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much
@@ -166,6 +167,7 @@ class JobQueue:
             [j.max_attempts if j.max_attempts is not None else self.max_attempts_for(j.kind) for j in jobs],
             [j.dedupe_key for j in jobs],
             [j.parent_id for j in jobs],
+            [j.fifo_key for j in jobs],
         )
         if connection is not None:
             rows = await connection.fetch(sql.ENQUEUE, *args)

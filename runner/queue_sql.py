@@ -40,11 +40,13 @@ def _append_attempt(j: str, outcome: str, status: str, error: str) -> str:
 
 ENQUEUE = """
 WITH inserted AS (
-    INSERT INTO runner_jobs (kind, queue, payload, priority, run_at, max_attempts, dedupe_key, parent_id)
+    INSERT INTO runner_jobs (kind, queue, payload, priority, run_at, max_attempts, dedupe_key, parent_id, fifo_key)
     SELECT t.kind, t.queue, t.payload::jsonb, t.priority,
-           now() + t.delay * interval '1 second', t.max_attempts, t.dedupe_key, t.parent_id
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::int[], $7::text[], $8::bigint[])
-         WITH ORDINALITY AS t(kind, queue, payload, priority, delay, max_attempts, dedupe_key, parent_id, ord)
+           now() + t.delay * interval '1 second', t.max_attempts, t.dedupe_key, t.parent_id, t.fifo_key
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::int[], $7::text[], $8::bigint[],
+                $9::text[])
+         WITH ORDINALITY AS t(kind, queue, payload, priority, delay, max_attempts, dedupe_key, parent_id, fifo_key,
+                              ord)
     ORDER BY t.ord
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running') DO NOTHING
     RETURNING id, queue
@@ -63,10 +65,19 @@ SELECT id FROM runner_jobs WHERE dedupe_key = $1 AND status IN ('pending', 'runn
 # only kinds this worker can run (the rest wait for a worker that has them). cancel_requested is kept:
 # a cancel asked for while nobody ran the job still holds when it is claimed. Payloads come back as text,
 # decoded per job: one that Python cannot decode fails alone instead of breaking the committed batch.
+# A keyed job (fifo_key) is taken only while no job of its key is running and none older is pending: one
+# at a time per key, in id order (a retry keeps its place, a failed or cancelled one lets the next go).
+# Two claims at once cannot take two of one key: each sees the older one pending (or running) and only it
+# qualifies, and its row lock makes one of them skip it. The test is two probes of runner_jobs_fifo_idx
+# (unfinished keyed jobs only); a row without a key pays one IS NULL.
 CLAIM = """
 WITH candidates AS (
-    SELECT id FROM runner_jobs
+    SELECT id FROM runner_jobs j
     WHERE status = 'pending' AND run_at <= now() AND queue = ANY($1::text[]) AND kind = ANY($5::text[])
+      AND (fifo_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM runner_jobs b
+          WHERE b.fifo_key = j.fifo_key
+            AND (b.status = 'running' OR (b.status = 'pending' AND b.id < j.id))))
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -352,7 +363,7 @@ GET_JOB = """
 SELECT id, kind, queue, payload::text AS payload, status, priority, run_at, attempts, max_attempts, recoveries,
        lease_owner, lease_expires_at, lease_epoch, progress_done, progress_total, checkpoint::text AS checkpoint,
        cancel_requested, last_error, dedupe_key, result::text AS result, created_at, started_at, finished_at,
-       schedule_name, schedule_tick, parent_id
+       schedule_name, schedule_tick, parent_id, fifo_key
 FROM runner_jobs WHERE id = $1
 """
 

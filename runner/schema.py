@@ -56,6 +56,7 @@ jobs = Table(
     Column("parent_id", BigInteger),  # revision 0008: the job that made this one (a parallel backfill's chunk)
     # revision 0012: its ended attempts, the newest last, capped (queue_sql.ATTEMPT_LOG_LIMIT)
     Column("attempt_log", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("fifo_key", Text),  # revision 0014: jobs sharing a key run one at a time, in id order
     CheckConstraint(f"status IN {JOB_STATUSES!r}".replace('"', "'"), name="runner_jobs_status_check"),
     CheckConstraint("max_attempts > 0", name="runner_jobs_max_attempts_check"),
     # Storage parameters for churn (fillfactor, autovacuum): revision 0005, which explains them.
@@ -86,6 +87,14 @@ jobs = Table(
         "schedule_tick",
         unique=True,
         postgresql_where=text("schedule_name IS NOT NULL"),
+    ),
+    # Revision 0014: the claim's test for a keyed job (one of its key running, or an older one pending).
+    Index(
+        "runner_jobs_fifo_idx",
+        "fifo_key",
+        "status",
+        "id",
+        postgresql_where=text(f"fifo_key IS NOT NULL AND {UNFINISHED}"),
     ),
     # Revision 0008: a parent's children (only child jobs are in it).
     Index("runner_jobs_parent_idx", "parent_id", postgresql_where=text("parent_id IS NOT NULL")),

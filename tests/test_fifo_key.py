@@ -1,0 +1,199 @@
+"""The keyed FIFO lock (``fifo_key``): jobs that share a key run one at a time, in id order, whichever
+workers claim them; a retry keeps its place; a failed, cancelled or dead-and-rescued one is waited for
+and then lets the next go; other keys and unkeyed jobs run alongside. Real PostgreSQL, real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from runner.app import App
+from runner.errors import UsageError
+from runner.queue import ClaimedJob, JobOutcome, NewJob
+from tests.conftest import finished_row, run_cli, start_worker, wait_exit
+from tests.pg import wait_until
+from tests.stress import log_lines
+
+FAST = {"RUNNER_POLL_INTERVAL": "0.05", "RUNNER_RETRY_BACKOFF_BASE": "0", "RUNNER_RETRY_BACKOFF_MAX": "0",
+        "RUNNER_RESCUE_INTERVAL": "0.2"}
+
+
+async def _claim(app: App, limit: int = 50, worker: str = "t") -> list[ClaimedJob]:
+    return await app.queue.job_claim(["default"], limit, worker, 30.0, ["record", "fail", "sleep"])
+
+
+async def _succeed(app: App, claimed: list[ClaimedJob]) -> None:
+    outcomes = [JobOutcome(c.id, c.lease_epoch, c.kind, "succeeded") for c in claimed]
+    await app.queue.job_complete_many(outcomes)
+
+
+async def _rows(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT id, fifo_key, status, attempts, recoveries, started_at, finished_at "
+                            "FROM runner_jobs ORDER BY id")
+    return [dict(r) for r in rows]
+
+
+def _assert_one_at_a_time_in_id_order(rows: list[dict[str, Any]]) -> None:
+    """Per key, in id order: each job started at or after the one before it finished."""
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["fifo_key"] is not None:
+            by_key[row["fifo_key"]].append(row)
+    for key, keyed in by_key.items():
+        for before, after in itertools.pairwise(keyed):
+            assert after["started_at"] >= before["finished_at"], (key, before, after)
+
+
+async def test_a_claim_takes_only_the_oldest_job_of_each_key(app: App) -> None:
+    ids = await app.queue.job_enqueue_many(
+        [NewJob("record", {}, fifo_key="a"), NewJob("record", {}, fifo_key="b"), NewJob("record", {}, fifo_key="a"),
+         NewJob("record", {}), NewJob("record", {}, fifo_key="b"), NewJob("record", {})])
+    a1, b1, a2, free1, b2, free2 = ids
+    first = await _claim(app)
+    assert sorted(c.id for c in first) == sorted([a1, b1, free1, free2])
+    assert await _claim(app) == []  # a2 and b2 wait for a1 and b1, which are running
+    await _succeed(app, [c for c in first if c.id == a1])
+    second = await _claim(app)
+    assert [c.id for c in second] == [a2]
+    await _succeed(app, [c for c in first if c.id == b1])
+    assert [c.id for c in await _claim(app)] == [b2]
+
+
+async def test_a_retry_keeps_its_place_and_a_failure_lets_the_next_go(app: App, conn: asyncpg.Connection) -> None:
+    head, tail = await app.queue.job_enqueue_many(
+        [NewJob("fail", {}, fifo_key="k", max_attempts=2), NewJob("record", {}, fifo_key="k")])
+    (claimed,) = await _claim(app)
+    assert claimed.id == head
+    await app.queue.job_complete_many([JobOutcome(head, claimed.lease_epoch, "fail", "error", "boom", 0.0)])
+    assert await conn.fetchval("SELECT status FROM runner_jobs WHERE id = $1", head) == "pending"
+    (again,) = await _claim(app)  # the retried head, not the job behind it
+    assert again.id == head
+    await app.queue.job_complete_many([JobOutcome(head, again.lease_epoch, "fail", "error", "boom")])
+    assert [c.id for c in await _claim(app)] == [tail]
+
+
+async def test_a_head_waiting_out_its_backoff_still_holds_the_key(app: App) -> None:
+    head, tail = await app.queue.job_enqueue_many(
+        [NewJob("fail", {}, fifo_key="k"), NewJob("record", {}, fifo_key="k")])
+    (claimed,) = await _claim(app)
+    await app.queue.job_complete_many([JobOutcome(head, claimed.lease_epoch, "fail", "error", "boom", 3600.0)])
+    assert await _claim(app) == []
+    await app.queue.job_request_cancel(head)  # cancelling the waiting head frees the key
+    assert [c.id for c in await _claim(app)] == [tail]
+
+
+async def test_concurrent_claims_never_take_two_jobs_of_one_key(app: App, conn: asyncpg.Connection) -> None:
+    keys = [f"k{i}" for i in range(5)]
+    await app.queue.job_enqueue_many([NewJob("record", {}, fifo_key=k) for _ in range(20) for k in keys])
+    for _ in range(20):  # each round: four claims at once take the five heads, no more
+        batches = await asyncio.gather(*(_claim(app, 10, f"w{i}") for i in range(4)))
+        claimed = [c for batch in batches for c in batch]
+        running = await conn.fetch("SELECT fifo_key, count(*) AS n FROM runner_jobs WHERE status = 'running' "
+                                   "GROUP BY fifo_key")
+        assert sorted((r["fifo_key"], r["n"]) for r in running) == [(k, 1) for k in keys]
+        assert len(claimed) == len(keys)
+        await _succeed(app, claimed)
+    assert await _claim(app) == []
+    _assert_one_at_a_time_in_id_order(await _rows(conn))
+
+
+async def test_workers_run_each_key_in_order_and_the_keys_side_by_side(
+    runner_env: dict[str, str], app: App, conn: asyncpg.Connection
+) -> None:
+    keys = ["a", "b", "c", "d"]
+    await app.queue.job_enqueue_many(
+        [NewJob("record", {"seconds": 0.2}, fifo_key=k) for _ in range(5) for k in keys]
+        + [NewJob("record", {"seconds": 0.2}) for _ in range(8)])
+    workers = [start_worker(runner_env, "--drain", RUNNER_CONCURRENCY="8",
+                            log_path=None, RUNNER_WORKER_ID=f"w{i}", **FAST) for i in range(2)]
+    assert [await wait_exit(w) for w in workers] == [0, 0]
+    rows = await _rows(conn)
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert await conn.fetchval("SELECT count(*) FROM runner_executions") == 28
+    _assert_one_at_a_time_in_id_order(rows)
+    heads = [next(r for r in rows if r["fifo_key"] == k) for k in keys]
+    # Different keys are not serialised behind each other: all four heads ran at one time.
+    assert max(h["started_at"] for h in heads) < min(h["finished_at"] for h in heads)
+
+
+async def test_a_failed_or_cancelled_job_lets_the_next_of_its_key_run(
+    runner_env: dict[str, str], app: App, conn: asyncpg.Connection
+) -> None:
+    ids = await app.queue.job_enqueue_many([
+        NewJob("fail", {}, fifo_key="f", max_attempts=2), NewJob("record", {}, fifo_key="f"),
+        NewJob("record", {"seconds": 600, "log_start": True}, fifo_key="c"), NewJob("record", {}, fifo_key="c"),
+    ])
+    failing, after_failure, hung, after_cancel = ids
+    worker = start_worker(runner_env, "--drain", log_path=None, **FAST)
+    try:
+        await wait_until(lambda: finished_row(app, after_failure), timeout_s=60)
+        await wait_until(lambda: _status_is(conn, hung, "running"), timeout_s=60)
+        assert await conn.fetchval("SELECT status FROM runner_jobs WHERE id = $1", after_cancel) == "pending"
+        await app.cancel(hung)
+        assert await wait_exit(worker) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    rows = {r["id"]: r for r in await _rows(conn)}
+    assert (rows[failing]["status"], rows[failing]["attempts"]) == ("failed", 2)
+    assert [rows[i]["status"] for i in (after_failure, hung, after_cancel)] == ["succeeded", "cancelled", "succeeded"]
+    _assert_one_at_a_time_in_id_order(list(rows.values()))
+
+
+async def _status_is(conn: asyncpg.Connection, job_id: int, status: str) -> bool:
+    return bool(await conn.fetchval("SELECT status = $2 FROM runner_jobs WHERE id = $1", job_id, status))
+
+
+async def test_the_key_waits_for_a_killed_workers_job_to_be_rescued_and_rerun(
+    runner_env: dict[str, str], app: App, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    head, tail = await app.queue.job_enqueue_many([
+        NewJob("record", {"seconds": 600, "log_start": True}, fifo_key="k"), NewJob("record", {}, fifo_key="k")])
+    first_log = tmp_path / "first.log"
+    first = start_worker(runner_env, log_path=first_log, **FAST)
+    await wait_until(lambda: _logged(first_log, "record started"), timeout_s=60)
+    os.kill(first.pid, signal.SIGKILL)
+    await wait_exit(first)
+    # Its rerun need not take ten minutes: a payload is read at each claim, so shorten it for the rerun.
+    await conn.execute("""UPDATE runner_jobs SET payload = '{"seconds": 0, "log_start": true}' WHERE id = $1""",
+                       head)
+    second_log = tmp_path / "second.log"
+    second = start_worker(runner_env, "--drain", log_path=second_log, **FAST)
+    assert await wait_exit(second) == 0
+    rows = {r["id"]: r for r in await _rows(conn)}
+    assert rows[head]["recoveries"] == 1 and rows[head]["status"] == "succeeded"
+    assert rows[tail]["status"] == "succeeded"
+    assert rows[tail]["started_at"] >= rows[head]["finished_at"]
+    assert [line["job_id"] for line in log_lines(second_log, "record started")] == [head]
+
+
+async def _logged(path: Path, event: str) -> bool:
+    return path.exists() and bool(log_lines(path, event))
+
+
+async def test_a_bad_fifo_key_is_refused_before_anything_is_written(
+    app: App, runner_env: dict[str, str], conn: asyncpg.Connection
+) -> None:
+    for key in ("", "x" * 10_000):
+        with pytest.raises(UsageError, match="fifo key"):
+            await app.enqueue("sleep", {}, fifo_key=key)
+        done = run_cli(runner_env, "enqueue", "sleep", "--fifo-key", key)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "fifo key" in done.stderr
+    assert await conn.fetchval("SELECT count(*) FROM runner_jobs") == 0
+
+
+async def test_a_job_shows_its_fifo_key(app: App, runner_env: dict[str, str]) -> None:
+    job_id = await app.enqueue("sleep", {}, fifo_key="account-7")
+    assert (await app.get(job_id)).fifo_key == "account-7"
+    shown = run_cli(runner_env, "show", str(job_id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert '"fifo_key": "account-7"' in shown.stdout
