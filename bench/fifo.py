@@ -7,8 +7,8 @@ In one run, side by side, rounds alternating, each case on a fresh database of o
   ``k<i mod K>``): at most K run at once, one per key. Reports jobs/s and the keyed/plain ratio.
 - claim: the claim statement itself (EXPLAIN ANALYZE, rolled back; median of 20) taking 200 of N pending
   unkeyed jobs, without and with B (default 10,000) keyed jobs of one key ahead of them in claim order
-  (higher priority) whose head is running elsewhere, so every claim walks past all B: the worst case, a
-  backlog stuck behind one key. Reports milliseconds per claim and their ratio.
+  (higher priority) whose head is running elsewhere, or waits out a retry's backoff, so every claim walks
+  past all B: the worst case, a backlog stuck behind one key. Reports milliseconds per claim and their ratio.
 
 Writes bench/results/fifo.{md,json}. The server is RUNNER_BENCH_DATABASE_URL, or runner's embedded
 PostgreSQL under RUNNER_BENCH_HOME (default /tmp/runner-bench).
@@ -53,12 +53,19 @@ INSERT_PENDING = """
 INSERT INTO runner_jobs (kind, queue, payload, priority, fifo_key)
 SELECT 'noop', 'default', '{}', $3, CASE WHEN $2 > 0 THEN 'k' || (g % $2) END FROM generate_series(1, $1) g
 """
-# The stuck key's head, running under a lease nobody will let go of during the run.
-INSERT_RUNNING_HEAD = """
+# The stuck key's head: running under a lease nobody lets go of during the run, or waiting out a retry's
+# backoff (pending, run_at a day away).
+STUCK_HEADS = {
+    "running": """
 INSERT INTO runner_jobs (kind, queue, payload, priority, fifo_key, status, lease_owner, lease_expires_at,
                          lease_epoch, started_at)
 VALUES ('noop', 'default', '{}', 1, 'k0', 'running', 'elsewhere', now() + interval '1 day', 1, now())
-"""
+""",
+    "backoff": """
+INSERT INTO runner_jobs (kind, queue, payload, priority, fifo_key, run_at, attempts)
+VALUES ('noop', 'default', '{}', 1, 'k0', now() + interval '1 day', 1)
+""",
+}
 CLAIM_ARGS = [["default"], 200, "w", 30.0, ["noop"]]
 
 
@@ -95,13 +102,14 @@ async def drain(server: Server, label: str, jobs: int, keys: int, work: Path) ->
         await server.drop(name)
 
 
-async def claim_ms(server: Server, label: str, jobs: int, blocked: int, samples: int = 20) -> dict[str, Any]:
+async def claim_ms(server: Server, label: str, jobs: int, blocked: int, head: str = "running",
+                   samples: int = 20) -> dict[str, Any]:
     name = fresh_name(f"fifo_{label}")
     url = await server.create(name, TEMPLATE)
     try:
         statements = [(INSERT_PENDING, [jobs, 0, 0])]
         if blocked:
-            statements += [(INSERT_RUNNING_HEAD, []), (INSERT_PENDING, [blocked, 1, 1])]
+            statements += [(STUCK_HEADS[head], []), (INSERT_PENDING, [blocked, 1, 1])]
         await execute(url, *statements)
         connection = await asyncpg.connect(url)
         times, claimed = [], 0
@@ -119,7 +127,8 @@ async def claim_ms(server: Server, label: str, jobs: int, blocked: int, samples:
                 times.append(plan["Execution Time"])
         finally:
             await connection.close()
-        return {"label": label, "pending": jobs, "blocked": blocked, "claimed": claimed, "ms": median(times),
+        return {"label": label, "pending": jobs, "blocked": blocked, "head": head, "claimed": claimed,
+                "ms": median(times),
                 "samples_ms": times}
     finally:
         await server.drop(name)
@@ -128,6 +137,7 @@ async def claim_ms(server: Server, label: str, jobs: int, blocked: int, samples:
 def report(config: dict[str, Any], rounds: list[dict[str, Any]], command: str) -> str:
     drain_ratios = [r["keyed"]["jobs_per_s"] / r["plain"]["jobs_per_s"] for r in rounds]
     claim_ratios = [r["claim_blocked"]["ms"] / r["claim_plain"]["ms"] for r in rounds]
+    backoff_ratios = [r["claim_backoff"]["ms"] / r["claim_plain"]["ms"] for r in rounds]
     lines = [
         "# The keyed FIFO lock: what it costs",
         "",
@@ -137,21 +147,24 @@ def report(config: dict[str, Any], rounds: list[dict[str, Any]], command: str) -
         f"Drain: {config['jobs']:,} no-op jobs, one `runner worker --drain` (default settings, whole process), "
         f"without keys and spread over {config['keys']} keys. Claim: EXPLAIN ANALYZE of the claim (200 of "
         f"{config['jobs']:,} pending, median of 20, rolled back) without and with {config['blocked']:,} keyed "
-        "jobs of one key ahead of them whose head runs elsewhere.",
+        "jobs of one key ahead of them in claim order whose head runs elsewhere, or waits out a retry's backoff.",
         "",
         "| round | drain jobs/s, no keys | drain jobs/s, keyed | ratio | claim ms, no keys "
-        "| claim ms, behind a stuck key | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| claim ms, behind a running head | ratio | claim ms, behind a head in backoff | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for i, (r, dr, cr) in enumerate(zip(rounds, drain_ratios, claim_ratios, strict=True), 1):
+    for i, (r, dr, cr, br) in enumerate(zip(rounds, drain_ratios, claim_ratios, backoff_ratios, strict=True), 1):
         lines.append(f"| {i} | {r['plain']['jobs_per_s']:,.0f} | {r['keyed']['jobs_per_s']:,.0f} | {dr:.0%} "
-                     f"| {r['claim_plain']['ms']:.2f} | {r['claim_blocked']['ms']:.2f} | {cr:.1f}x |")
+                     f"| {r['claim_plain']['ms']:.2f} | {r['claim_blocked']['ms']:.2f} | {cr:.1f}x "
+                     f"| {r['claim_backoff']['ms']:.2f} | {br:.1f}x |")
     lines += [
         "",
         f"- Keyed drain: **{median(drain_ratios):.0%}** of the unkeyed rate (median of rounds).",
         f"- A claim walking past {config['blocked']:,} blocked keyed jobs: **{median(claim_ratios):.1f}x** the "
         f"unkeyed claim (median), {median([r['claim_blocked']['ms'] for r in rounds]):.1f} ms; it still took "
-        f"{rounds[-1]['claim_blocked']['claimed']} jobs.",
+        f"{rounds[-1]['claim_blocked']['claimed']} jobs. Behind a head in backoff: **{median(backoff_ratios):.1f}x**, "
+        f"{median([r['claim_backoff']['ms'] for r in rounds]):.1f} ms (each blocked row then looks up its key's "
+        "first pending id).",
         "",
     ]
     return "\n".join(lines)
@@ -180,9 +193,11 @@ async def main() -> None:
             one = {"plain": await drain(server, "plain", args.jobs, 0, work),
                    "keyed": await drain(server, "keyed", args.jobs, args.keys, work),
                    "claim_plain": await claim_ms(server, "claim_plain", args.jobs, 0),
-                   "claim_blocked": await claim_ms(server, "claim_blocked", args.jobs, args.blocked)}
+                   "claim_blocked": await claim_ms(server, "claim_blocked", args.jobs, args.blocked),
+                   "claim_backoff": await claim_ms(server, "claim_backoff", args.jobs, args.blocked, "backoff")}
             log(f"round {i + 1}: drain {one['plain']['jobs_per_s']:,.0f} vs {one['keyed']['jobs_per_s']:,.0f} "
-                f"jobs/s; claim {one['claim_plain']['ms']:.2f} vs {one['claim_blocked']['ms']:.2f} ms")
+                f"jobs/s; claim {one['claim_plain']['ms']:.2f} vs {one['claim_blocked']['ms']:.2f} "
+                f"/ {one['claim_backoff']['ms']:.2f} ms")
             rounds.append(one)
         config = {"jobs": args.jobs, "keys": args.keys, "blocked": args.blocked, "rounds": args.rounds,
                   "commit": git_commit(), "machine": machine(), **(await server.describe())}

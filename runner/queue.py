@@ -244,8 +244,8 @@ class JobQueue:
         self, connection: asyncpg.Connection, job_id: int, lease_epoch: int, result: str | None = None
     ) -> bool:
         """Mark the job succeeded inside the caller's transaction; False when the lease is no longer ours."""
-        status = await connection.execute(sql.COMPLETE_IN_TRANSACTION, job_id, lease_epoch, result)
-        return bool(status.endswith(" 1"))
+        row = await connection.fetchrow(sql.COMPLETE_IN_TRANSACTION, job_id, lease_epoch, result)
+        return bool(row is not None and row["n"] == 1)
 
     async def job_release_owned_except(self, worker_id: str, keep: Sequence[int]) -> list[RescuedJob]:
         """Hand back (no attempt used) the running jobs owned by this worker that it does not run."""

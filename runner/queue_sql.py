@@ -68,16 +68,17 @@ SELECT id FROM runner_jobs WHERE dedupe_key = $1 AND status IN ('pending', 'runn
 # A keyed job (fifo_key) is taken only while no job of its key is running and none older is pending: one
 # at a time per key, in id order (a retry keeps its place, a failed or cancelled one lets the next go).
 # Two claims at once cannot take two of one key: each sees the older one pending (or running) and only it
-# qualifies, and its row lock makes one of them skip it. The test is two probes of runner_jobs_fifo_idx
-# (unfinished keyed jobs only); a row without a key pays one IS NULL.
+# qualifies, and its row lock makes one of them skip it. The test reads runner_jobs_fifo_idx (unfinished
+# keyed jobs only): the running keys once per claim, and per keyed row the first pending id of its key
+# (min(): NOT EXISTS (... id < j.id) was planned as a sequential scan per row, 20 s behind a 10,000-job
+# key; measured by bench/fifo.py). A row without a key pays one IS NULL.
 CLAIM = """
 WITH candidates AS (
     SELECT id FROM runner_jobs j
     WHERE status = 'pending' AND run_at <= now() AND queue = ANY($1::text[]) AND kind = ANY($5::text[])
-      AND (fifo_key IS NULL OR NOT EXISTS (
-          SELECT 1 FROM runner_jobs b
-          WHERE b.fifo_key = j.fifo_key
-            AND (b.status = 'running' OR (b.status = 'pending' AND b.id < j.id))))
+      AND (fifo_key IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM runner_jobs b WHERE b.fifo_key = j.fifo_key AND b.status = 'running')
+          AND j.id = (SELECT min(b.id) FROM runner_jobs b WHERE b.fifo_key = j.fifo_key AND b.status = 'pending')))
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -261,9 +262,12 @@ WITH outcome AS MATERIALIZED (
         finished_at = CASE WHEN d.new_status = 'pending' THEN NULL ELSE now() END
     FROM decided d
     WHERE j.id = d.id
-    RETURNING j.id, j.kind, j.status, d.outcome
+    RETURNING j.id, j.kind, j.status, d.outcome, j.queue, j.fifo_key
+), key_freed AS (  -- the next job of a key may run now: wake the workers of its queue (one per queue)
+    SELECT count(pg_notify('runner_jobs', q.queue)) AS n
+    FROM (SELECT DISTINCT queue FROM written WHERE fifo_key IS NOT NULL) q
 )
-SELECT id, kind, status, outcome, false AS busy FROM written
+SELECT id, kind, status, outcome, false AS busy FROM written, key_freed
 UNION ALL
 SELECT o.id, b.kind, b.status, o.outcome, true AS busy
 FROM outcome o, LATERAL (
@@ -273,14 +277,20 @@ WHERE b.status = 'running' AND o.id NOT IN (SELECT id FROM written)
 """
 
 # A handler's own transaction marks its job succeeded (ctx.complete_in): the effect and the completion
-# commit together. Fenced like every write; zero rows means the lease is gone and the caller rolls back.
+# commit together. Fenced like every write; n = 0 means the lease is gone and the caller rolls back.
+# A keyed job's NOTIFY is delivered at that commit, when the next job of its key may run.
 COMPLETE_IN_TRANSACTION = f"""
-UPDATE runner_jobs j
-SET status = 'succeeded', result = $3::text::jsonb,
-    attempt_log = {_append_success("j", "true").format(
-        append=_append_attempt("j", "'succeeded'", "'succeeded'", "NULL::text"))},
-    lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
-WHERE j.id = $1 AND j.lease_epoch = $2 AND j.status = 'running'
+WITH done AS (
+    UPDATE runner_jobs j
+    SET status = 'succeeded', result = $3::text::jsonb,
+        attempt_log = {_append_success("j", "true").format(
+            append=_append_attempt("j", "'succeeded'", "'succeeded'", "NULL::text"))},
+        lease_owner = NULL, lease_expires_at = NULL, finished_at = now()
+    WHERE j.id = $1 AND j.lease_epoch = $2 AND j.status = 'running'
+    RETURNING j.queue, j.fifo_key
+)
+SELECT count(*) AS n, count(pg_notify('runner_jobs', queue)) FILTER (WHERE fifo_key IS NOT NULL) AS notified
+FROM done
 """
 
 SAVE_PROGRESS = """

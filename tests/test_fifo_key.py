@@ -197,3 +197,23 @@ async def test_a_job_shows_its_fifo_key(app: App, runner_env: dict[str, str]) ->
     shown = run_cli(runner_env, "show", str(job_id), "--json")
     assert shown.returncode == 0, shown.stderr
     assert '"fifo_key": "account-7"' in shown.stdout
+
+
+async def test_the_end_of_a_keyed_job_wakes_the_workers_for_the_next(
+    runner_env: dict[str, str], app: App, conn: asyncpg.Connection
+) -> None:
+    # No poll for an hour: only the NOTIFY sent when a keyed job ends (through the completer for `sleep`,
+    # in the handler's own transaction for `record`) can start the next job of its key in time.
+    await app.queue.job_enqueue_many(
+        [NewJob(kind, {}, fifo_key=kind) for _ in range(5) for kind in ("sleep", "record")])
+    workers = [start_worker(runner_env, "--drain", log_path=None, RUNNER_WORKER_ID=f"w{i}",
+                            RUNNER_POLL_INTERVAL="3600") for i in range(2)]
+    try:
+        assert [await wait_exit(w, timeout_s=120) for w in workers] == [0, 0]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    rows = await _rows(conn)
+    assert [r["status"] for r in rows] == ["succeeded"] * 10
+    _assert_one_at_a_time_in_id_order(rows)
