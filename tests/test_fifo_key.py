@@ -217,3 +217,21 @@ async def test_the_end_of_a_keyed_job_wakes_the_workers_for_the_next(
     rows = await _rows(conn)
     assert [r["status"] for r in rows] == ["succeeded"] * 10
     _assert_one_at_a_time_in_id_order(rows)
+
+
+async def test_a_retried_job_goes_back_to_its_place_and_a_delayed_one_holds_the_key(app: App) -> None:
+    first, second = await app.queue.job_enqueue_many(
+        [NewJob("fail", {}, fifo_key="r"), NewJob("record", {}, fifo_key="r")])
+    (claimed,) = await _claim(app)
+    await app.queue.job_complete_many([JobOutcome(first, claimed.lease_epoch, "fail", "fatal", "boom")])
+    (running,) = await _claim(app)
+    assert running.id == second
+    await app.retry(first)
+    assert await _claim(app) == []  # the retried job waits for the running one, then goes first
+    await _succeed(app, [running])
+    assert [c.id for c in await _claim(app)] == [first]
+    delayed, behind = await app.queue.job_enqueue_many(
+        [NewJob("record", {}, fifo_key="d", delay_s=3600), NewJob("record", {}, fifo_key="d")])
+    assert await _claim(app) == []
+    assert await app.queue.job_request_cancel(delayed)
+    assert [c.id for c in await _claim(app)] == [behind]
