@@ -17,7 +17,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("runner_jobs", sa.Column("fifo_key", sa.Text))
-    # The claim's per-key test, two probes: (key, 'running') at all, (key, 'pending', id < this one).
+    # The claim's per-key test: is any (key, 'running') there, and the first (key, 'pending') id.
     # Only unfinished keyed jobs are in it, so it is bounded by live keyed work at any history size.
     op.create_index("runner_jobs_fifo_idx", "runner_jobs", ["fifo_key", "status", "id"],
                     postgresql_where=sa.text("fifo_key IS NOT NULL AND status IN ('pending', 'running')"))
