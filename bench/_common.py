@@ -303,6 +303,12 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def runner_env(url: str, **extra: str) -> dict[str, str]:
+    """A measured runner process's environment: its database, a scratch home, no HTTP port, no consensus."""
+    return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
+                    RUNNER_CONSENSUS_ENABLED="false", **extra)
+
+
 # --- pg_stat_activity -------------------------------------------------------------------------------
 SAMPLER_APP = "bench-sampler"
 

@@ -45,7 +45,6 @@ from bench._common import (  # noqa: E402
     SCRATCH,
     Proc,
     Server,
-    base_env,
     cpu_busy_s,
     fresh_name,
     git_commit,
@@ -54,6 +53,7 @@ from bench._common import (  # noqa: E402
     machine,
     median,
     run,
+    runner_env,
     server_cpu_s,
     start_server,
     wait_for_quiet,
@@ -81,8 +81,7 @@ def own_server() -> Server:
 
 
 def env(url: str, **extra: str) -> dict[str, str]:
-    return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
-                    RUNNER_CONSENSUS_ENABLED="false", **extra)
+    return runner_env(url, **extra)
 
 
 def worker_kinds() -> list[str]:

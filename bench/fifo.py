@@ -35,13 +35,13 @@ from bench._common import (  # noqa: E402
     SCRATCH,
     Proc,
     Server,
-    base_env,
     fresh_name,
     git_commit,
     log,
     machine,
     median,
     run,
+    runner_env,
     start_server,
     write_report,
 )
@@ -70,8 +70,7 @@ CLAIM_ARGS = [["default"], 200, "w", 30.0, ["noop"]]
 
 
 def env(url: str) -> dict[str, str]:
-    return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
-                    RUNNER_CONSENSUS_ENABLED="false")
+    return runner_env(url)
 
 
 async def execute(url: str, *statements: tuple[str, list[Any]]) -> None:

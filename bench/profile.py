@@ -37,13 +37,13 @@ from bench._common import (  # noqa: E402
     SCRATCH,
     Proc,
     Server,
-    base_env,
     cpu_busy_s,
     ensure_competitor_venv,
     fetchval,
     git_commit,
     log,
     run,
+    runner_env,
     server_cpu_s,
 )
 from runner.embedded import EmbeddedPostgres  # noqa: E402
@@ -77,9 +77,7 @@ def profile_server() -> Server:
 
 # Consensus loops off (as in queue.py): with RUNNER_CHAIN_URL unset each worker would run a dev chain.
 def env(url: str) -> dict[str, str]:
-    return base_env(RUNNER_DATABASE_URL=url, RUNNER_HOME=str(SCRATCH / "runner-home"), RUNNER_HTTP_PORT="0",
-                    RUNNER_CONSENSUS_ENABLED="false",
-                    RUNNER_WORKER_ID="bench-profile")
+    return runner_env(url, RUNNER_WORKER_ID="bench-profile")
 
 
 async def prepare(server: Server, jobs: int, name: str) -> str:

@@ -519,6 +519,12 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_key(key: object, name: str) -> None:
+    """A job's dedupe or fifo key: None, or a non-empty string of at most MAX_DEDUPE_KEY_CHARS."""
+    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_DEDUPE_KEY_CHARS):
+        raise UsageError(f"a {name} key is a non-empty string of at most {MAX_DEDUPE_KEY_CHARS} characters")
+
+
 def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> str:
     """What the database would refuse, refused first with one clear line (nothing is written).
     Returns the payload as the JSON text to insert."""
@@ -532,12 +538,8 @@ def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> str:
     if isinstance(delay, bool) or not isinstance(delay, int | float) or not math.isfinite(delay) \
             or not 0 <= delay <= MAX_DELAY_S:
         raise UsageError(f"delay must be a number of seconds between 0 and {MAX_DELAY_S:g}, got {delay!r}")
-    if job.dedupe_key is not None and (not isinstance(job.dedupe_key, str) or not job.dedupe_key
-                                       or len(job.dedupe_key) > MAX_DEDUPE_KEY_CHARS):
-        raise UsageError(f"a dedupe key is a non-empty string of at most {MAX_DEDUPE_KEY_CHARS} characters")
-    if job.fifo_key is not None and (not isinstance(job.fifo_key, str) or not job.fifo_key
-                                     or len(job.fifo_key) > MAX_DEDUPE_KEY_CHARS):
-        raise UsageError(f"a fifo key is a non-empty string of at most {MAX_DEDUPE_KEY_CHARS} characters")
+    check_key(job.dedupe_key, "dedupe")
+    check_key(job.fifo_key, "fifo")
     return json_text(job.payload, max_payload_bytes)
 
 
