@@ -64,10 +64,12 @@ from bench._common import (  # noqa: E402
     median,
     start_server,
 )
+from runner.app import App  # noqa: E402
 from runner.chain import close_chain, open_chain  # noqa: E402
 from runner.config import load_settings  # noqa: E402
-from runner.jobs.consensus import sql as consensus_sql  # noqa: E402
+from runner.errors import UsageError  # noqa: E402
 from runner.jobs.consensus.model import address_of_key, new_submission, to_checksum_address  # noqa: E402
+from runner.jobs.consensus.store import ConsensusStore  # noqa: E402
 from runner.jobs.consensus.validators import resolve_key  # noqa: E402
 from tests.chain_fixtures import Anvil, anvil_binary, established_to, free_port  # noqa: E402
 
@@ -167,22 +169,36 @@ class Watch:
 
 
 async def appeal_marked(db_url: str, window: float, stop: asyncio.Event) -> int:
-    """Appeal each marked transaction (input.consensus set) once it is decided on chain; returns how many."""
-    connection = await asyncpg.connect(db_url)
+    """Appeal each marked transaction (input.consensus set) once it is decided on chain, as `runner appeal`
+    does (the request and the contract job that settles it); returns how many."""
+    app = await App.open(load_settings(database_url=db_url))
+    store = ConsensusStore(app)
     asked: set[str] = set()
     try:
         while not stop.is_set():
-            ready = await connection.fetch(
+            ready = await app.db.fetch(
                 "SELECT hash FROM runner_consensus_transactions WHERE input ? 'consensus' AND status = 'ACCEPTED' "
                 "AND decided_event_tx IS NOT NULL AND appeal_requested IS NULL AND jsonb_array_length(appeals) = 0")
             for row in ready:
-                if row["hash"] not in asked and await connection.fetchval(
-                        consensus_sql.REQUEST_APPEAL, row["hash"], window, 0.8):
+                if row["hash"] in asked:
+                    continue
+                try:
+                    await store.request_appeal(row["hash"], window, 0.8)
+                    asked.add(row["hash"])
+                except UsageError:  # its window closed meanwhile
                     asked.add(row["hash"])
             await asyncio.sleep(0.05)
     finally:
-        await connection.close()
+        await app.close()
     return len(asked)
+
+
+async def submit_all(db_url: str, subs: list[Any]) -> None:
+    app = await App.open(load_settings(database_url=db_url))
+    try:
+        await ConsensusStore(app).insert(subs)
+    finally:
+        await app.close()
 
 
 async def one_round(server: Server, args: argparse.Namespace, index: int, appealed: float = 0.0,
@@ -208,11 +224,7 @@ async def one_round(server: Server, args: argparse.Namespace, index: int, appeal
                 await connection.executemany(
                     "INSERT INTO runner_consensus_validators (address, stake, key_ref) VALUES ($1, $2, $3)", validators)
             subs = [new_submission(SENDER, to, data) for to, data in plan(args.txs, args.contracts, appealed)]
-            await connection.execute(
-                "INSERT INTO runner_consensus_transactions (hash, from_address, to_address, input) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]::jsonb[])",
-                [s.hash for s in subs], [s.from_address for s in subs], [s.to_address for s in subs],
-                [json.dumps(s.input) for s in subs])
+            await submit_all(db_url, subs)  # the product's path: each transaction and its contract job
             settings = load_settings(database_url="postgresql://unused@127.0.0.1/unused", chain_url=node.url)
             reader = await open_chain(settings)
             sent_before = await reader.w3.eth.get_transaction_count(reader.address)

@@ -190,7 +190,7 @@ async def submit_transactions(app: App, count: int, contracts: int) -> list[str]
         new_submission(sender, targets[i % contracts], {"op": "set", "key": f"k{i // contracts}", "value": i})
         for i in range(count)
     ]
-    store = ConsensusStore(app.db, app.settings.worker_id, app.settings.lease_timeout)
+    store = ConsensusStore(app)
     return await store.insert(submissions)
 
 

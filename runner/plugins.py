@@ -50,6 +50,9 @@ class JobKind:
     # kinds (a backfill chunk holds two connections and its batches) then spread over workers and replicas.
     # Either a number or a function of the app's settings, read once when the worker starts.
     max_running: int | Callable[[App], int] | None = None
+    # A plugin's own kind that only some workers can run (its resources are open there): a worker claims it
+    # where this returns True, from its queue whatever RUNNER_QUEUES says, and never elsewhere.
+    runs_here: Callable[[App], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.timeout_s is not None and self.timeout_s < 0:
@@ -58,6 +61,9 @@ class JobKind:
             raise ValueError(f"job kind {self.name!r}: max_attempts must be >= 1")
         if isinstance(self.max_running, int) and self.max_running < 1:
             raise ValueError(f"job kind {self.name!r}: max_running must be >= 1")
+
+    def claimable(self, app: App) -> bool:
+        return self.runs_here is None or self.runs_here(app)
 
     def running_cap(self, app: App) -> int | None:
         """max_running for this app (None: no cap)."""

@@ -56,7 +56,10 @@ class Worker:
     ) -> None:
         settings = app.settings
         self.app = app
+        kinds = [kind for kind in app.registry.kinds.values() if kind.claimable(app)]
         self.queues = list(queues or settings.queues)
+        # a plugin's own kinds (runs_here) come from their queue wherever they can run
+        self.queues += sorted({k.queue for k in kinds if k.runs_here and k.queue and k.queue not in self.queues})
         self.concurrency = concurrency or settings.concurrency
         self.identity = WorkerIdentity(settings.worker_id, tuple(self.queues), self.concurrency)
         self.install_signal_handlers = install_signal_handlers
@@ -69,8 +72,8 @@ class Worker:
 
         self.completer = Completer(app.queue, settings)
         self.executor = Executor(app, self.concurrency, self.completer, settings.worker_id)
-        caps = {name: cap for name, kind in app.registry.kinds.items() if (cap := kind.running_cap(app)) is not None}
-        self.fetcher = Fetcher(app.queue, self.executor, settings, self.queues, list(app.registry.kinds), caps)
+        caps = {kind.name: cap for kind in kinds if (cap := kind.running_cap(app)) is not None}
+        self.fetcher = Fetcher(app.queue, self.executor, settings, self.queues, [k.name for k in kinds], caps)
         self.heartbeat = Heartbeat(app.queue, self.executor, settings, self.identity)
         self.rescuer = Rescuer(app.queue, settings, on_rescued=self.fetcher.wake.set)
         self.canceller = CancelWatcher(app.queue, self.executor, settings)

@@ -133,6 +133,15 @@ async def all_settled(conn: asyncpg.Connection, hashes: list[str], min_round: in
     n = await conn.fetchval(
         "SELECT count(*) FROM runner_consensus_transactions WHERE hash = ANY($1::text[]) "
         "AND status IN ('ACCEPTED', 'UNDETERMINED', 'LEADER_TIMEOUT', 'VALIDATORS_TIMEOUT') "
-        "AND decided_event_tx IS NOT NULL AND lease_owner IS NULL AND appeal_requested IS NULL AND round >= $2",
+        "AND decided_event_tx IS NOT NULL AND job_id IS NULL AND appeal_requested IS NULL AND round >= $2",
         hashes, min_round)
     return bool(n == len(hashes))
+
+
+async def running_job(conn: asyncpg.Connection) -> int:
+    """A runner_jobs row that a live worker runs (its lease far from expiring): a live holder to take
+    consensus transactions with, at the store level."""
+    return int(await conn.fetchval(
+        "INSERT INTO runner_jobs (kind, queue, payload, status, lease_owner, lease_epoch, lease_expires_at, "
+        "started_at) VALUES ('consensus.finality', 'consensus', '{}', 'running', 'elsewhere', 1, "
+        "now() + interval '1 hour', now()) RETURNING id"))

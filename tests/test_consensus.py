@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 
@@ -28,6 +29,7 @@ from runner.jobs.consensus.model import (
     parse_tx_hash,
     short_hash,
 )
+from runner.worker import Worker
 from tests.conftest import run_cli
 from tests.consensus_helpers import (
     SENDER,
@@ -37,6 +39,7 @@ from tests.consensus_helpers import (
     drain,
     engine_of,
     rows,
+    running_job,
     submit,
 )
 
@@ -112,7 +115,7 @@ async def test_contracts_finalize_in_submission_order_with_every_event(
         txs = await rows(conn)
         assert [t["status"] for t in txs] == ["FINALIZED"] * 15
         assert {t["outcome"] for t in txs} == {"ACCEPTED"}
-        assert all(t["lease_owner"] is None and t["recovery_count"] == 0 for t in txs)
+        assert all(t["job_id"] is None and t["recovery_count"] == 0 for t in txs)
         check_events(txs, await engine_of(app).contract.logs())
         for c in range(3):
             to = contract_address(c)
@@ -204,11 +207,12 @@ async def test_expired_leases_elsewhere_are_recovered_without_duplicate_events(
         engine = engine_of(app)
         crashed = await submit(app, contract_address(1), {"op": "set", "key": "a", "value": 1})
         capped = await submit(app, contract_address(2), {"op": "set", "key": "a", "value": 2})
-        # A dead worker held both; it had emitted `crashed`'s TransactionActivated without storing the hash.
+        # A dead holder (a job no longer running) held both; it had emitted `crashed`'s TransactionActivated
+        # without storing the hash. `capped` was recovered twice before: this recovery is its third, the cap.
         await conn.execute(
-            "UPDATE runner_consensus_transactions SET status = 'COMMITTING', lease_owner = 'dead-worker', "
-            "lease_expires_at = now() - interval '1 second', lease_epoch = 1, "
-            "recovery_count = CASE WHEN hash = $2 THEN 3 ELSE 0 END WHERE hash IN ($1, $2)", crashed, capped)
+            "UPDATE runner_consensus_transactions SET status = 'COMMITTING', job_id = -1, job_epoch = 1, "
+            "lease_epoch = 1, recovery_count = CASE WHEN hash = $2 THEN 2 ELSE 0 END WHERE hash IN ($1, $2)",
+            crashed, capped)
         await engine.emitter.emit([cm.Event(cm.ACTIVATED, crashed, contract_address(1), engine.nodes[0])])
         await drain(app)
         txs = {t["hash"]: t for t in await rows(conn)}
@@ -216,8 +220,9 @@ async def test_expired_leases_elsewhere_are_recovered_without_duplicate_events(
             ("FINALIZED", "ACCEPTED", 1)
         assert (txs[capped]["status"], txs[capped]["outcome"], txs[capped]["recovery_count"]) == \
             ("FINALIZED", "UNDETERMINED", 3)
-        assert "recovery cap reached: lease of dead-worker expired in COMMITTING after 3 recoveries" in \
-            txs[capped]["reason"]
+        assert "recovery cap reached: its holder (job -1) ended or lost its lease in COMMITTING, recovery 3 " \
+            "(RUNNER_MAX_RECOVERIES=3)" \
+            in txs[capped]["reason"]
         events = await engine.contract.logs()
         assert [e.name for e in events if e.tx_id == crashed].count("TransactionActivated") == 1
         assert [e.name for e in events if e.tx_id == capped] == ["TransactionUndetermined", "TransactionFinalized"]
@@ -341,45 +346,49 @@ async def test_a_finalized_predecessor_whose_event_is_not_on_chain_holds_its_suc
     """TransactionFinalized reaches the chain in submission order: while the first transaction's event is
     in flight elsewhere (or owed after a chain error), the second is not finalizable."""
     from runner.jobs.consensus.model import new_submission
-    from runner.jobs.consensus.store import ConsensusStore
+    from runner.jobs.consensus.store import ConsensusStore, Holder
 
-    store = ConsensusStore(app.db, "test", 30)
+    store, holder = ConsensusStore(app), Holder(-1, 1)
     to = contract_address(1)
     first, second = await store.insert([new_submission(SENDER, to, {"op": "set", "key": "a", "value": v})
                                         for v in (1, 2)])
     await conn.execute(
         "UPDATE runner_consensus_transactions SET status = CASE WHEN hash = $1 THEN 'FINALIZED' ELSE 'ACCEPTED' END, "
         "outcome = 'ACCEPTED', decided_event_tx = '0x01', state_patch = '{\"set\": [], \"del\": []}'::jsonb, "
-        "timestamp_awaiting_finalization = now() - interval '1 hour', lease_owner = NULL "
+        "timestamp_awaiting_finalization = now() - interval '1 hour', job_id = NULL "
         "WHERE hash IN ($1, $2)", first, second)
-    held = await store.finalize_ready(0, 100)
-    assert held is not None and held.hashes == []
+    held = await store.finalize_ready(holder, 100)
+    assert held.hashes == []
     await conn.execute("UPDATE runner_consensus_transactions SET finalized_event_tx = '0x02' WHERE hash = $1", first)
-    ready = await store.finalize_ready(0, 100)
-    assert ready is not None and ready.hashes == [second]
+    ready = await store.finalize_ready(holder, 100)
+    assert ready.hashes == [second]
 
 
-async def test_owed_finalized_events_are_claimed_as_a_prefix_per_contract_in_submission_order(
+async def test_owed_finalized_events_are_taken_in_submission_order_and_never_from_a_live_holder(
         app: App, conn: asyncpg.Connection) -> None:
-    """After a chain reset every FINALIZED transaction owes its TransactionFinalized. Two workers must not
-    split one contract's owed events between them (their batches would race to the chain), and each claim
-    comes back in submission order whatever order the UPDATE returns its rows in."""
+    """After a chain reset every FINALIZED transaction owes its TransactionFinalized: a finality job takes a
+    prefix per contract in submission order (whatever order the UPDATE returns its rows in); another must
+    not split a contract's owed events with it (their batches would race to the chain), and what a dead
+    job held is taken again."""
     from runner.jobs.consensus.model import new_submission
-    from runner.jobs.consensus.store import ConsensusStore
+    from runner.jobs.consensus.store import ConsensusStore, Holder
 
-    first, second = ConsensusStore(app.db, "worker-a", 30), ConsensusStore(app.db, "worker-b", 30)
+    store = ConsensusStore(app)
     plan = [new_submission(SENDER, contract_address(c), {"op": "set", "key": "a", "value": v})
             for v in range(6) for c in (1, 2)]
-    hashes = await first.insert(plan)
+    hashes = await store.insert(plan)
     await conn.execute("UPDATE runner_consensus_transactions SET status = 'FINALIZED', outcome = 'ACCEPTED', "
-                       "finalized_event_tx = NULL, lease_owner = NULL WHERE hash = ANY($1)", hashes)
-    taken = await first.claim_owed_finalized(limit=5)  # contract 1's first three, contract 2's first two
+                       "finalized_event_tx = NULL, job_id = NULL WHERE hash = ANY($1)", hashes)
+    live = Holder(await running_job(conn), 1)
+    taken = await store.take_owed_finalized(live, limit=5)
     assert [tx.seq for tx in taken] == sorted(tx.seq for tx in taken)
     assert [tx.hash for tx in taken] == hashes[:5]
-    assert await second.claim_owed_finalized(limit=100) == []  # the rest follow what worker-a holds
-    await first.release_finalized([t.hash for t in taken], [t.epoch for t in taken], "0x01")
-    rest = await second.claim_owed_finalized(limit=100)
-    assert [tx.hash for tx in rest] == hashes[5:]
+    other = Holder(await running_job(conn), 1)  # the rest follow what the live holder has in flight
+    assert await store.take_owed_finalized(other, limit=100) == []
+    await conn.execute("UPDATE runner_jobs SET status = 'pending', lease_owner = NULL WHERE id = $1", live.job_id)
+    third = Holder(await running_job(conn), 1)  # the first holder's job was rescued: its rows are owed again
+    assert [tx.hash for tx in await store.take_owed_finalized(third, limit=100)] == hashes
+    assert await store.release_finalized([t.hash for t in taken], [t.epoch for t in taken], "0x01") == 0
 
 
 async def test_a_cancelled_pending_transaction_never_runs_and_its_contract_moves_on(
@@ -512,3 +521,31 @@ async def test_early_quorum_cancels_the_validators_still_running(
     revealed = Counter(e.args[1] for e in events if e.name == "VoteRevealed")
     assert revealed[cm.word(4)] == 4  # the vote code of "cancelled", two per transaction
     assert consensus_metrics.CONSENSUS_VALIDATORS_CANCELLED._value.get() - cancelled_before == 4
+
+
+async def test_consensus_jobs_run_whatever_runner_queues_says_and_only_where_the_loops_are_on(
+    app: App, runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """The consensus loops are jobs of the core (`consensus.contract`, one at a time per contract, and
+    `consensus.finality`): a submission enqueues its contract's job with it; a worker without the loops
+    never claims them, and one with the loops claims them from the `consensus` queue even when its
+    RUNNER_QUEUES names other queues only. Each job ends succeeded, and nothing is left unfinished."""
+    from runner.jobs.consensus.model import new_submission
+    from runner.jobs.consensus.store import ConsensusStore
+
+    to = contract_address(7)
+    hashes = await ConsensusStore(app).insert(
+        [new_submission(SENDER, to, {"op": "set", "key": "a", "value": v}) for v in range(3)])
+    jobs = await conn.fetch("SELECT kind, queue, fifo_key, status FROM runner_jobs ORDER BY id")
+    assert [tuple(j) for j in jobs] == [("consensus.contract", "consensus", f"consensus:{to}", "pending")] * 3
+    await asyncio.wait_for(Worker(app, drain=True, install_signal_handlers=False).run(), 60)  # loops off
+    assert await conn.fetchval("SELECT count(*) FROM runner_jobs WHERE status = 'pending'") == 3
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_QUEUES="mail") as on:
+        worker = Worker(on, drain=True, install_signal_handlers=False)
+        assert worker.queues == ["mail", "consensus"]
+        await asyncio.wait_for(worker.run(), 120)
+    txs = await rows(conn)
+    assert [t["status"] for t in txs] == ["FINALIZED"] * 3 and [t["hash"] for t in txs] == hashes
+    ended = await conn.fetch("SELECT kind, status, count(*) AS n FROM runner_jobs GROUP BY kind, status ORDER BY kind")
+    assert {(r["kind"], r["status"]) for r in ended} == {("consensus.contract", "succeeded"),
+                                                          ("consensus.finality", "succeeded")}

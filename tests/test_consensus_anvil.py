@@ -51,7 +51,7 @@ class ConnectionWatch:
 
 
 async def submit_many(app: App, plan: list[tuple[str, dict]]) -> list[str]:
-    store = ConsensusStore(app.db, "test", 30)
+    store = ConsensusStore(app)
     return await store.insert([new_submission(NODE_SENDER, to, data) for to, data in plan])
 
 
@@ -154,7 +154,7 @@ async def test_kill_9_mid_consensus_then_another_worker_finishes_without_duplica
     await wait_until(mid_machine, timeout_s=60)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    held = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE lease_owner IS NOT NULL")
+    held = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE job_id IS NOT NULL")
     assert held >= 4
 
     log = tmp_path / "second.log"
@@ -213,7 +213,7 @@ async def test_consensus_main_emits_each_event_once_whoever_sends_it(
     from runner.jobs.consensus.contract import ACCEPTED, COMMITTED, UNDETERMINED, Event, word
     from runner.jobs.consensus.emitter import EventEmitter
 
-    store = ConsensusStore(app.db, "test", 30)
+    store = ConsensusStore(app)
     from runner.jobs.consensus.contract import ensure_deployed
 
     contract = await ensure_deployed(reader, store, 30)
@@ -253,8 +253,9 @@ async def test_a_worker_stopped_past_its_lease_adds_no_duplicate_event(
 
         async def held_by_stopped() -> bool:  # mid-run, with transactions in the stopped worker's hands
             done = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE status = 'FINALIZED'")
-            held = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions WHERE lease_owner LIKE $1",
-                                       stopped)
+            held = await conn.fetchval(
+                "SELECT count(*) FROM runner_consensus_transactions t JOIN runner_jobs j ON j.id = t.job_id "
+                "AND j.lease_epoch = t.job_epoch AND j.status = 'running' WHERE j.lease_owner LIKE $1", stopped)
             return done >= 5 and held >= 3
 
         await wait_until(held_by_stopped, timeout_s=90, interval_s=0.02)
@@ -432,7 +433,7 @@ async def test_kill_9_mid_appeal_and_mid_rollback_settles_each_appeal_once(
     env = {"RUNNER_CHAIN_URL": anvil.url, "RUNNER_CONSENSUS_ENABLED": "true",
            "RUNNER_CONSENSUS_FINALITY_WINDOW": "3600"}
     first = start_worker(runner_env, log_path=tmp_path / "first.log", **env)
-    store = ConsensusStore(app.db, "test", 30)
+    store = ConsensusStore(app)
     try:
         await wait_until(lambda: all_settled(conn, hashes), timeout_s=90)
         for tx_hash in (succeeds, fails):
@@ -442,7 +443,7 @@ async def test_kill_9_mid_appeal_and_mid_rollback_settles_each_appeal_once(
         async def appeals_under_way() -> bool:
             started = {e.tx_id for e in await contract.logs() if e.name == "AppealStarted"}
             held = await conn.fetchval("SELECT count(*) FROM runner_consensus_transactions "
-                                       "WHERE appeal_requested IS NOT NULL AND lease_owner IS NOT NULL")
+                                       "WHERE appeal_requested IS NOT NULL AND job_id IS NOT NULL")
             return started == {succeeds, fails} and held == 2
 
         await wait_until(appeals_under_way, timeout_s=60)

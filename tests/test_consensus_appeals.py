@@ -19,7 +19,7 @@ from runner.jobs.consensus import contract as cm
 from runner.jobs.consensus.contract import DecodedEvent
 from runner.jobs.consensus.model import short_hash
 from runner.jobs.consensus.settings import growth_terms
-from runner.jobs.consensus.store import ConsensusStore
+from runner.jobs.consensus.store import ConsensusStore, Holder
 from tests.conftest import run_cli
 from tests.consensus_helpers import (
     all_settled,
@@ -29,6 +29,7 @@ from tests.consensus_helpers import (
     drain,
     engine_of,
     rows,
+    running_job,
     running_worker,
     submit,
 )
@@ -66,6 +67,9 @@ async def backdate(conn: asyncpg.Connection, seconds: float) -> None:
     await conn.execute("UPDATE runner_consensus_transactions SET timestamp_awaiting_finalization = "
                        "timestamp_awaiting_finalization - make_interval(secs => $1) "
                        "WHERE timestamp_awaiting_finalization IS NOT NULL", seconds)
+    # as if that time had passed for the finality jobs enqueued for the ends of those windows too
+    await conn.execute("UPDATE runner_jobs SET run_at = run_at - make_interval(secs => $1) "
+                       "WHERE kind = 'consensus.finality' AND status = 'pending'", seconds)
 
 
 def test_appeal_growth_terms() -> None:
@@ -183,12 +187,17 @@ async def test_a_successful_validator_appeal_rolls_back_the_newer_transactions_o
     assert counts_by_round(events, other)["TransactionActivated"] == {0: 1}
 
 
+async def contract_jobs(conn: asyncpg.Connection, contract: str) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM runner_jobs WHERE fifo_key = $1", f"consensus:{contract}"))
+
+
 async def test_a_rollback_restores_the_state_before_and_fences_the_old_owners(
     runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
-    """Store level: appealing b of a, b, c (c in flight at another worker) rolls b and c back to PENDING in
-    one transaction, puts the accepted state back to a's, and bumps the epochs: the other worker's next
-    transition and its event emit are refused, and so is a second rollback under the old lease."""
+    """Store level: appealing b of a, b, c (c in flight at another job: a frozen worker's, say) rolls b and c
+    back to PENDING in one transaction, puts the accepted state back to a's, enqueues a contract job for
+    each, and bumps the epochs: the other job's next transition and its event emit are refused, and so is
+    a second rollback under the old take."""
     async with consensus_app(**WINDOW) as app:
         engine = engine_of(app)
         x = contract_address(23)
@@ -197,16 +206,19 @@ async def test_a_rollback_restores_the_state_before_and_fences_the_old_owners(
         async with running_worker(app):
             await wait_until(lambda: all_settled(conn, [a, b]), 60)
         c = await submit(app, x, {"op": "set", "key": "c", "value": 3})
-        elsewhere = ConsensusStore(app.db, "other-worker", 30)
-        [in_flight] = await elsewhere.claim(10)
+        elsewhere = ConsensusStore(app)
+        in_flight = await elsewhere.take_next(x, Holder(await running_job(conn), 1))
+        assert in_flight is not None
         assert in_flight.hash == c and in_flight.accepted_state["storage"] == {"a": 1, "b": 2}
         a_before = await row_of(conn, a)
 
         await engine.store.request_appeal(b, 3600, 0.8)
-        [held] = await engine.store.claim_appeals(10)
-        assert held.hash == b and held.appeal == "validator"
+        jobs_before = await contract_jobs(conn, x)
+        held = await engine.store.take_next(x, Holder(await running_job(conn), 1))
+        assert held is not None and held.hash == b and held.appeal == "validator"
         record = {"kind": "validator", "round": held.round + 1, "outcome": "succeeded"}
         assert await engine.store.rollback(held, record, "test rollback", rerun_round=held.round + 2) == [b, c]
+        assert await contract_jobs(conn, x) == jobs_before + 2
 
         state = await engine.store.contract_state(x)
         assert state["accepted"]["storage"] == {"a": 1}
@@ -215,7 +227,7 @@ async def test_a_rollback_restores_the_state_before_and_fences_the_old_owners(
         assert dict(by_hash[a]) == dict(a_before)  # the older one is not touched
         for tx_hash, epoch, round_ in ((b, held.epoch, 2), (c, in_flight.epoch, 1)):
             row = by_hash[tx_hash]
-            assert (row["status"], row["round"], row["lease_owner"]) == ("PENDING", round_, None)
+            assert (row["status"], row["round"], row["job_id"]) == ("PENDING", round_, None)
             assert row["lease_epoch"] == epoch + 1 and row["activated_event_tx"] is None and row["votes"] is None
         assert by_hash[b]["appeals"] == [record] and by_hash[b]["appeal_requested"] is None
 

@@ -1,24 +1,26 @@
 """The consensus loops: per-contract ordered transactions, a fenced state machine, finality, and
-ConsensusMain events, on the worker's pool and the process's one AsyncWeb3 (runner.chain)."""
+ConsensusMain events, on the worker's pool, the process's one AsyncWeb3 (runner.chain) and the core's
+jobs (runner.jobs.consensus.work: claims, leases, heartbeats, rescues and fencing are the core's)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.plugins import Plugin
+from runner.jobs.consensus import work
+from runner.plugins import JobKind, Plugin
 
 if TYPE_CHECKING:
     import typer
     from pydantic_settings import BaseSettings
 
     from runner.app import App
+    from runner.context import JobContext
     from runner.jobs.consensus.engine import Engine
     from runner.jobs.consensus.settings import ConsensusSettings
     from runner.jobs.consensus.store import ConsensusStore
-    from runner.service import Service
 
 # Every command imports this module to build the CLI, so it imports nothing heavy: the chain side (web3,
 # eth_account, eth_abi: ~1.5 s of imports) loads only in processes that open the consensus resources
@@ -82,7 +84,7 @@ async def open_resources(app: App) -> None:
         return
     app.resources["chain"] = chain
     try:
-        store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
+        store = ConsensusStore(app)
         try:
             contract = await ensure_deployed(chain, store, receipt_timeout(app))
         except asyncpg.UndefinedTableError:
@@ -110,24 +112,43 @@ async def close_resources(app: App) -> None:
         await chain.close()
 
 
-def services(app: App) -> Sequence[Service]:
-    engine: Engine | None = app.resources.get("consensus")
-    if engine is None:
-        if consensus_settings(app).enabled:
-            from runner.logs import get_logger
+def _engine(ctx: JobContext) -> Engine:
+    engine: Engine | None = ctx.app.resources.get("consensus")
+    if engine is None:  # claimed only where it is open (runs_here); a worker closing meanwhile
+        from runner.errors import RetryLater
 
-            get_logger("runner.jobs.consensus").warning(
-                "consensus resources are not open; the consensus loops will not run")
-        return []
-    from runner.jobs.consensus.engine import FinalityLoop, PendingLoop, RecoveryLoop
+        raise RetryLater(1.0, "the consensus resources are not open in this worker")
+    return engine
 
-    return [PendingLoop(engine), FinalityLoop(engine), RecoveryLoop(engine)]
+
+def _holder(ctx: JobContext) -> Any:
+    from runner.jobs.consensus.store import Holder
+
+    return Holder(ctx.job.id, ctx.job.lease_epoch)
+
+
+async def advance_contract(ctx: JobContext) -> dict[str, Any]:
+    """A ``consensus.contract`` job: the contract's next unit of work (Engine.advance)."""
+    return await _engine(ctx).advance(str(ctx.payload["contract"]), _holder(ctx))
+
+
+async def finalize_due(ctx: JobContext) -> dict[str, Any]:
+    """The ``consensus.finality`` job: finalize what is due (Engine.finalize_due)."""
+    return await _engine(ctx).finalize_due(_holder(ctx))
+
+
+def runs_here(app: App) -> bool:
+    return "consensus" in app.resources
+
+
+def concurrency(app: App) -> int:
+    return consensus_settings(app).concurrency
 
 
 def _store(app: App) -> ConsensusStore:
     from runner.jobs.consensus.store import ConsensusStore
 
-    return ConsensusStore(app.db, app.settings.worker_id, app.settings.lease_timeout)
+    return ConsensusStore(app)
 
 
 async def has_pending_work(app: App) -> bool:
@@ -158,8 +179,13 @@ class ConsensusPlugin(Plugin):
 
 plugin = ConsensusPlugin(
     name="consensus",
+    # No timeout: a transaction that makes no progress is stopped by the engine's own watchdog
+    # (RUNNER_CONSENSUS_TX_STUCK_AFTER), and a wait on the chain is bounded by its RPC timeouts.
+    kinds=(JobKind(work.CONTRACT_KIND, advance_contract, timeout_s=0, max_attempts=work.MAX_ATTEMPTS,
+                   queue=work.QUEUE, max_running=concurrency, runs_here=runs_here),
+           JobKind(work.FINALITY_KIND, finalize_due, timeout_s=0, max_attempts=work.MAX_ATTEMPTS,
+                   queue=work.QUEUE, runs_here=runs_here)),
     migrations=MIGRATIONS,
-    services=services,
     commands=register_commands,
     has_pending_work=has_pending_work,
     open_resources=open_resources,

@@ -37,7 +37,7 @@ def submit_command(
     submission = new_submission(from_address, to_address, data)
 
     async def body(app: App) -> None:
-        await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).insert([submission])
+        await ConsensusStore(app).insert([submission])
 
     with_app(settings, body)
     print(submission.hash)
@@ -64,7 +64,7 @@ def tx_command(
         raise fail(str(error), 2) from None
     if cancel:
         async def cancel_body(app: App) -> str:
-            store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
+            store = ConsensusStore(app)
             return await store.cancel(key, "cancelled by `runner tx cancel`")
 
         full_hash = with_app(settings, cancel_body)  # not found or past PENDING: one line, exit 2
@@ -72,7 +72,7 @@ def tx_command(
         return
 
     async def body(app: App) -> dict[str, Any] | None:
-        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).get(key)
+        return await ConsensusStore(app).get(key)
 
     row = with_app(settings, body)  # a prefix matching several transactions exits 2 (UsageError)
     if row is None:
@@ -170,7 +170,7 @@ def validators_add(
     validator = Validator(chosen, stake, key)
 
     async def body(app: App) -> bool:
-        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).put_validator(validator)
+        return await ConsensusStore(app).put_validator(validator)
 
     added = with_app(settings, body)
     print(f"{chosen} {'added' if added else 'updated'} (stake {stake}, key {key or 'none: the worker signs'})")
@@ -184,7 +184,7 @@ def validators_list(as_json: Annotated[bool, typer.Option("--json", help="Machin
     settings = settings_or_exit()
 
     async def body(app: App) -> list[dict[str, Any]]:
-        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).validator_rows()
+        return await ConsensusStore(app).validator_rows()
 
     rows = with_app(settings, body)
     total = sum(r["stake"] for r in rows)
@@ -212,7 +212,7 @@ def validators_remove(address: Annotated[str, typer.Argument(help="The validator
         raise fail(str(error), 2) from None
 
     async def body(app: App) -> bool:
-        return await ConsensusStore(app.db, settings.worker_id, settings.lease_timeout).remove_validator(checked)
+        return await ConsensusStore(app).remove_validator(checked)
 
     if not with_app(settings, body):
         raise fail(f"no validator {checked}", 2)

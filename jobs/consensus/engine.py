@@ -1,35 +1,35 @@
-"""The consensus engine of one worker process and its three loops.
+"""The consensus engine of one worker process: what its two job kinds do (runner.jobs.consensus.work).
 
-* :class:`PendingLoop` claims (set-based, SKIP LOCKED) the oldest PENDING transaction of each contract
-  with nothing in flight, up to RUNNER_CONSENSUS_CONCURRENCY, and runs each in a task (machine.py).
-* :class:`RecoveryLoop` renews the leases of tasks that made progress recently, and only those; cancels
-  a task with no progress for RUNNER_CONSENSUS_TX_STUCK_AFTER and recovers its transaction; recovers transactions
-  whose lease expired elsewhere (PENDING with recovery_count + 1; UNDETERMINED past
-  RUNNER_MAX_RECOVERIES, with the reason); settles decided events left owed by a crash.
-* :class:`FinalityLoop` finalizes decided transactions whose window passed and whose predecessors on
-  the same contract are finalized, writes the finalized state, and emits TransactionFinalized.
+* :meth:`Engine.advance` (a ``consensus.contract`` job): recovers what a dead run left in the machine
+  (PENDING with recovery_count + 1; UNDETERMINED at RUNNER_MAX_RECOVERIES, with the reason), settles the
+  contract's owed decided events, then runs one unit: an appeal asked for, else the oldest PENDING
+  transaction through the state machine (machine.py), under a watchdog that recovers it after
+  RUNNER_CONSENSUS_TX_STUCK_AFTER seconds without progress.
+* :meth:`Engine.finalize_due` (the ``consensus.finality`` job): emits owed TransactionFinalized events,
+  then finalizes decided transactions whose window passed and whose predecessors on the same contract are
+  finalized, writes the finalized state, and emits TransactionFinalized.
 
-All three share the worker's pool (app.db), the process's one chain (app.resources["chain"]) and
-the worker's shutdown (they are runner.service.Service loops).
+The core claims, heartbeats, rescues and fences those jobs; the engine shares the worker's pool (app.db)
+and the process's one chain (app.resources["chain"]).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from runner.chain import Chain, ChainError
-from runner.errors import LeaseLost, UsageError
+from runner.errors import LeaseLost, RetryLater, UsageError
 from runner.jobs.consensus import contract as cm
 from runner.jobs.consensus import metrics
 from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
 from runner.jobs.consensus.emitter import ContractMissing, EventEmitter
 from runner.jobs.consensus.executor import ContractExecutor, Execution, TxView
 from runner.jobs.consensus.machine import TxTask, decided_event
-from runner.jobs.consensus.model import IN_MACHINE, short_hash
+from runner.jobs.consensus.model import short_hash
 from runner.jobs.consensus.settings import consensus_settings
-from runner.jobs.consensus.store import Claimed, ConsensusStore
+from runner.jobs.consensus.store import Claimed, ConsensusStore, Holder
 from runner.jobs.consensus.validators import (
     Draw,
     Validator,
@@ -40,7 +40,6 @@ from runner.jobs.consensus.validators import (
     synthetic_validators,
 )
 from runner.logs import get_logger
-from runner.service import Service
 
 if TYPE_CHECKING:
     from runner.app import App
@@ -55,22 +54,19 @@ class Engine:
     def __init__(self, app: App, chain: Chain, contract: ConsensusMain, emitter: EventEmitter,
                  executor: ContractExecutor) -> None:
         self.app = app
-        self.settings = settings = app.settings
+        self.settings = app.settings
         self.consensus = consensus = consensus_settings(app)  # RUNNER_CONSENSUS_*
         self.chain = chain
         self.contract = contract
         self.emitter = emitter
         self.executor = executor
-        self.store = ConsensusStore(app.db, settings.worker_id, settings.lease_timeout)
+        self.store = ConsensusStore(app)
         emitter.fence_check = self.store.held  # every emit is fenced on the leases it is sent under
         self.validators: list[Validator] = synthetic_validators()  # until load_validators reads the table
         # bounds executions across all in-flight transactions (a real GenVM would be CPU-heavy)
         self.validator_slots = asyncio.Semaphore(consensus.validators * consensus.concurrency)
-        self.tasks: dict[str, TxTask] = {}
         self.chain_failures = 0
         self.paused_until = 0.0
-        self.pending: PendingLoop | None = None
-        self.finality: FinalityLoop | None = None
         self._redeploying = asyncio.Lock()
 
     # --- validators ---------------------------------------------------------------------------
@@ -129,39 +125,84 @@ class Engine:
         voted = frozenset({o["validator"] for o in tx.votes} | ({tx.leader} if tx.leader else set()))
         return seed, draw_order(self.validators, seed, voted)[:self.consensus.appeal_validators(number)]
 
-    # --- tasks ----------------------------------------------------------------------------------
-    def start(self, tx: Claimed) -> TxTask:
-        stale = self.tasks.get(tx.hash)
-        if stale is not None and stale.task is not None:  # its lease was taken (a rollback) and claimed again
-            stale.task.cancel()
-        task = TxTask(self, tx)
-        self.tasks[tx.hash] = task
-        task.task = asyncio.create_task(self._run(task), name=f"consensus-{tx.hash[:10]}")
-        return task
+    # --- a contract job ---------------------------------------------------------------------------
+    async def advance(self, contract: str, holder: Holder) -> dict[str, Any]:
+        """One run of the contract's job: leftovers first, then one unit of work (see the module doc)."""
+        if self.paused():  # the chain failed just now: back off before touching it
+            # a new job for later, not a retry: a long outage must not use up this one's attempts
+            await self.store.postpone(contract, self.paused_until - time.monotonic())
+            return {"contract": contract, "did": "postponed: the chain failed just now"}
+        for row in await self.store.recover_leftovers(contract, self.settings.max_recoveries):
+            _log_recovered(row, "holder_lost")
+        settled = await self._settle_owed_decided(contract, holder)
+        if settled is None:
+            return {"contract": contract, "did": "postponed: the chain failed"}
+        tx = await self.store.take_next(contract, holder)
+        if tx is None:
+            return {"contract": contract, "did": "settled" if settled else "nothing"}
+        if not tx.appeal:
+            metrics.CONSENSUS_TRANSITIONS.labels("ACTIVATED").inc()
+        await self._run(TxTask(self, tx))
+        return {"contract": contract, "did": "appeal" if tx.appeal else "transaction", "tx": tx.hash}
 
     async def _run(self, task: TxTask) -> None:
+        """Run ``task`` to its end; whatever stops it, its transaction is left to the next job of its contract
+        (given back, recovered or rolled back: each of those enqueues one)."""
         tx = task.tx
         try:
-            await (task.appeal() if tx.appeal else task.run())
+            await self._watched(task)
             self.chain_failures = 0
-        except LeaseLost as error:
+        except LeaseLost as error:  # recovered, rolled back or reset under us: its new job has it
             log.info("consensus lease lost; dropping the transaction", tx=short_hash(tx.hash), error=str(error))
         except ChainError as error:
-            self._pause(error)
-            await self._quietly(self.store.abandon(tx, f"released after a chain error: {error}"[:500]))
+            pause = self._pause(error)
+            await self._quietly(self.store.abandon(tx, f"released after a chain error: {error}"[:500],
+                                                   again_after=pause))
             await self._quietly(self.after_chain_error(error))
+        except StuckTask as stuck:
+            await self._recover(task, str(stuck), "stuck")
+        except asyncio.CancelledError:  # shutdown, a cancelled job, a lost job lease: given back, uncounted
+            await asyncio.shield(self._quietly(self.store.abandon(tx, "released: its job was stopped")))
+            raise
         except Exception as error:  # a bug or a database outage: count it as a recovery (capped)
             log.error("consensus task failed", tx=short_hash(tx.hash), status=tx.status, error=repr(error))
             if tx.appeal:  # the decision stands; the appeal ends, recorded (an operator may appeal again)
                 await self._quietly(self.store.appeal_abandoned(tx, f"{type(error).__name__}: {error}"[:300]))
-                return
-            await self._quietly(self.store.recover_own([(tx.hash, tx.epoch)], self.settings.max_recoveries,
-                                                       f"task error {type(error).__name__}"))
+            else:
+                await self._recover(task, f"task error {type(error).__name__}", "error")
+
+    async def _watched(self, task: TxTask) -> None:
+        """The task, cancelled after RUNNER_CONSENSUS_TX_STUCK_AFTER seconds without progress (a wait on the
+        chain, bounded by its own timeouts, is not counted): StuckTask."""
+        stuck_after = self.consensus.tx_stuck_after
+        run = asyncio.ensure_future(task.appeal() if task.tx.appeal else task.run())
+        task.task = run
+        try:
+            while True:
+                done, _ = await asyncio.wait({run}, timeout=max(0.05, stuck_after - task.stalled_for))
+                if done:
+                    return run.result()
+                if task.stalled_for > stuck_after:
+                    run.cancel()
+                    await asyncio.gather(run, return_exceptions=True)
+                    raise StuckTask(f"no progress for {stuck_after:g}s (task cancelled by {self.settings.worker_id})")
         finally:
-            if self.tasks.get(tx.hash) is task:  # a rolled-back run's stale task may outlive its re-claim
-                del self.tasks[tx.hash]
-            if self.pending is not None:
-                self.pending.wake.set()
+            if not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+
+    async def _recover(self, task: TxTask, why: str, label: str) -> None:
+        tx = task.tx
+        again = min(MAX_PAUSE_S, 0.2 * 2 ** min(tx.recovery_count, 5))  # a failing transaction backs off
+        try:
+            row = await self.store.recover_own(tx, self.settings.max_recoveries, why, again_after=again)
+            if row is not None:
+                _log_recovered(row, label)
+            else:  # decided but stuck emitting its event: released; the event stays owed
+                await self.store.abandon(tx, None, again_after=again)
+        except Exception as error:  # the core retries this job, and its next run finds the leftovers
+            log.warning("could not recover a consensus transaction", tx=short_hash(tx.hash), error=repr(error))
+            raise
 
     async def _quietly(self, coro: Any) -> None:
         try:
@@ -169,11 +210,12 @@ class Engine:
         except Exception as error:  # the lease expires and the recovery loop takes over
             log.warning("could not release a consensus transaction", error=repr(error))
 
-    def _pause(self, error: BaseException) -> None:
+    def _pause(self, error: BaseException) -> float:
         self.chain_failures += 1
         pause = min(MAX_PAUSE_S, 0.5 * 2 ** min(self.chain_failures, 5))
         self.paused_until = time.monotonic() + pause
-        log.warning("chain error; pausing claims", error=str(error)[:300], pause_s=pause)
+        log.warning("chain error; pausing consensus work", error=str(error)[:300], pause_s=pause)
+        return pause
 
     async def after_chain_error(self, error: BaseException) -> None:
         if isinstance(error, ContractMissing):
@@ -192,10 +234,6 @@ class Engine:
 
     def paused(self) -> bool:
         return time.monotonic() < self.paused_until
-
-    def on_decided(self) -> None:
-        if self.finality is not None:
-            self.finality.wake.set()
 
     async def execute(self, view: TxView, state: dict[str, Any]) -> Execution:
         """Run the executor; an exception is a deterministic failed receipt, not a crash."""
@@ -217,26 +255,51 @@ class Engine:
                     for tx, f in zip(txs, found, strict=True)]
         return [f or emitted for f in found]
 
-    async def settle_owed_decided(self) -> int:
-        txs = await self.store.claim_owed_decided(OWED_BATCH)
+    async def _settle_owed_decided(self, contract: str, holder: Holder) -> int | None:
+        """The contract's owed decided events (left by a crash, the recovery cap or a chain reset), emitted
+        once each; on a chain error they stay owed and None says so (a new job of the contract, enqueued for
+        after the chain pause, comes back for them)."""
+        txs = await self.store.take_owed_decided(contract, holder)
         if not txs:
             return 0
         events = [decided_event(tx, tx.status, (tx.result or {}).get("receipt_hash")) for tx in txs]
         try:
             hashes = await self.settle(txs, "decided", events)
-        except ChainError as error:
-            for tx in txs:
-                await self._quietly(self.store.abandon(tx, None))
+        except ChainError as error:  # still owed: the next take (a new epoch of this job) has them again
+            pause = self._pause(error)
             await self._quietly(self.after_chain_error(error))
-            raise
+            await self.store.postpone(contract, pause)
+            return None
         for tx, event_tx in zip(txs, hashes, strict=True):
-            await self._quietly(self.store.release_decided(tx, event_tx or ""))
+            await self.store.release_decided(tx, event_tx or "")
         log.info("owed decided events settled", count=len(txs))
-        self.on_decided()
         return len(txs)
 
-    async def settle_owed_finalized(self) -> int:
-        txs = await self.store.claim_owed_finalized(OWED_BATCH)
+    # --- the finality job -------------------------------------------------------------------------
+    async def finalize_due(self, holder: Holder) -> dict[str, Any]:
+        """Owed TransactionFinalized events first, then every finalizable prefix, in batches."""
+        settled = await self._settle_owed_finalized(holder)
+        finalized = 0
+        while True:
+            batch = await self.store.finalize_ready(holder, FINALITY_BATCH)
+            if not batch.hashes:
+                return {"finalized": finalized, "settled": settled}
+            events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0),
+                               round=r["round"]) for r in batch.rows]
+            try:
+                event_tx = await self.emitter.emit(events, list(zip(batch.hashes, batch.epochs, strict=True)))
+                if event_tx is None:  # every one emitted before (ConsensusMain skipped them): where
+                    first = batch.rows[0]
+                    event_tx = await self.contract.find_event((cm.FINALIZED,), first["hash"], first["round"])
+            except ChainError as error:
+                await self._finality_failed(batch.hashes, batch.epochs, error)
+                raise AssertionError("unreachable") from None
+            await self.store.release_finalized(batch.hashes, batch.epochs, event_tx)
+            metrics.CONSENSUS_TRANSITIONS.labels("FINALIZED").inc(len(batch.hashes))
+            finalized += len(batch.hashes)
+
+    async def _settle_owed_finalized(self, holder: Holder) -> int:
+        txs = await self.store.take_owed_finalized(holder, OWED_BATCH)
         if not txs:
             return 0
         events = [cm.Event(cm.FINALIZED, tx.hash, tx.to_address, data=cm.word((tx.result or {}).get("receipt_hash")
@@ -244,131 +307,25 @@ class Engine:
         try:
             hashes = await self.settle(txs, "finalized", events)
         except ChainError as error:
-            await self.store.release_finalized([t.hash for t in txs], [t.epoch for t in txs], None)
-            await self._quietly(self.after_chain_error(error))
-            raise
+            await self._finality_failed([t.hash for t in txs], [t.epoch for t in txs], error)
         for tx, event_tx in zip(txs, hashes, strict=True):
             await self.store.release_finalized([tx.hash], [tx.epoch], event_tx)
         log.info("owed finalized events settled", count=len(txs))
         return len(txs)
 
-
-class PendingLoop(Service):
-    name = "consensus-pending"
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(interval_s=engine.settings.poll_interval)
-        self.engine = engine
-        engine.pending = self
-
-    async def run_once(self) -> None:
-        engine = self.engine
-        free = engine.consensus.concurrency - len(engine.tasks)
-        if free <= 0 or engine.paused():
-            return
-        for tx in await engine.store.claim_appeals(free):  # settled first: their contracts wait for them
-            engine.start(tx)
-            free -= 1
-        if free <= 0:
-            return
-        for tx in await engine.store.claim(free):
-            engine.start(tx)
-            metrics.CONSENSUS_TRANSITIONS.labels("ACTIVATED").inc()
-
-    async def on_stop(self) -> None:
-        """Let running transactions finish within the grace; give the rest back (no recovery counted)."""
-        tasks = list(self.engine.tasks.values())
-        if not tasks:
-            return
-        running = [t.task for t in tasks if t.task is not None]
-        _, late = await asyncio.wait(running, timeout=self.engine.settings.shutdown_grace)
-        stopped = [t for t in tasks if t.task in late]
-        for task in stopped:
-            assert task.task is not None
-            task.task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
-        for task in stopped:
-            await self.engine._quietly(self.engine.store.abandon(task.tx, "released: worker shutdown"))
-        if stopped:
-            log.info("consensus transactions given back at shutdown", count=len(stopped))
+    async def _finality_failed(self, hashes: list[str], epochs: list[int], error: ChainError) -> NoReturn:
+        """Their TransactionFinalized stays owed; this job runs again once the chain pause is over."""
+        pause = self._pause(error)
+        await self.store.release_finalized(hashes, epochs, None)
+        await self._quietly(self.after_chain_error(error))
+        raise RetryLater(pause, f"TransactionFinalized not emitted: {error}"[:300]) from None
 
 
-class RecoveryLoop(Service):
-    name = "consensus-recovery"
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(interval_s=engine.settings.heartbeat_interval)
-        self.engine = engine
-
-    async def run_once(self) -> None:
-        engine, settings = self.engine, self.engine.settings
-        tasks = [t for t in engine.tasks.values() if t.task is not None and not t.task.done()]
-        stuck = [t for t in tasks if t.stalled_for > engine.consensus.tx_stuck_after]
-        live = [t for t in tasks if t not in stuck]
-        renewed = await engine.store.renew([(t.tx.hash, t.tx.epoch) for t in live])
-        for task in live:
-            if task.tx.hash not in renewed and task.task is not None and not task.task.done() \
-                    and task.tx.status in IN_MACHINE:
-                log.warning("consensus lease taken over; cancelling our task", tx=short_hash(task.tx.hash))
-                task.task.cancel()
-        if stuck:
-            await self._recover_stuck(stuck)
-        for row in await engine.store.recover_expired(settings.max_recoveries):
-            self._log_recovered(row, "lease_expired")
-        await engine.settle_owed_decided()
-
-    async def _recover_stuck(self, stuck: list[TxTask]) -> None:
-        engine, settings = self.engine, self.engine.settings
-        for task in stuck:
-            assert task.task is not None
-            task.task.cancel()
-        await asyncio.gather(*(t.task for t in stuck if t.task is not None), return_exceptions=True)
-        why = f"no progress for {engine.consensus.tx_stuck_after:g}s (task cancelled by {settings.worker_id})"
-        rows = await engine.store.recover_own([(t.tx.hash, t.tx.epoch) for t in stuck], settings.max_recoveries, why)
-        for row in rows:
-            self._log_recovered(row, "stuck")
-        recovered = {r["hash"] for r in rows}
-        for task in stuck:  # decided but stuck emitting its event: release it; the event stays owed
-            if task.tx.hash not in recovered:
-                await engine._quietly(engine.store.abandon(task.tx, None))
-
-    def _log_recovered(self, row: Any, why: str) -> None:
-        metrics.CONSENSUS_RECOVERED.labels(row["status"], why).inc()
-        log.warning("consensus transaction recovered", tx=short_hash(row["hash"]), to=row["status"],
-                    recovery_count=row["recovery_count"], reason=row["reason"])
+class StuckTask(Exception):
+    """A transaction made no progress for RUNNER_CONSENSUS_TX_STUCK_AFTER seconds."""
 
 
-class FinalityLoop(Service):
-    name = "consensus-finality"
-
-    def __init__(self, engine: Engine) -> None:
-        interval = engine.settings.poll_interval
-        if engine.consensus.finality_window > 0:
-            interval = min(interval, max(0.05, engine.consensus.finality_window / 2))
-        super().__init__(interval_s=interval)
-        self.engine = engine
-        engine.finality = self
-
-    async def run_once(self) -> None:
-        engine = self.engine
-        await engine.settle_owed_finalized()
-        while True:
-            batch = await engine.store.finalize_ready(engine.consensus.finality_window, FINALITY_BATCH,
-                                                      engine.consensus.appeal_window_factor)
-            if not batch or not batch.hashes:
-                return
-            events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0),
-                               round=r["round"]) for r in batch.rows]
-            try:
-                event_tx = await engine.emitter.emit(events, list(zip(batch.hashes, batch.epochs, strict=True)))
-                if event_tx is None:  # every one emitted before (ConsensusMain skipped them): where
-                    first = batch.rows[0]
-                    event_tx = await engine.contract.find_event((cm.FINALIZED,), first["hash"], first["round"])
-            except ChainError as error:
-                await engine.store.release_finalized(batch.hashes, batch.epochs, None)
-                await engine._quietly(engine.after_chain_error(error))
-                raise
-            await engine.store.release_finalized(batch.hashes, batch.epochs, event_tx)
-            metrics.CONSENSUS_TRANSITIONS.labels("FINALIZED").inc(len(batch.hashes))
-            if len(batch.hashes) < FINALITY_BATCH:
-                return
+def _log_recovered(row: Any, why: str) -> None:
+    metrics.CONSENSUS_RECOVERED.labels(row["status"], why).inc()
+    log.warning("consensus transaction recovered", tx=short_hash(row["hash"]), to=row["status"],
+                recovery_count=row["recovery_count"], reason=row["reason"])

@@ -121,7 +121,7 @@ def receipt_of(execution: Execution) -> dict[str, Any]:
 
 
 class TxTask:
-    """Runs one transaction; ``last_progress`` is what the recovery loop renews leases (and judges) by."""
+    """Runs one transaction; ``last_progress`` is what the engine's watchdog judges it by."""
 
     def __init__(self, engine: Engine, tx: Claimed) -> None:
         self.engine = engine
@@ -363,7 +363,6 @@ class TxTask:
         await self.engine.store.release_decided(tx, event_tx)
         self.progress()
         log.debug("transaction decided", tx=short_hash(tx.hash), outcome=outcome)
-        self.engine.on_decided()
 
 
 def decided_event(tx: Claimed, outcome: str, receipt_hash: str | None) -> cm.Event:

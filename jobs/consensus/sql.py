@@ -1,8 +1,11 @@
 """Every SQL statement of the consensus loops, in one place.
 
-Conventions: ``$owner`` is the worker id, every write for a claimed transaction is fenced by
-``hash + lease_epoch + lease_owner`` (a recovered transaction's old owner changes nothing), and hot
-paths are set-based (claims, renewals, recoveries and finality work on arrays, one statement each).
+Leases are the core's: a transaction is held by the runner_jobs row (``job_id``) whose attempt
+(``job_epoch``, that job's lease epoch) took it: a ``consensus.contract`` job (one at a time per contract,
+its fifo_key) or the ``consensus.finality`` job. The core claims, heartbeats and rescues those jobs; here a
+take bumps the transaction's own ``lease_epoch``, and every write for a taken transaction is fenced by
+``hash + lease_epoch`` and HELD: its job still runs the attempt that took it (a rescued job's old attempt,
+a rolled-back or reset transaction's old holder, change nothing). Hot paths are set-based.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ VALIDATORS = "runner_consensus_validators"
 IN_MACHINE = "('ACTIVATED', 'PROPOSING', 'COMMITTING', 'REVEALING')"
 DECIDED = "('ACCEPTED', 'UNDETERMINED', 'LEADER_TIMEOUT', 'VALIDATORS_TIMEOUT')"
 DONE = "('FINALIZED', 'CANCELED')"
-# A contract is busy while one of its transactions is in the machine, or decided but its owner has not
-# released it yet (the decided event is still being emitted): the next one waits (per-contract FIFO).
-BUSY = f"(b.status IN {IN_MACHINE} OR (b.status IN {DECIDED} AND b.lease_owner IS NOT NULL))"
+# The transaction's holder is alive: the job that took it still runs that attempt (its lease is renewed by
+# the core's heartbeat; a rescue or a new claim of the job ends it). NOT_HELD: nobody, or a dead holder.
+HELD_BY_LIVE_JOB = """EXISTS (SELECT 1 FROM runner_jobs j
+                     WHERE j.id = {a}.job_id AND j.lease_epoch = {a}.job_epoch AND j.status = 'running')"""
+HELD = HELD_BY_LIVE_JOB.format(a="t")
+NOT_HELD = f"(t.job_id IS NULL OR NOT {HELD})"
 EVENT_COLUMNS = ("activated_event_tx", "proposed_event_tx", "committed_event_tx", "revealed_event_tx",
                  "decided_event_tx", "finalized_event_tx")
 CLAIMED_COLUMNS = (
     "t.hash, t.seq, t.lease_epoch, t.status, t.from_address, t.to_address, t.input, t.leader, t.result, "
-    "t.recovery_count, t.round, t.rotation_count, t.appeals, " + ", ".join(f"t.{c}" for c in EVENT_COLUMNS)
+    "t.recovery_count, t.round, t.rotation_count, t.appeals, t.appeal_failed, "
+    + ", ".join(f"t.{c}" for c in EVENT_COLUMNS)
 )
 
 INSERT_MANY = f"""
@@ -34,41 +41,59 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
 ORDER BY s.ord
 """
 
-# The oldest PENDING transaction of each contract with nothing in flight, oldest first, up to $1.
-# `heads` walks the pending index once per contract (a loose index scan), not once per transaction.
-CLAIM = f"""
-WITH RECURSIVE heads AS (
-    (SELECT to_address, seq FROM {T} WHERE status = 'PENDING' ORDER BY to_address, seq LIMIT 1)
-    UNION ALL
-    SELECT n.to_address, n.seq
-    FROM heads h
-    CROSS JOIN LATERAL (
-        SELECT to_address, seq FROM {T}
-        WHERE status = 'PENDING' AND to_address > h.to_address
-        ORDER BY to_address, seq LIMIT 1
-    ) n
-), free AS (
-    SELECT h.seq FROM heads h
-    WHERE NOT EXISTS (SELECT 1 FROM {T} b WHERE b.to_address = h.to_address AND {BUSY})
-    ORDER BY h.seq
-    LIMIT $1
-), picked AS (
-    SELECT t.hash FROM {T} t JOIN free f ON t.seq = f.seq
-    WHERE t.status = 'PENDING'
-    FOR UPDATE OF t SKIP LOCKED
+# --- a contract job's work: one contract, one job at a time (its fifo_key) -------------------------------
+# $1 contract, $2 job id, $3 job lease epoch. A take bumps the transaction's epoch and records its holder.
+_TAKE_SET = "job_id = $2, job_epoch = $3, lease_epoch = t.lease_epoch + 1"
+
+# A transaction of the contract left in the machine by a holder that died (its worker crashed or froze and
+# the core rescued its job) or whose job ended: back to PENDING, one recovery counted; the
+# RUNNER_MAX_RECOVERIES-th recovery ($2) ends it UNDETERMINED with the reason instead (its decided event is
+# then owed). Counted here, before the core's own limit on the job's recoveries could fail the job first.
+RECOVER_LEFTOVERS = f"""
+UPDATE {T} t SET {{recover_set}}
+WHERE t.to_address = $1 AND t.status IN {IN_MACHINE} AND {NOT_HELD}
+RETURNING t.hash, t.status, t.recovery_count, t.reason
+"""
+
+# The contract's decided transactions whose decided event is owed and nobody holds (a crash between the
+# decision and its event, the recovery cap, a chain reset), in submission order.
+TAKE_OWED_DECIDED = f"""
+UPDATE {T} t SET {_TAKE_SET}
+WHERE t.to_address = $1 AND t.status IN {DECIDED} AND t.decided_event_tx IS NULL AND {NOT_HELD}
+RETURNING {CLAIMED_COLUMNS}
+"""
+
+# The contract's next unit of work: an appeal asked for (its contract's newer transactions wait for it),
+# else its oldest PENDING transaction while nothing of it is in the machine.
+TAKE_APPEAL = f"""
+WITH picked AS (
+    SELECT hash FROM {T} t
+    WHERE t.to_address = $1 AND t.appeal_requested IS NOT NULL AND t.status IN {DECIDED} AND {NOT_HELD}
+    ORDER BY t.seq LIMIT 1
+    FOR UPDATE
 )
-UPDATE {T} t
-SET status = 'ACTIVATED', lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
-    lease_epoch = t.lease_epoch + 1, activated_at = now()
-FROM picked p
-WHERE t.hash = p.hash
+UPDATE {T} t SET {_TAKE_SET}
+FROM picked WHERE t.hash = picked.hash
+RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeal_requested
+"""
+
+TAKE_PENDING = f"""
+WITH picked AS (
+    SELECT hash FROM {T} t
+    WHERE t.to_address = $1 AND t.status = 'PENDING'
+      AND NOT EXISTS (SELECT 1 FROM {T} b WHERE b.to_address = $1 AND b.status IN {IN_MACHINE})
+    ORDER BY t.seq LIMIT 1
+    FOR UPDATE
+)
+UPDATE {T} t SET status = 'ACTIVATED', activated_at = now(), {_TAKE_SET}
+FROM picked WHERE t.hash = picked.hash AND t.status = 'PENDING'
 RETURNING {CLAIMED_COLUMNS},
     (SELECT a.state FROM {ACCEPTED_STATES} a WHERE a.address = t.to_address) AS accepted_state
 """
 
 # State transitions, group-committed: each row is ONE transition of one transaction, fenced by its own
-# epoch, owner and the status it leaves; the statement carries many rows. It renews each moved row's
-# lease (progress), and a move to ACCEPTED writes the contract's accepted state in the same statement.
+# epoch, its holder and the status it leaves; the statement carries many rows. A move to ACCEPTED writes
+# the contract's accepted state in the same statement.
 # Arrays: hash, epoch, from status, to status, leader, result, votes, reason, state_patch, the four
 # event hashes known so far, accepted state (jsonb as text), for a leader rotation the new round and
 # rotation count (NULL otherwise: a new round's proposal and votes are not the last round's), and the
@@ -96,10 +121,9 @@ WITH i AS (
         committed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.committed_event_tx, i.committed) END,
         revealed_event_tx = CASE WHEN i.round IS NULL THEN COALESCE(t.revealed_event_tx, i.revealed) END,
         outcome = CASE WHEN i.to_status IN {DECIDED} THEN i.to_status END,
-        timestamp_awaiting_finalization = CASE WHEN i.to_status IN {DECIDED} THEN now() END,
-        lease_expires_at = now() + make_interval(secs => $18)
+        timestamp_awaiting_finalization = CASE WHEN i.to_status IN {DECIDED} THEN now() END
     FROM i
-    WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $19 AND t.status = i.from_status
+    WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.status = i.from_status AND {HELD}
     RETURNING t.hash, t.seq, t.to_address, i.accepted_state
 ), accepted AS (
     -- one in-flight transaction per contract, so one row per address; DISTINCT ON guards it anyway
@@ -113,129 +137,100 @@ WITH i AS (
 SELECT hash FROM moved
 """
 
-# The decided events are on chain: store their hashes and give the transactions to the finality loop.
+# The decided events are on chain: store their hashes and give the transactions to finality (the caller
+# enqueues the finality job for the end of their window in the same transaction).
 RELEASE_DECIDED = f"""
-UPDATE {T} t SET decided_event_tx = COALESCE(t.decided_event_tx, i.event_tx), lease_owner = NULL,
-    lease_expires_at = NULL
+UPDATE {T} t SET decided_event_tx = COALESCE(t.decided_event_tx, i.event_tx), job_id = NULL, job_epoch = NULL
 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS i(hash, epoch, event_tx)
-WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.lease_owner = $4 AND t.status IN {DECIDED}
-RETURNING t.hash
+WHERE t.hash = i.hash AND t.lease_epoch = i.epoch AND t.status IN {DECIDED} AND {HELD}
+RETURNING t.hash, t.appeal_failed
 """
 
-# Give a transaction back without counting a recovery (shutdown, the chain is down): back to PENDING if
-# it was mid-machine; a decided one keeps its status and its decided event stays owed.
+# Give a transaction back without counting a recovery (shutdown, a cancelled job, the chain is down): back
+# to PENDING if it was mid-machine; a decided one keeps its status and its decided event stays owed. The
+# caller enqueues the contract job that takes it up again, in the same transaction.
 ABANDON = f"""
-UPDATE {T}
+UPDATE {T} t
 SET status = CASE WHEN status IN {IN_MACHINE} THEN 'PENDING' ELSE status END,
     reason = COALESCE($3, reason),
-    activated_event_tx = COALESCE(activated_event_tx, $5),
-    proposed_event_tx = COALESCE(proposed_event_tx, $6),
-    committed_event_tx = COALESCE(committed_event_tx, $7),
-    revealed_event_tx = COALESCE(revealed_event_tx, $8),
-    lease_owner = NULL, lease_expires_at = NULL
-WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $4
+    activated_event_tx = COALESCE(activated_event_tx, $4),
+    proposed_event_tx = COALESCE(proposed_event_tx, $5),
+    committed_event_tx = COALESCE(committed_event_tx, $6),
+    revealed_event_tx = COALESCE(revealed_event_tx, $7),
+    job_id = NULL, job_epoch = NULL
+WHERE hash = $1 AND lease_epoch = $2 AND {HELD}
 RETURNING status
 """
 
-# Renew the leases of the tasks that made progress recently (and only those).
-RENEW = f"""
-UPDATE {T} t SET lease_expires_at = now() + make_interval(secs => $3)
-FROM unnest($1::text[], $2::bigint[]) AS r(hash, epoch)
-WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4
-RETURNING t.hash
-"""
-
-# The emitter's fence: which of these leases this worker still holds (right before a batch is sent).
-HELD = f"""
+# The emitter's fence: which of these (hash, epoch) takes are still held (right before a batch is sent).
+STILL_HELD = f"""
 SELECT t.hash, t.lease_epoch FROM {T} t
 JOIN unnest($1::text[], $2::bigint[]) AS r(hash, epoch) ON t.hash = r.hash AND t.lease_epoch = r.epoch
-WHERE t.lease_owner = $3
+WHERE {HELD}
 """
 
-# Recovery: back to PENDING with recovery_count + 1; past RUNNER_MAX_RECOVERIES ($1) it ends UNDETERMINED
-# with the reason (its decided event is then owed and emitted by the recovery loop).
+# Recovery: back to PENDING with recovery_count + 1; the recovery that reaches RUNNER_MAX_RECOVERIES ({cap})
+# ends it UNDETERMINED with the reason instead (its decided event is then owed: the contract job emits it).
 _RECOVER_SET = """
-    recovery_count = CASE WHEN t.recovery_count >= $1 THEN t.recovery_count ELSE t.recovery_count + 1 END,
-    status = CASE WHEN t.recovery_count >= $1 THEN 'UNDETERMINED' ELSE 'PENDING' END,
-    reason = CASE WHEN t.recovery_count >= $1
-        THEN format('recovery cap reached: %s in %s after %s recoveries (RUNNER_MAX_RECOVERIES=%s)',
-                    {why}, t.status, t.recovery_count, $1)
+    recovery_count = t.recovery_count + 1,
+    status = CASE WHEN t.recovery_count + 1 >= {cap} THEN 'UNDETERMINED' ELSE 'PENDING' END,
+    reason = CASE WHEN t.recovery_count + 1 >= {cap}
+        THEN format('recovery cap reached: %s in %s, recovery %s (RUNNER_MAX_RECOVERIES=%s)',
+                    {why}, t.status, t.recovery_count + 1, {cap})
         ELSE format('recovered: %s in %s', {why}, t.status) END,
-    outcome = CASE WHEN t.recovery_count >= $1 THEN 'UNDETERMINED' END,
-    timestamp_awaiting_finalization = CASE WHEN t.recovery_count >= $1 THEN now() END,
-    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+    outcome = CASE WHEN t.recovery_count + 1 >= {cap} THEN 'UNDETERMINED' END,
+    timestamp_awaiting_finalization = CASE WHEN t.recovery_count + 1 >= {cap} THEN now() END,
+    job_id = NULL, job_epoch = NULL, lease_epoch = t.lease_epoch + 1
 """
+RECOVER_LEFTOVERS = RECOVER_LEFTOVERS.format(recover_set=_RECOVER_SET.format(
+    cap="$2", why="'its holder (job ' || t.job_id || ') ended or lost its lease'"))
 
-# Other workers' expired leases (their process died or stopped renewing).
-RECOVER_EXPIRED = f"""
-WITH stale AS (
-    SELECT hash FROM {T}
-    WHERE lease_owner IS NOT NULL AND lease_expires_at < now() AND status IN {IN_MACHINE}
-    ORDER BY lease_expires_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {T} t SET {_RECOVER_SET.format(why="'lease of ' || t.lease_owner || ' expired'")}
-FROM stale WHERE t.hash = stale.hash
-RETURNING t.hash, t.status, t.recovery_count, t.reason
-"""
-
-# This worker's own tasks, cancelled for making no progress ($5 says why); fenced per row.
+# A contract job's own transaction, stopped for making no progress or by an error ($3 says why); fenced.
+# The caller enqueues the contract job that runs it again, in the same transaction.
 RECOVER_OWN = f"""
-UPDATE {T} t SET {_RECOVER_SET.format(why="$5::text")}
-FROM unnest($2::text[], $3::bigint[]) AS r(hash, epoch)
-WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4 AND t.status IN {IN_MACHINE}
+UPDATE {T} t SET {_RECOVER_SET.format(cap="$4", why="$3::text")}
+WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.status IN {IN_MACHINE} AND {HELD}
 RETURNING t.hash, t.status, t.recovery_count, t.reason
 """
 
-def _claim_owed(owed: str, *, in_order: bool = False) -> str:
-    """Claim unheld transactions whose event is owed. ``owed`` is a fixed predicate (never user input)
-    on the row ``{a}``.
-
-    ``in_order``: a transaction whose predecessor on the same contract owes the same event and is held
-    (in flight at a sender) is not claimed, so two senders never race one contract's events to the chain;
-    taken in seq order with a LIMIT, each contract's claimed rows are a prefix of what it owes. Its callers
-    hold FINALITY_LOCK, so each claim sees the leases the one before it committed (FOR UPDATE, not SKIP
-    LOCKED: a row being released is waited for, not passed over)."""
-    held_before = f"""
-      AND NOT EXISTS (
-          SELECT 1 FROM {T} p
-          WHERE p.to_address = t.to_address AND p.seq < t.seq AND {owed.format(a="p")}
-            AND p.lease_owner IS NOT NULL AND p.lease_expires_at >= now())""" if in_order else ""
-    return f"""
+# FINALIZED transactions whose finalized event is owed (a finality job died, the chain was down or was
+# reset), in submission order per contract: a transaction whose predecessor on the same contract owes it
+# too and is held (in flight at another finality job) is not taken, so two never race one contract's
+# events to the chain; taken in seq order with a LIMIT, each contract's rows are a prefix of what it owes.
+# Taken under FINALITY_WAIT_LOCK, so each take sees the holders the one before it committed (FOR UPDATE,
+# not SKIP LOCKED: a row being released is waited for, not passed over).
+TAKE_OWED_FINALIZED = f"""
 WITH owed AS (
     SELECT hash FROM {T} t
-    WHERE {owed.format(a="t")}
-      AND (t.lease_owner IS NULL OR t.lease_expires_at < now()){held_before}
+    WHERE t.status = 'FINALIZED' AND t.finalized_event_tx IS NULL AND {NOT_HELD}
+      AND NOT EXISTS (
+          SELECT 1 FROM {T} p
+          WHERE p.to_address = t.to_address AND p.seq < t.seq AND p.status = 'FINALIZED'
+            AND p.finalized_event_tx IS NULL AND {HELD_BY_LIVE_JOB.format(a="p")})
     ORDER BY t.seq
     LIMIT $1
-    {"FOR UPDATE" if in_order else "FOR UPDATE SKIP LOCKED"}
+    FOR UPDATE
 )
-UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
-    lease_epoch = t.lease_epoch + 1
+UPDATE {T} t SET job_id = $2, job_epoch = $3, lease_epoch = t.lease_epoch + 1
 FROM owed WHERE t.hash = owed.hash
 RETURNING {CLAIMED_COLUMNS}
 """
 
-
-# Decided transactions whose decided event is owed and nobody holds (a crash between the decision and
-# its event, or the recovery cap): take them to settle the event.
-CLAIM_OWED_DECIDED = _claim_owed(f"{{a}}.status IN {DECIDED} AND {{a}}.decided_event_tx IS NULL")
-
-# FINALIZED transactions whose finalized event is owed (the finalizer died, the chain was down or was
-# reset), in submission order per contract (two workers after a reset took seq 1-100 and 101-200 of the
-# same contracts and raced them to the chain).
-CLAIM_OWED_FINALIZED = _claim_owed("{a}.status = 'FINALIZED' AND {a}.finalized_event_tx IS NULL", in_order=True)
-
-# --- finality: one finalizer at a time (advisory lock), in a transaction -------------------------------
-FINALITY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+# --- finality: finality jobs, each take in a transaction under the advisory lock (one take at a time
+# across workers; a rollback takes it too: finality moves neither its rows nor the state meanwhile)
 
 # Its window passed (shortened by each failed appeal: $1 x $3 ^ appeal_failed), and no appeal is asked for.
 _FINALIZABLE = """(
-    {a}.status IN {decided} AND {a}.lease_owner IS NULL AND {a}.decided_event_tx IS NOT NULL
+    {a}.status IN {decided} AND {a}.decided_event_tx IS NOT NULL
+    AND ({a}.job_id IS NULL OR NOT {held})
     AND {a}.appeal_requested IS NULL
     AND {a}.timestamp_awaiting_finalization <= now() - make_interval(secs => $1 * power($3::float8, {a}.appeal_failed))
 )"""
+
+
+def _finalizable(a: str) -> str:
+    return _FINALIZABLE.format(a=a, decided=DECIDED, held=HELD_BY_LIVE_JOB.format(a=a))
+
 
 # Decided transactions whose window passed and every unfinished predecessor on the same contract is
 # finalizable too: a prefix per contract, oldest first. A predecessor FINALIZED whose event is not on chain
@@ -245,11 +240,11 @@ FINALITY_READY = f"""
 SELECT t.hash, t.to_address, t.seq, t.status, t.state_patch, t.result ->> 'receipt_hash' AS receipt_hash,
        t.lease_epoch, t.round
 FROM {T} t
-WHERE t.status IN {DECIDED} AND {_FINALIZABLE.format(a="t", decided=DECIDED)}
+WHERE t.status IN {DECIDED} AND {_finalizable("t")}
   AND NOT EXISTS (
       SELECT 1 FROM {T} p
       WHERE p.to_address = t.to_address AND p.seq < t.seq
-        AND ((p.status NOT IN {DONE} AND NOT {_FINALIZABLE.format(a="p", decided=DECIDED)})
+        AND ((p.status NOT IN {DONE} AND NOT {_finalizable("p")})
              OR (p.status = 'FINALIZED' AND p.finalized_event_tx IS NULL))
   )
 ORDER BY t.seq
@@ -261,8 +256,7 @@ FINALIZED_STATES_FOR = f"SELECT address, state FROM {FINALIZED_STATES} WHERE add
 
 FINALIZE = f"""
 UPDATE {T} t
-SET status = 'FINALIZED', finalized_at = now(), lease_owner = $2,
-    lease_expires_at = now() + make_interval(secs => $3), lease_epoch = t.lease_epoch + 1
+SET status = 'FINALIZED', finalized_at = now(), job_id = $2, job_epoch = $3, lease_epoch = t.lease_epoch + 1
 WHERE t.hash = ANY($1::text[]) AND t.status IN {DECIDED} AND t.appeal_requested IS NULL
 RETURNING t.hash, t.lease_epoch
 """
@@ -284,22 +278,6 @@ SELECT status, appeal_requested, decided_event_tx IS NOT NULL AS decided_on_chai
 FROM {T} WHERE hash = $1
 """
 
-# Appeals asked for and not held: taken with a lease (their contract counts as busy meanwhile).
-CLAIM_APPEALS = f"""
-WITH picked AS (
-    SELECT hash FROM {T}
-    WHERE appeal_requested IS NOT NULL AND status IN {DECIDED}
-      AND (lease_owner IS NULL OR lease_expires_at < now())
-    ORDER BY seq
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {T} t SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3),
-    lease_epoch = t.lease_epoch + 1
-FROM picked WHERE t.hash = picked.hash
-RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeal_requested
-"""
-
 # The contract's state just before a transaction: its finalized state, then the patches of the accepted
 # transactions between (in submission order). Read under FINALITY_LOCK, so finality does not move them.
 STATE_BEFORE = f"""
@@ -311,41 +289,41 @@ SELECT (SELECT state FROM {FINALIZED_STATES} WHERE address = $1) AS finalized,
 
 # An appeal that changed nothing: recorded, the votes merged, the window restarted shorter.
 APPEAL_FAILED = f"""
-UPDATE {T} t SET appeal_requested = NULL, appeal_failed = t.appeal_failed + 1, appeals = t.appeals || $4::jsonb,
-    votes = $5::jsonb, round = $6, timestamp_awaiting_finalization = now(), lease_owner = NULL,
-    lease_expires_at = NULL
-WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.lease_owner = $3 AND t.status IN {DECIDED}
-RETURNING t.hash
+UPDATE {T} t SET appeal_requested = NULL, appeal_failed = t.appeal_failed + 1, appeals = t.appeals || $3::jsonb,
+    votes = $4::jsonb, round = $5, timestamp_awaiting_finalization = now(), job_id = NULL, job_epoch = NULL
+WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.status IN {DECIDED} AND {HELD}
+RETURNING t.appeal_failed
 """
 
 # An appeal whose settlement raised: the request ends, recorded, its round used ($5: a later appeal opens
 # the next one); the decision and its window stand.
 APPEAL_ABANDONED = f"""
-UPDATE {T} t SET appeal_requested = NULL, appeals = t.appeals || $4::jsonb, round = $5, lease_owner = NULL,
-    lease_expires_at = NULL
-WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.lease_owner = $3 AND t.status IN {DECIDED}
+UPDATE {T} t SET appeal_requested = NULL, appeals = t.appeals || $3::jsonb, round = $4, job_id = NULL,
+    job_epoch = NULL
+WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.status IN {DECIDED} AND {HELD}
 RETURNING t.hash
 """
 
 # A successful appeal (or a leader appeal): the transaction and every newer one of its contract that ran
 # back to PENDING in one statement, fenced on the appealed one's lease. Their epochs are bumped (an
 # in-flight worker's writes and emits are refused), their decisions, votes, patches and event hashes
-# cleared; each re-run is a new round ($4 for the appealed one), so its events are new events.
+# cleared; each re-run is a new round ($3 for the appealed one), so its events are new events. The caller
+# enqueues one contract job per row, in the same transaction.
 ROLLBACK = f"""
 WITH target AS (
-    SELECT hash, to_address, seq FROM {T}
-    WHERE hash = $1 AND lease_epoch = $2 AND lease_owner = $3 AND status IN {DECIDED}
+    SELECT hash, to_address, seq FROM {T} t
+    WHERE t.hash = $1 AND t.lease_epoch = $2 AND t.status IN {DECIDED} AND {HELD}
 )
 UPDATE {T} t SET status = 'PENDING',
-    round = CASE WHEN t.hash = g.hash THEN $4 ELSE t.round + 1 END,
-    appeals = CASE WHEN t.hash = g.hash THEN t.appeals || $5::jsonb ELSE t.appeals END,
-    reason = CASE WHEN t.hash = g.hash THEN $6 ELSE 'rolled back: an appeal of an older transaction of its '
+    round = CASE WHEN t.hash = g.hash THEN $3 ELSE t.round + 1 END,
+    appeals = CASE WHEN t.hash = g.hash THEN t.appeals || $4::jsonb ELSE t.appeals END,
+    reason = CASE WHEN t.hash = g.hash THEN $5 ELSE 'rolled back: an appeal of an older transaction of its '
                                                      'contract succeeded' END,
     rotation_count = 0, appeal_requested = NULL, leader = NULL, votes = NULL, result = NULL, state_patch = NULL,
     draw = NULL,
     outcome = NULL, timestamp_awaiting_finalization = NULL,
     {", ".join(f"{c} = NULL" for c in EVENT_COLUMNS)},
-    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+    job_id = NULL, job_epoch = NULL, lease_epoch = t.lease_epoch + 1
 FROM target g
 WHERE t.to_address = g.to_address AND t.seq >= g.seq AND t.status NOT IN ('PENDING', 'FINALIZED', 'CANCELED')
 RETURNING t.hash, t.seq, t.status
@@ -368,10 +346,9 @@ SET state = EXCLUDED.state, tx_hash = EXCLUDED.tx_hash, updated_at = EXCLUDED.up
 
 # Store the finalized event's chain tx hash ($3, NULL when it failed) and release; fenced per row.
 RELEASE_FINALIZED = f"""
-UPDATE {T} t SET finalized_event_tx = COALESCE(t.finalized_event_tx, $3), lease_owner = NULL,
-    lease_expires_at = NULL
+UPDATE {T} t SET finalized_event_tx = COALESCE(t.finalized_event_tx, $3), job_id = NULL, job_epoch = NULL
 FROM unnest($1::text[], $2::bigint[]) AS r(hash, epoch)
-WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.lease_owner = $4 AND t.status = 'FINALIZED'
+WHERE t.hash = r.hash AND t.lease_epoch = r.epoch AND t.status = 'FINALIZED' AND {HELD}
 RETURNING t.hash
 """
 
@@ -400,7 +377,7 @@ GET = f"SELECT * FROM {T} WHERE hash = $1"
 # moves on to the next one. The epoch bump refuses a claim that read it just before.
 CANCEL = f"""
 UPDATE {T} t SET status = 'CANCELED', reason = $2, finalized_at = now(),
-    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+    job_id = NULL, job_epoch = NULL, lease_epoch = t.lease_epoch + 1
 WHERE t.hash = $1 AND t.status = 'PENDING'
 RETURNING t.hash
 """
@@ -426,16 +403,17 @@ RETURNING address
 # owe their decided event again, finalized ones their TransactionFinalized (the owed loops emit them, in
 # submission order, and --drain waits for them). The earlier events of decided and finalized transactions
 # (activation, proposal, votes) are not re-emitted: `runner tx` shows them as not on this chain. Bumping
-# the epochs refuses every in-flight write of the old round.
+# the epochs refuses every in-flight write of the old round. The caller enqueues a contract job per row that
+# owes work (PENDING again, or its decided event) and a finality job, in the same transaction.
 CHAIN_RESET = f"""
 UPDATE {T} t SET {", ".join(f"{c} = NULL" for c in EVENT_COLUMNS)},
     status = CASE WHEN t.status IN {IN_MACHINE} THEN 'PENDING' ELSE t.status END,
     reason = CASE WHEN t.status IN {IN_MACHINE} THEN 'given back: the chain was reset (ConsensusMain deployed again)'
                   ELSE t.reason END,
-    lease_owner = NULL, lease_expires_at = NULL, lease_epoch = t.lease_epoch + 1
+    job_id = NULL, job_epoch = NULL, lease_epoch = t.lease_epoch + 1
 WHERE t.status NOT IN ('PENDING', 'CANCELED')
   AND ({" OR ".join(f"t.{c} IS NOT NULL" for c in EVENT_COLUMNS)} OR t.status IN {IN_MACHINE})
-RETURNING t.status
+RETURNING t.status, t.to_address
 """
 
 # Compare-and-swap: replace a stale address only if nobody replaced it first.

@@ -1,22 +1,30 @@
 """The consensus tables, through the worker's one pool (each call borrows a connection for database work
-only; no chain call ever happens while one is held)."""
+only; no chain call ever happens while one is held).
+
+Every write that leaves work for a contract (a submission, an appeal asked for, a transaction given back,
+recovered or rolled back, a chain reset) enqueues the job that will do it in the same transaction
+(runner.jobs.consensus.work): no work without its job, whatever crashes when."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from runner.batching import GroupCommit
 from runner.db import Database
 from runner.errors import LeaseLost, UsageError
-from runner.jobs.consensus import sql
+from runner.jobs.consensus import sql, work
 from runner.jobs.consensus.model import Submission, apply_patch, canonical_json, short_hash
 from runner.jobs.consensus.validators import Validator
 from runner.logs import get_logger
+
+if TYPE_CHECKING:
+    from runner.app import App
+    from runner.queue import NewJob
 
 log = get_logger("runner.jobs.consensus.store")
 
@@ -34,9 +42,17 @@ def _list(value: Any) -> list[Any]:
     return decoded if isinstance(decoded, list) else []
 
 
+@dataclass(frozen=True)
+class Holder:
+    """The job attempt that takes transactions: its id and its lease epoch (the core's claim bumped it)."""
+
+    job_id: int
+    job_epoch: int
+
+
 @dataclass
 class Claimed:
-    """A transaction this worker holds, with the lease epoch every write must carry."""
+    """A transaction a job holds, with the epoch of its take that every write must carry."""
 
     hash: str
     seq: int
@@ -56,6 +72,7 @@ class Claimed:
     appeal: str | None = None
     votes: list[dict[str, Any]] = field(default_factory=list)
     appeals: list[dict[str, Any]] = field(default_factory=list)
+    appeal_failed: int = 0  # failed appeals so far: each shortens its finality window
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> Claimed:
@@ -70,6 +87,7 @@ class Claimed:
             appeal=row["appeal_requested"] if "appeal_requested" in keys else None,
             votes=_list(row["votes"] if "votes" in keys else None),
             appeals=_list(row["appeals"] if "appeals" in keys else None),
+            appeal_failed=row["appeal_failed"],
         )
 
     @property
@@ -118,27 +136,54 @@ def in_seq_order(rows: Sequence[asyncpg.Record]) -> list[Claimed]:
 
 
 class ConsensusStore:
-    def __init__(self, db: Database, owner: str, lease_s: float) -> None:
-        self.db = db
-        self.owner = owner
-        self.lease_s = lease_s
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.db: Database = app.db
         self._transition_writer: GroupCommit[tuple[Any, ...], bool] | None = None
         self._release_writer: GroupCommit[tuple[str, int, str], bool] | None = None
 
+    @property
+    def finality_window(self) -> tuple[float, float]:
+        """RUNNER_CONSENSUS_FINALITY_WINDOW and the factor each failed appeal shortens it by."""
+        from runner.jobs.consensus.settings import consensus_settings
+
+        settings = consensus_settings(self.app)
+        return settings.finality_window, settings.appeal_window_factor
+
+    async def _enqueue(self, jobs: Sequence[NewJob], connection: asyncpg.Connection) -> None:
+        if jobs:
+            await self.app.enqueue_jobs(jobs, connection=connection)
+
+    def _finality_after(self, appeal_failed: int) -> float:
+        window, shrink = self.finality_window
+        return window * shrink ** appeal_failed
+
     # --- submit ---------------------------------------------------------------------------------
     async def insert(self, submissions: Sequence[Submission]) -> list[str]:
-        async with self.db.connection() as connection:
+        async with self.db.transaction() as connection:
             await connection.execute(
                 sql.INSERT_MANY,
                 [s.hash for s in submissions], [s.from_address for s in submissions],
                 [s.to_address for s in submissions], [canonical_json(s.input) for s in submissions],
             )
+            await self._enqueue([work.contract_job(s.to_address) for s in submissions], connection)
         return [s.hash for s in submissions]
 
-    # --- the pending loop -----------------------------------------------------------------------
-    async def claim(self, limit: int) -> list[Claimed]:
-        rows = await self.db.fetch(sql.CLAIM, limit, self.owner, self.lease_s)
-        return in_seq_order(rows)
+    # --- a contract job's work ------------------------------------------------------------------
+    async def recover_leftovers(self, contract: str, max_recoveries: int) -> list[asyncpg.Record]:
+        """The contract's transactions a dead holder left in the machine, recovered (see RECOVER_LEFTOVERS)."""
+        return await self.db.fetch(sql.RECOVER_LEFTOVERS, contract, max_recoveries)
+
+    async def take_owed_decided(self, contract: str, holder: Holder) -> list[Claimed]:
+        return in_seq_order(await self.db.fetch(sql.TAKE_OWED_DECIDED, contract, holder.job_id, holder.job_epoch))
+
+    async def take_next(self, contract: str, holder: Holder) -> Claimed | None:
+        """The contract's next unit of work: an appeal asked for, else its oldest PENDING transaction."""
+        for statement in (sql.TAKE_APPEAL, sql.TAKE_PENDING):
+            row = await self.db.fetchrow(statement, contract, holder.job_id, holder.job_epoch)
+            if row is not None:
+                return Claimed.from_record(row)
+        return None
 
     async def transition(
         self, tx: Claimed, *, to: str, leader: str | None = None, result: Any = None, votes: Any = None,
@@ -173,13 +218,17 @@ class ConsensusStore:
 
     async def _write_transitions(self, batch: Sequence[tuple[Any, ...]]) -> list[bool]:
         columns = [list(c) for c in zip(*batch, strict=True)]
-        rows = await self.db.fetch(sql.TRANSITION, *columns, self.lease_s, self.owner)
+        rows = await self.db.fetch(sql.TRANSITION, *columns)
         moved = {r["hash"] for r in rows}
         return [row[0] in moved for row in batch]
 
     async def _write_releases(self, batch: Sequence[tuple[str, int, str]]) -> list[bool]:
+        """Release decided transactions, and enqueue the finality job for the end of each window."""
         hashes, epochs, events = (list(c) for c in zip(*batch, strict=True))
-        rows = await self.db.fetch(sql.RELEASE_DECIDED, hashes, epochs, events, self.owner)
+        async with self.db.transaction() as connection:
+            rows = await connection.fetch(sql.RELEASE_DECIDED, hashes, epochs, events)
+            windows = sorted({self._finality_after(r["appeal_failed"]) for r in rows})
+            await self._enqueue([work.finality_job(after) for after in windows], connection)
         released = {r["hash"] for r in rows}
         return [h in released for h in hashes]
 
@@ -188,59 +237,59 @@ class ConsensusStore:
             if writer is not None:
                 await writer.close()
 
-    async def abandon(self, tx: Claimed, reason: str | None) -> str | None:
+    async def abandon(self, tx: Claimed, reason: str | None, *, again_after: float = 0.0) -> str | None:
+        """Give ``tx`` back without counting a recovery, and enqueue the contract job that takes it up again
+        ``again_after`` seconds from now (None when the take is no longer held: nothing is written)."""
         ev = tx.events
-        return await self.db.fetchval(  # type: ignore[no-any-return]
-            sql.ABANDON, tx.hash, tx.epoch, reason, self.owner,
-            ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"),
-        )
+        async with self.db.transaction() as connection:
+            status: str | None = await connection.fetchval(
+                sql.ABANDON, tx.hash, tx.epoch, reason,
+                ev.get("activated"), ev.get("proposed"), ev.get("committed"), ev.get("revealed"),
+            )
+            if status is not None:
+                await self._enqueue([work.contract_job(tx.to_address, again_after)], connection)
+        return status
 
-    # --- the recovery loop ----------------------------------------------------------------------
-    async def renew(self, held: Sequence[tuple[str, int]]) -> set[str]:
-        if not held:
-            return set()
-        # The control lane, as the core's heartbeat: a renewal never queues behind the transitions of the
-        # transactions it keeps alive (with a small pool under CPU load they took the leases of live tasks)
-        rows = await self.db.fetch(sql.RENEW, [h for h, _ in held], [e for _, e in held], self.lease_s, self.owner,
-                                   lane="control")
-        return {r["hash"] for r in rows}
+    async def postpone(self, contract: str, after: float) -> None:
+        """A new job for the contract's work, ``after`` seconds from now (this one ends without it)."""
+        async with self.db.transaction() as connection:
+            await self._enqueue([work.contract_job(contract, max(0.0, after))], connection)
 
     async def held(self, fences: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
-        """Those of ``fences`` (hash, epoch) whose lease this worker still holds (the control lane, as
-        renewals: an emit's check never queues behind transitions)."""
-        rows = await self.db.fetch(sql.HELD, [h for h, _ in fences], [e for _, e in fences], self.owner,
-                                   lane="control")
+        """Those of ``fences`` (hash, epoch) whose take is still held (the control lane, as the core's
+        heartbeat: an emit's check never queues behind transitions)."""
+        rows = await self.db.fetch(sql.STILL_HELD, [h for h, _ in fences], [e for _, e in fences], lane="control")
         return {(r["hash"], r["lease_epoch"]) for r in rows}
 
-    async def recover_expired(self, max_recoveries: int, limit: int = 500) -> list[asyncpg.Record]:
-        return await self.db.fetch(sql.RECOVER_EXPIRED, max_recoveries, limit, lane="control")
-
-    async def recover_own(self, held: Sequence[tuple[str, int]], max_recoveries: int, why: str) -> list[asyncpg.Record]:
-        if not held:
-            return []
-        return await self.db.fetch(sql.RECOVER_OWN, max_recoveries, [h for h, _ in held], [e for _, e in held],
-                                   self.owner, why)
-
-    async def claim_owed_decided(self, limit: int = 100) -> list[Claimed]:
-        rows = await self.db.fetch(sql.CLAIM_OWED_DECIDED, limit, self.owner, self.lease_s)
-        return in_seq_order(rows)
-
-    async def claim_owed_finalized(self, limit: int = 100) -> list[Claimed]:
-        """A prefix per contract of the owed TransactionFinalized events, in submission order; none while
-        another worker finalizes (its claim and ours must not interleave: see CLAIM_OWED_FINALIZED)."""
+    async def recover_own(self, tx: Claimed, max_recoveries: int, why: str,
+                          again_after: float = 0.0) -> asyncpg.Record | None:
+        """Recover ``tx`` (stuck or failed in the machine; the cap applies) and enqueue the contract job that
+        runs it again (or settles its decided event, when capped). None: not held any more."""
         async with self.db.transaction() as connection:
-            if not await connection.fetchval(sql.FINALITY_LOCK, FINALITY_LOCK_KEY):
-                return []
-            rows = await connection.fetch(sql.CLAIM_OWED_FINALIZED, limit, self.owner, self.lease_s)
+            row = await connection.fetchrow(sql.RECOVER_OWN, tx.hash, tx.epoch, why, max_recoveries)
+            if row is not None:
+                await self._enqueue([work.contract_job(tx.to_address, again_after)], connection)
+        return row
+
+    # --- the finality job -----------------------------------------------------------------------
+    async def take_owed_finalized(self, holder: Holder, limit: int = 100) -> list[Claimed]:
+        """A prefix per contract of the owed TransactionFinalized events, in submission order (see
+        TAKE_OWED_FINALIZED)."""
+        async with self.db.transaction() as connection:
+            await connection.execute(sql.FINALITY_WAIT_LOCK, FINALITY_LOCK_KEY)
+            rows = await connection.fetch(sql.TAKE_OWED_FINALIZED, limit, holder.job_id, holder.job_epoch)
         return in_seq_order(rows)
 
-    # --- the finality loop ----------------------------------------------------------------------
-    async def finalize_ready(self, window_s: float, limit: int, shrink: float = 1.0) -> FinalizedBatch | None:
+    async def enqueue_finality(self, after: float) -> None:
+        async with self.db.transaction() as connection:
+            await self._enqueue([work.finality_job(after)], connection)
+
+    async def finalize_ready(self, holder: Holder, limit: int) -> FinalizedBatch:
         """Move the next finalizable prefix of each contract to FINALIZED and write the finalized states,
-        in one database transaction (None when another worker is finalizing right now)."""
+        in one database transaction (under the finality lock, which a rollback takes too)."""
+        window_s, shrink = self.finality_window
         async with self.db.transaction() as connection:
-            if not await connection.fetchval(sql.FINALITY_LOCK, FINALITY_LOCK_KEY):
-                return None
+            await connection.execute(sql.FINALITY_WAIT_LOCK, FINALITY_LOCK_KEY)
             rows = await connection.fetch(sql.FINALITY_READY, window_s, limit, shrink)
             if not rows:
                 return FinalizedBatch([], [], [])
@@ -252,7 +301,7 @@ class ConsensusStore:
                     address = row["to_address"]
                     states[address] = apply_patch(states.get(address) or {}, row["state_patch"])
                     last_tx[address] = row["hash"]
-            moved = await connection.fetch(sql.FINALIZE, [r["hash"] for r in rows], self.owner, self.lease_s)
+            moved = await connection.fetch(sql.FINALIZE, [r["hash"] for r in rows], holder.job_id, holder.job_epoch)
             if last_tx:
                 changed = sorted(last_tx)
                 await connection.execute(
@@ -264,7 +313,7 @@ class ConsensusStore:
         return FinalizedBatch([r["hash"] for r in kept], [epochs[r["hash"]] for r in kept], kept)
 
     async def release_finalized(self, hashes: Sequence[str], epochs: Sequence[int], event_tx: str | None) -> int:
-        rows = await self.db.fetch(sql.RELEASE_FINALIZED, list(hashes), list(epochs), event_tx, self.owner)
+        rows = await self.db.fetch(sql.RELEASE_FINALIZED, list(hashes), list(epochs), event_tx)
         return len(rows)
 
     # --- reads ----------------------------------------------------------------------------------
@@ -291,16 +340,16 @@ class ConsensusStore:
         row = await self.get(tx_hash)
         if row is None:
             raise UsageError(f"no consensus transaction with hash {short_hash(tx_hash)}")
-        kind = await self.db.fetchval(sql.REQUEST_APPEAL, row["hash"], window_s, shrink)
+        async with self.db.transaction() as connection:
+            kind = await connection.fetchval(sql.REQUEST_APPEAL, row["hash"], window_s, shrink)
+            if kind is not None:  # the contract job that settles it
+                await self._enqueue([work.contract_job(row["to_address"])], connection)
         if kind is not None:
             log.info("appeal requested", tx=short_hash(row["hash"]), kind=kind)
             return str(row["hash"]), str(kind)
         state = await self.db.fetchrow(sql.APPEAL_STATE, row["hash"], window_s, shrink)
         assert state is not None
         raise UsageError(_why_not_appealable(short_hash(row["hash"]), dict(state)))
-
-    async def claim_appeals(self, limit: int) -> list[Claimed]:
-        return in_seq_order(await self.db.fetch(sql.CLAIM_APPEALS, limit, self.owner, self.lease_s))
 
     async def state_before(self, tx: Claimed) -> dict[str, Any]:
         """The contract's state just before ``tx`` (what its validators execute against)."""
@@ -309,16 +358,21 @@ class ConsensusStore:
         return _replayed(row)[0]
 
     async def appeal_failed(self, tx: Claimed, record: dict[str, Any], votes: list[dict[str, Any]]) -> None:
-        # jsonb parameters as Python values: the pool's codec encodes them
-        moved = await self.db.fetchval(sql.APPEAL_FAILED, tx.hash, tx.epoch, self.owner, [record], votes, tx.round)
-        if moved is None:
-            raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before its appeal failed")
+        # jsonb parameters as Python values: the pool's codec encodes them. Its window restarts, shorter: the
+        # finality job for its end is enqueued with it.
+        async with self.db.transaction() as connection:
+            failed = await connection.fetchval(sql.APPEAL_FAILED, tx.hash, tx.epoch, [record], votes, tx.round)
+            if failed is None:
+                raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before its appeal failed")
+            await self._enqueue([work.finality_job(self._finality_after(failed))], connection)
 
     async def appeal_abandoned(self, tx: Claimed, why: str) -> None:
         """The appeal's settlement failed (an error, not a crash): the request ends, recorded with the
         reason; the decision and its window stand."""
         record = {"kind": tx.appeal, "round": tx.round, "outcome": "abandoned", "reason": why}
-        await self.db.fetchval(sql.APPEAL_ABANDONED, tx.hash, tx.epoch, self.owner, [record], tx.round)
+        async with self.db.transaction() as connection:  # its window may have passed meanwhile: finality looks
+            if await connection.fetchval(sql.APPEAL_ABANDONED, tx.hash, tx.epoch, [record], tx.round) is not None:
+                await self._enqueue([work.finality_job(0.0)], connection)
         log.warning("appeal abandoned", tx=short_hash(tx.hash), reason=why)
 
     async def rollback(self, tx: Claimed, record: dict[str, Any], reason: str, rerun_round: int) -> list[str]:
@@ -326,14 +380,15 @@ class ConsensusStore:
         ran (each in its next round) to PENDING, and restore the contract's accepted state to what it was
         before ``tx``, in one database transaction (under the finality lock: finality neither moves those
         rows nor the state meanwhile). Their lease epochs are bumped: an in-flight owner's writes and
-        emits are refused. Returns the hashes, in submission order."""
+        emits are refused. One contract job per transaction rolled back is enqueued with them. Returns the
+        hashes, in submission order."""
         async with self.db.transaction() as connection:
             await connection.execute(sql.FINALITY_WAIT_LOCK, FINALITY_LOCK_KEY)
             before = await connection.fetchrow(sql.STATE_BEFORE, tx.to_address, tx.seq)
-            moved = await connection.fetch(sql.ROLLBACK, tx.hash, tx.epoch, self.owner, rerun_round,
-                                           [record], reason)
+            moved = await connection.fetch(sql.ROLLBACK, tx.hash, tx.epoch, rerun_round, [record], reason)
             if not moved:
                 raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before its rollback")
+            await self._enqueue([work.contract_job(tx.to_address) for _ in moved], connection)
             assert before is not None
             state, produced_by = _replayed(before)
             if produced_by is None:
@@ -395,7 +450,10 @@ class ConsensusStore:
             stored = await connection.fetchval(sql.REPLACE_DEPLOYMENT, chain_id, contract, address, block, replaces)
             if stored is None:
                 return False
-            reset = [r["status"] for r in await connection.fetch(sql.CHAIN_RESET)]
+            rows = await connection.fetch(sql.CHAIN_RESET)
+            reset = [r["status"] for r in rows]
+            owing = [work.contract_job(r["to_address"]) for r in rows if r["status"] != "FINALIZED"]
+            await self._enqueue(owing + ([work.finality_job(0.0)] if rows else []), connection)
         log.warning("chain reset: the events of the old ConsensusMain are not on this chain; re-emitting",
                     restarted=sum(s == "PENDING" for s in reset),
                     owed_decided=sum(s not in ("PENDING", "FINALIZED") for s in reset),

@@ -1,0 +1,45 @@
+"""The consensus loops' jobs, on the core's one lease engine.
+
+* ``consensus.contract`` (fifo_key ``consensus:<contract>``): the contract's next unit of work. One runs
+  at a time per contract, in order; each run recovers what a dead run left in the machine, settles owed
+  decided events, then takes one unit: an appeal asked for, else the oldest PENDING transaction. Every
+  write that leaves work for a contract enqueues one of these with it (store.py), so there is never work
+  without a job; a job that finds nothing to do ends at once.
+* ``consensus.finality``: finalizes what is due, enqueued for the end of each decided transaction's window
+  (no key: a shortened window's job must not wait behind a longer one's; their takes are serialized by an
+  advisory lock, and a contract's TransactionFinalized events still reach the chain in submission order).
+
+The core claims, heartbeats, rescues and fences them like any job; both live in the ``consensus`` queue,
+which every worker with the consensus loops on claims whatever RUNNER_QUEUES says (JobKind.internal).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runner.queue import NewJob
+
+QUEUE = "consensus"
+CONTRACT_KIND = "consensus.contract"
+FINALITY_KIND = "consensus.finality"
+# Their failures are handled inside the handlers (a transaction is given back or recovered, and a new job
+# enqueued with it); attempts run out only when a handler cannot reach the database for that long.
+MAX_ATTEMPTS = 1000
+
+
+def contract_key(address: str) -> str:
+    return f"consensus:{address}"
+
+
+def contract_job(address: str, after: float = 0.0) -> NewJob:
+    from runner.queue import NewJob
+
+    return NewJob(CONTRACT_KIND, {"contract": address}, QUEUE, delay_s=after, max_attempts=MAX_ATTEMPTS,
+                  fifo_key=contract_key(address))
+
+
+def finality_job(after: float = 0.0) -> NewJob:
+    from runner.queue import NewJob
+
+    return NewJob(FINALITY_KIND, {}, QUEUE, delay_s=max(0.0, after), max_attempts=MAX_ATTEMPTS)
