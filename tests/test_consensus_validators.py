@@ -149,7 +149,7 @@ async def test_a_worker_refuses_to_start_on_a_table_it_cannot_use(
 ) -> None:
     """Too few validators for a committee, a key that is not there, a key that is another address's, a
     validator without funds for its votes: one line each, exit 2, before anything is claimed."""
-    store = ConsensusStore(app.db, "test", 30)
+    store = ConsensusStore(app)
     await submit_plain(store)
     env = {"RUNNER_CONSENSUS_ENABLED": "true", "RUNNER_CONSENSUS_VALIDATORS": "2", "RUNNER_CONSENSUS_ROTATIONS": "1"}
     for v in table([1, 1]):
@@ -186,7 +186,7 @@ async def test_runs_and_appeals_draw_from_the_table_with_recorded_seeds(
     """Ten validators of unequal stake, committees of four: each run's draw is recorded (seed, committee,
     stakes) and recomputes from the table; a leader rotation takes the committee's next member; an appeal's
     validators are the next of its own seeded draw among those that have not voted on the transaction."""
-    store = ConsensusStore(app.db, "test", 30)
+    store = ConsensusStore(app)
     validators = table([9, 1, 4, 4, 2, 7, 3, 1, 5, 6])
     for v in validators:
         await store.put_validator(v)
@@ -287,7 +287,7 @@ async def keyed_table(runner_env: dict[str, str], app: App, faults: dict[str, fl
         added = await asyncio.to_thread(run_cli, runner_env, "validators", "add", "--key", f"dev:{i}",
                                         "--stake", str(stake))
         assert added.returncode == 0, added.stderr
-    store = ConsensusStore(app.db, "test", 30)
+    store = ConsensusStore(app)
     from runner.jobs.consensus.model import new_submission
 
     plan = [(contract_address(c), {"op": "set", "key": f"k{i}", "value": i}) for i in range(6) for c in range(4)]
