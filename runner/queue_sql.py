@@ -744,7 +744,7 @@ GROUP BY to_address, status
 """
 
 _DASH_TX_COLUMNS = """hash, seq, status, from_address, to_address, leader, outcome, reason, created_at, activated_at,
-       timestamp_awaiting_finalization, finalized_at, lease_owner, lease_expires_at, lease_epoch, recovery_count,
+       timestamp_awaiting_finalization, finalized_at, job_id, job_epoch, lease_epoch, recovery_count,
        activated_event_tx, proposed_event_tx, committed_event_tx, revealed_event_tx, decided_event_tx,
        finalized_event_tx"""
 

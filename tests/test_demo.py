@@ -132,7 +132,7 @@ async def test_operate_plugin_samples_consensus_gauges(
     runner_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, app: App, conn: asyncpg.Connection
 ) -> None:
     monkeypatch.setenv("RUNNER_CONSENSUS_ENABLED", "true")  # the suite's default is off; read at first use
-    store = ConsensusStore(app.db, app.settings.worker_id, app.settings.lease_timeout)
+    store = ConsensusStore(app)
     sender, target = contract_addresses(2)
     hashes = await store.insert([new_submission(sender, target, {"op": "set", "key": f"k{i}", "value": i})
                                  for i in range(3)])
