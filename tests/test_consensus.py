@@ -40,8 +40,10 @@ from tests.consensus_helpers import (
     engine_of,
     rows,
     running_job,
+    running_worker,
     submit,
 )
+from tests.pg import wait_until
 
 ALICE = to_checksum_address("0x00000000000000000000000000000000000a11ce")
 BOB = to_checksum_address("0x0000000000000000000000000000000000000b0b")
@@ -549,3 +551,38 @@ async def test_consensus_jobs_run_whatever_runner_queues_says_and_only_where_the
     ended = await conn.fetch("SELECT kind, status, count(*) AS n FROM runner_jobs GROUP BY kind, status ORDER BY kind")
     assert {(r["kind"], r["status"]) for r in ended} == {("consensus.contract", "succeeded"),
                                                           ("consensus.finality", "succeeded")}
+
+
+async def test_a_contract_job_cancelled_mid_transaction_gives_it_back_to_a_new_job(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """An operator's `runner cancel` of a running `consensus.contract` job: the job ends cancelled, its
+    transaction goes back to PENDING without a recovery counted, with a new job of its contract enqueued in
+    the same write, and that job takes it to FINALIZED (its activation on chain once)."""
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_LEADER_TIMEOUT="30") as app:
+        to = contract_address(8)
+        tx = await submit(app, to, {"op": "set", "key": "a", "value": 1, "consensus": {"leader_delay": 1}})
+        job_id = await conn.fetchval("SELECT id FROM runner_jobs WHERE kind = 'consensus.contract'")
+
+        async def taken() -> bool:
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM runner_consensus_transactions WHERE hash = $1 AND job_id = $2 "
+                "AND activated_event_tx IS NOT NULL", tx, job_id))
+
+        async with running_worker(app):
+            await wait_until(taken, 30)
+            assert await app.cancel(job_id) == "running"
+            await wait_until(lambda: finalized(conn, [tx]), 60)
+        jobs = await conn.fetch("SELECT id, status FROM runner_jobs WHERE fifo_key = $1 ORDER BY id", f"consensus:{to}")
+        assert (jobs[0]["id"], jobs[0]["status"]) == (job_id, "cancelled")
+        assert [j["status"] for j in jobs][1:] == ["succeeded"]
+        [row] = await rows(conn)
+        assert (row["status"], row["recovery_count"]) == ("FINALIZED", 0)
+        events = await engine_of(app).contract.logs()
+        assert [e.name for e in events if e.tx_id == tx].count("TransactionActivated") == 1
+
+
+async def finalized(conn: asyncpg.Connection, hashes: list[str]) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) = cardinality($1::text[]) FROM runner_consensus_transactions "
+                                    "WHERE hash = ANY($1) AND status = 'FINALIZED' AND finalized_event_tx IS NOT NULL",
+                                    hashes))

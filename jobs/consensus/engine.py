@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from runner.chain import Chain, ChainError
-from runner.errors import LeaseLost, RetryLater, UsageError
+from runner.errors import LeaseLost, UsageError
 from runner.jobs.consensus import contract as cm
 from runner.jobs.consensus import metrics
 from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
@@ -147,18 +147,18 @@ class Engine:
 
     async def _run(self, task: TxTask) -> None:
         """Run ``task`` to its end; whatever stops it, its transaction is left to the next job of its contract
-        (given back, recovered or rolled back: each of those enqueues one)."""
+        (given back, recovered or rolled back: each of those enqueues one). When even that write fails, the
+        error reaches the core, which retries this job: its next run finds the transaction left over."""
         tx = task.tx
         try:
             await self._watched(task)
             self.chain_failures = 0
         except LeaseLost as error:  # recovered, rolled back or reset under us: its new job has it
             log.info("consensus lease lost; dropping the transaction", tx=short_hash(tx.hash), error=str(error))
-        except ChainError as error:
+        except ChainError as error:  # not the transaction's fault: given back, uncounted, for after a pause
             pause = self._pause(error)
-            await self._quietly(self.store.abandon(tx, f"released after a chain error: {error}"[:500],
-                                                   again_after=pause))
             await self._quietly(self.after_chain_error(error))
+            await self.store.abandon(tx, f"released after a chain error: {error}"[:500], again_after=pause)
         except StuckTask as stuck:
             await self._recover(task, str(stuck), "stuck")
         except asyncio.CancelledError:  # shutdown, a cancelled job, a lost job lease: given back, uncounted
@@ -167,7 +167,7 @@ class Engine:
         except Exception as error:  # a bug or a database outage: count it as a recovery (capped)
             log.error("consensus task failed", tx=short_hash(tx.hash), status=tx.status, error=repr(error))
             if tx.appeal:  # the decision stands; the appeal ends, recorded (an operator may appeal again)
-                await self._quietly(self.store.appeal_abandoned(tx, f"{type(error).__name__}: {error}"[:300]))
+                await self.store.appeal_abandoned(tx, f"{type(error).__name__}: {error}"[:300])
             else:
                 await self._recover(task, f"task error {type(error).__name__}", "error")
 
@@ -200,15 +200,15 @@ class Engine:
                 _log_recovered(row, label)
             else:  # decided but stuck emitting its event: released; the event stays owed
                 await self.store.abandon(tx, None, again_after=again)
-        except Exception as error:  # the core retries this job, and its next run finds the leftovers
+        except Exception as error:  # the core retries this job; its next run finds the transaction left over
             log.warning("could not recover a consensus transaction", tx=short_hash(tx.hash), error=repr(error))
             raise
 
     async def _quietly(self, coro: Any) -> None:
         try:
             await coro
-        except Exception as error:  # the lease expires and the recovery loop takes over
-            log.warning("could not release a consensus transaction", error=repr(error))
+        except Exception as error:  # what it left is taken over by the contract's next job
+            log.warning("consensus clean-up failed", error=repr(error))
 
     def _pause(self, error: BaseException) -> float:
         self.chain_failures += 1
@@ -277,13 +277,25 @@ class Engine:
 
     # --- the finality job -------------------------------------------------------------------------
     async def finalize_due(self, holder: Holder) -> dict[str, Any]:
-        """Owed TransactionFinalized events first, then every finalizable prefix, in batches."""
-        settled = await self._settle_owed_finalized(holder)
+        """Owed TransactionFinalized events first, then every finalizable prefix, in batches. On a chain
+        error they stay owed, and a new finality job comes back for them after the chain pause (a new job,
+        not a retry: a long outage must not use up this one's attempts)."""
+        try:
+            settled = await self._settle_owed_finalized(holder)
+            finalized = await self._finalize_batches(holder)
+        except ChainError as error:
+            pause = self._pause(error)
+            await self._quietly(self.after_chain_error(error))
+            await self.store.enqueue_finality(pause)
+            return {"did": "postponed: the chain failed"}
+        return {"finalized": finalized, "settled": settled}
+
+    async def _finalize_batches(self, holder: Holder) -> int:
         finalized = 0
         while True:
             batch = await self.store.finalize_ready(holder, FINALITY_BATCH)
             if not batch.hashes:
-                return {"finalized": finalized, "settled": settled}
+                return finalized
             events = [cm.Event(cm.FINALIZED, r["hash"], r["to_address"], data=cm.word(r["receipt_hash"] or 0),
                                round=r["round"]) for r in batch.rows]
             try:
@@ -291,9 +303,9 @@ class Engine:
                 if event_tx is None:  # every one emitted before (ConsensusMain skipped them): where
                     first = batch.rows[0]
                     event_tx = await self.contract.find_event((cm.FINALIZED,), first["hash"], first["round"])
-            except ChainError as error:
-                await self._finality_failed(batch.hashes, batch.epochs, error)
-                raise AssertionError("unreachable") from None
+            except ChainError:
+                await self.store.release_finalized(batch.hashes, batch.epochs, None)
+                raise
             await self.store.release_finalized(batch.hashes, batch.epochs, event_tx)
             metrics.CONSENSUS_TRANSITIONS.labels("FINALIZED").inc(len(batch.hashes))
             finalized += len(batch.hashes)
@@ -306,19 +318,13 @@ class Engine:
                                                                                 or 0), round=tx.round) for tx in txs]
         try:
             hashes = await self.settle(txs, "finalized", events)
-        except ChainError as error:
-            await self._finality_failed([t.hash for t in txs], [t.epoch for t in txs], error)
+        except ChainError:
+            await self.store.release_finalized([t.hash for t in txs], [t.epoch for t in txs], None)
+            raise
         for tx, event_tx in zip(txs, hashes, strict=True):
             await self.store.release_finalized([tx.hash], [tx.epoch], event_tx)
         log.info("owed finalized events settled", count=len(txs))
         return len(txs)
-
-    async def _finality_failed(self, hashes: list[str], epochs: list[int], error: ChainError) -> NoReturn:
-        """Their TransactionFinalized stays owed; this job runs again once the chain pause is over."""
-        pause = self._pause(error)
-        await self.store.release_finalized(hashes, epochs, None)
-        await self._quietly(self.after_chain_error(error))
-        raise RetryLater(pause, f"TransactionFinalized not emitted: {error}"[:300]) from None
 
 
 class StuckTask(Exception):
