@@ -586,3 +586,43 @@ async def finalized(conn: asyncpg.Connection, hashes: list[str]) -> bool:
     return bool(await conn.fetchval("SELECT count(*) = cardinality($1::text[]) FROM runner_consensus_transactions "
                                     "WHERE hash = ANY($1) AND status = 'FINALIZED' AND finalized_event_tx IS NOT NULL",
                                     hashes))
+
+
+async def test_migration_0015_gives_queued_consensus_work_its_jobs(pg_server) -> None:  # type: ignore[no-untyped-def]
+    """Upgrading a database with consensus work under way (revisions 0013 and 0014): each unfinished
+    transaction gets a contract job of its contract, in submission order, and decided ones a finality job;
+    the transactions' own lease columns give way to job_id and job_epoch."""
+    from alembic import command
+
+    from runner.migrate import alembic_config
+    from runner.plugins import load_plugins
+
+    name = await pg_server.create_empty_database()
+    url = pg_server.url(name)
+    try:
+        config = alembic_config(url, load_plugins())
+        await asyncio.to_thread(command.upgrade, config, "0014")
+        await asyncio.to_thread(command.upgrade, config, "0013")
+        conn = await asyncpg.connect(url)
+        try:
+            rows_in = [(f"0x{i:064x}", contract_address(i % 2), status)
+                       for i, status in enumerate(["FINALIZED", "PENDING", "ACCEPTED", "COMMITTING", "PENDING"])]
+            await conn.executemany(
+                "INSERT INTO runner_consensus_transactions (hash, from_address, to_address, input, status, "
+                "lease_owner) VALUES ($1, $2, $2, '{}', $3, CASE WHEN $3 = 'COMMITTING' THEN 'old-worker' END)",
+                rows_in)
+            await asyncio.to_thread(command.upgrade, config, "heads")
+            jobs = await conn.fetch(
+                "SELECT kind, queue, payload::text AS payload, fifo_key FROM runner_jobs ORDER BY id")
+            columns = {r["column_name"] for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'runner_consensus_transactions'")}
+        finally:
+            await conn.close()
+    finally:
+        await pg_server.drop(name)
+    expected = [contract_address(i % 2) for i in (1, 2, 3, 4)]  # all but the FINALIZED one, in seq order
+    assert [(j["kind"], j["queue"], json.loads(j["payload"])["contract"], j["fifo_key"]) for j in jobs[:4]] == [
+        ("consensus.contract", "consensus", to, f"consensus:{to}") for to in expected]
+    assert [(j["kind"], j["fifo_key"]) for j in jobs[4:]] == [("consensus.finality", None)]
+    assert {"job_id", "job_epoch"} <= columns and not {"lease_owner", "lease_expires_at"} & columns
