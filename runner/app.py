@@ -439,13 +439,13 @@ class App:
     async def _insert(self, checked: list[tuple[NewJob, str]], connection: Any) -> list[tuple[int, bool]]:
         jobs = [job for job, _ in checked]
         encoded = [text for _, text in checked]  # encoded once, by the checks
-        if all(job.dedupe_key is None for job in jobs):
+        if all(job.dedupe_key is None and not job.coalesce for job in jobs):
             ids: list[int] = []
             for start in range(0, len(jobs), ENQUEUE_BATCH):  # bounded statements, one transaction
                 end = start + ENQUEUE_BATCH
                 ids += await self.queue.job_enqueue_many(jobs[start:end], connection, encoded[start:end])
             return [(job_id, True) for job_id in ids]
-        # Keys: one statement per job, so each deduplicated one can report the job that holds its key.
+        # Keys: one statement per job, so each deduplicated or coalesced one can report the job it joined.
         return [await self.queue.job_enqueue_in(connection, job, text) for job, text in checked]
 
     async def _checked(self, job: NewJob) -> tuple[NewJob, str]:
@@ -540,6 +540,8 @@ def check_new_job(job: NewJob, max_payload_bytes: int = 1 << 20) -> str:
         raise UsageError(f"delay must be a number of seconds between 0 and {MAX_DELAY_S:g}, got {delay!r}")
     check_key(job.dedupe_key, "dedupe")
     check_key(job.fifo_key, "fifo")
+    if job.coalesce and (job.fifo_key is None or job.dedupe_key is not None):
+        raise UsageError("coalesce needs a fifo_key, and no dedupe_key: it joins the key's waiting job")
     return json_text(job.payload, max_payload_bytes)
 
 

@@ -34,6 +34,9 @@ class NewJob:
     dedupe_key: str | None = None
     parent_id: int | None = None  # the job this one was made by (its cancel and retry reach this one)
     fifo_key: str | None = None  # jobs sharing a key run one at a time, in enqueue (id) order
+    # With fifo_key: join the key's waiting (pending) job of this kind when there is one, instead of adding
+    # another; that job then does this one's work too (its handler works through whatever its key has).
+    coalesce: bool = False
 
 
 @dataclass(slots=True)  # not frozen: one per job, and a frozen __init__ costs 5x as much
@@ -179,7 +182,13 @@ class JobQueue:
         self, connection: asyncpg.Connection, job: NewJob, payload_json: str | None = None
     ) -> tuple[int, bool]:
         """Enqueue one job inside the caller's transaction; (id, created): with its dedupe key held by an
-        unfinished job, that job's id. Raises a UsageError when the key's holder finished meanwhile."""
+        unfinished job, that job's id; coalesced, the waiting job it joined (locked until the caller's
+        commit, so no claim takes it before this transaction's work is visible). Raises a UsageError when
+        the key's holder finished meanwhile."""
+        if job.coalesce:
+            waiting = await connection.fetchval(sql.JOIN_WAITING_OF_KEY, job.fifo_key, job.kind)
+            if waiting is not None:
+                return int(waiting), False
         ids = await self.job_enqueue_many([job], connection, None if payload_json is None else [payload_json])
         if ids:
             return ids[0], True

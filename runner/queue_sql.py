@@ -57,6 +57,20 @@ FROM inserted i,
 ORDER BY i.id
 """
 
+# A coalesced enqueue (NewJob.coalesce): the key's first waiting job of the kind, locked until the caller
+# commits, so that a claim skips it meanwhile and, once it runs, sees what the caller wrote with it. A claim
+# that locked it first is waited for; it is then running, no longer matches, and the caller adds a job.
+# Its queue is NOTIFYed at that commit: a claim that skipped it may have come back short and gone to sleep.
+JOIN_WAITING_OF_KEY = """
+WITH waiting AS (
+    SELECT id, queue FROM runner_jobs
+    WHERE fifo_key = $1 AND kind = $2 AND status = 'pending'
+    ORDER BY id LIMIT 1
+    FOR UPDATE
+)
+SELECT id FROM waiting, pg_notify('runner_jobs', waiting.queue)
+"""
+
 FIND_UNFINISHED_BY_DEDUPE_KEY = """
 SELECT id FROM runner_jobs WHERE dedupe_key = $1 AND status IN ('pending', 'running')
 """

@@ -529,7 +529,8 @@ async def test_consensus_jobs_run_whatever_runner_queues_says_and_only_where_the
     app: App, runner_env: dict[str, str], conn: asyncpg.Connection,
 ) -> None:
     """The consensus loops are jobs of the core (`consensus.contract`, one at a time per contract, and
-    `consensus.finality`): a submission enqueues its contract's job with it; a worker without the loops
+    `consensus.finality`): a submission enqueues its contract's job with it (one waiting per contract,
+    however many transactions: they coalesce); a worker without the loops
     never claims them, and one with the loops claims them from the `consensus` queue even when its
     RUNNER_QUEUES names other queues only. Each job ends succeeded, and nothing is left unfinished."""
     from runner.jobs.consensus.model import new_submission
@@ -539,9 +540,9 @@ async def test_consensus_jobs_run_whatever_runner_queues_says_and_only_where_the
     hashes = await ConsensusStore(app).insert(
         [new_submission(SENDER, to, {"op": "set", "key": "a", "value": v}) for v in range(3)])
     jobs = await conn.fetch("SELECT kind, queue, fifo_key, status FROM runner_jobs ORDER BY id")
-    assert [tuple(j) for j in jobs] == [("consensus.contract", "consensus", f"consensus:{to}", "pending")] * 3
+    assert [tuple(j) for j in jobs] == [("consensus.contract", "consensus", f"consensus:{to}", "pending")]
     await asyncio.wait_for(Worker(app, drain=True, install_signal_handlers=False).run(), 60)  # loops off
-    assert await conn.fetchval("SELECT count(*) FROM runner_jobs WHERE status = 'pending'") == 3
+    assert await conn.fetchval("SELECT count(*) FROM runner_jobs WHERE status = 'pending'") == 1
     async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_QUEUES="mail") as on:
         worker = Worker(on, drain=True, install_signal_handlers=False)
         assert worker.queues == ["mail", "consensus"]
@@ -589,8 +590,8 @@ async def finalized(conn: asyncpg.Connection, hashes: list[str]) -> bool:
 
 
 async def test_migration_0015_gives_queued_consensus_work_its_jobs(pg_server) -> None:  # type: ignore[no-untyped-def]
-    """Upgrading a database with consensus work under way (revisions 0013 and 0014): each unfinished
-    transaction gets a contract job of its contract, in submission order, and decided ones a finality job;
+    """Upgrading a database with consensus work under way (revisions 0013 and 0014): each contract with an
+    unfinished transaction gets its contract job, and decided transactions a finality job;
     the transactions' own lease columns give way to job_id and job_epoch."""
     from alembic import command
 
@@ -621,8 +622,8 @@ async def test_migration_0015_gives_queued_consensus_work_its_jobs(pg_server) ->
             await conn.close()
     finally:
         await pg_server.drop(name)
-    expected = [contract_address(i % 2) for i in (1, 2, 3, 4)]  # all but the FINALIZED one, in seq order
-    assert [(j["kind"], j["queue"], json.loads(j["payload"])["contract"], j["fifo_key"]) for j in jobs[:4]] == [
+    expected = [contract_address(1), contract_address(0)]  # by their first unfinished transaction
+    assert [(j["kind"], j["queue"], json.loads(j["payload"])["contract"], j["fifo_key"]) for j in jobs[:2]] == [
         ("consensus.contract", "consensus", to, f"consensus:{to}") for to in expected]
-    assert [(j["kind"], j["fifo_key"]) for j in jobs[4:]] == [("consensus.finality", None)]
+    assert [(j["kind"], j["fifo_key"]) for j in jobs[2:]] == [("consensus.finality", None)]
     assert {"job_id", "job_epoch"} <= columns and not {"lease_owner", "lease_expires_at"} & columns

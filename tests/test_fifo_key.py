@@ -243,3 +243,34 @@ async def test_a_retried_job_goes_back_to_its_place_and_a_delayed_one_holds_the_
     assert await _claim(app) == []
     assert await app.queue.job_request_cancel(delayed)
     assert [c.id for c in await _claim(app)] == [behind]
+
+
+async def test_a_coalesced_enqueue_joins_its_keys_waiting_job_and_holds_it_until_commit(
+        app: App, conn: asyncpg.Connection) -> None:
+    """``NewJob(coalesce=True)``: while its key has a waiting job of the kind, no other is added (the id
+    returned is that job's, created False), and a claim cannot take the waiting job until the enqueuing
+    transaction commits, so the job, once it runs, sees what that transaction wrote. With the key's job
+    running and none waiting, a new one is added; another kind or key is not joined."""
+    def coalesced(key: str = "k", kind: str = "record") -> NewJob:
+        return NewJob(kind, {"seconds": 0}, fifo_key=key, coalesce=True)
+
+    [(first, created)] = await app.enqueue_jobs([coalesced()])
+    assert created
+    notified: list[str] = []
+    await conn.add_listener("runner_jobs", lambda *args: notified.append(args[-1]))
+    async with app.db.transaction() as tx:
+        assert await app.enqueue_jobs([coalesced()], connection=tx) == [(first, False)]
+        assert await _claim(app) == []  # locked by the open transaction: skipped, not taken
+    # a claim that skipped it may have gone to sleep: the commit wakes the workers of its queue
+    await wait_until(lambda: asyncio.sleep(0, bool(notified)), 10)
+    assert notified == ["default"]
+    [claimed] = await _claim(app)
+    assert claimed.id == first
+    [(second, created)] = await app.enqueue_jobs([coalesced()])  # the first runs: a new one waits
+    assert created and second != first
+    assert await app.enqueue_jobs([coalesced(), coalesced("other"), coalesced(kind="sleep")]) == [
+        (second, False), (second + 1, True), (second + 2, True)]
+    with pytest.raises(UsageError, match="coalesce needs a fifo_key"):
+        await app.enqueue_jobs([NewJob("record", {}, coalesce=True)])
+    statuses = [r["status"] for r in await _rows(conn)]
+    assert statuses == ["running", "pending", "pending", "pending"]

@@ -2,9 +2,9 @@
 
 * :meth:`Engine.advance` (a ``consensus.contract`` job): recovers what a dead run left in the machine
   (PENDING with recovery_count + 1; UNDETERMINED at RUNNER_MAX_RECOVERIES, with the reason), settles the
-  contract's owed decided events, then runs one unit: an appeal asked for, else the oldest PENDING
-  transaction through the state machine (machine.py), under a watchdog that recovers it after
-  RUNNER_CONSENSUS_TX_STUCK_AFTER seconds without progress.
+  contract's owed decided events, then runs its units one after another: an appeal asked for, else the
+  oldest PENDING transaction through the state machine (machine.py), under a watchdog that recovers it
+  after RUNNER_CONSENSUS_TX_STUCK_AFTER seconds without progress.
 * :meth:`Engine.finalize_due` (the ``consensus.finality`` job): emits owed TransactionFinalized events,
   then finalizes decided transactions whose window passed and whose predecessors on the same contract are
   finalized, writes the finalized state, and emits TransactionFinalized.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from runner.chain import Chain, ChainError
 from runner.errors import LeaseLost, UsageError
 from runner.jobs.consensus import contract as cm
-from runner.jobs.consensus import metrics
+from runner.jobs.consensus import metrics, work
 from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
 from runner.jobs.consensus.emitter import ContractMissing, EventEmitter
 from runner.jobs.consensus.executor import ContractExecutor, Execution, TxView
@@ -127,40 +127,51 @@ class Engine:
 
     # --- a contract job ---------------------------------------------------------------------------
     async def advance(self, contract: str, holder: Holder) -> dict[str, Any]:
-        """One run of the contract's job: leftovers first, then one unit of work (see the module doc)."""
-        if self.paused():  # the chain failed just now: back off before touching it
-            # a new job for later, not a retry: a long outage must not use up this one's attempts
-            await self.store.postpone(contract, self.paused_until - time.monotonic())
-            return {"contract": contract, "did": "postponed: the chain failed just now"}
-        for row in await self.store.recover_leftovers(contract, self.settings.max_recoveries):
-            _log_recovered(row, "holder_lost")
-        settled = await self._settle_owed_decided(contract, holder)
-        if settled is None:
-            return {"contract": contract, "did": "postponed: the chain failed"}
-        tx = await self.store.take_next(contract, holder)
-        if tx is None:
-            return {"contract": contract, "did": "settled" if settled else "nothing"}
-        if not tx.appeal:
-            metrics.CONSENSUS_TRANSITIONS.labels("ACTIVATED").inc()
-        await self._run(TxTask(self, tx))
-        return {"contract": contract, "did": "appeal" if tx.appeal else "transaction", "tx": tx.hash}
+        """One run of the contract's job: leftovers first, then its units of work (see the module doc)."""
+        done: dict[str, Any] = {"contract": contract, "transactions": 0, "appeals": 0, "settled": 0}
+        for _ in range(work.UNITS_PER_RUN):
+            if self.paused():  # the chain failed just now: back off before touching it
+                # a new job for later, not a retry: a long outage must not use up this one's attempts
+                await self.store.postpone(contract, self.paused_until - time.monotonic())
+                return done | {"postponed": "the chain failed just now"}
+            for row in await self.store.recover_leftovers(contract, self.settings.max_recoveries):
+                _log_recovered(row, "holder_lost")
+            settled = await self._settle_owed_decided(contract, holder)
+            if settled is None:
+                return done | {"postponed": "the chain failed"}
+            done["settled"] += settled
+            tx = await self.store.take_next(contract, holder)
+            if tx is None:
+                return done
+            if not tx.appeal:
+                metrics.CONSENSUS_TRANSITIONS.labels("ACTIVATED").inc()
+            done["appeals" if tx.appeal else "transactions"] += 1
+            if not await self._run(TxTask(self, tx)):
+                return done  # given back or recovered: a new job of the contract has it
+        await self.store.postpone(contract, 0.0)  # the rest of its backlog: its successor, after other contracts
+        return done
 
-    async def _run(self, task: TxTask) -> None:
-        """Run ``task`` to its end; whatever stops it, its transaction is left to the next job of its contract
-        (given back, recovered or rolled back: each of those enqueues one). When even that write fails, the
-        error reaches the core, which retries this job: its next run finds the transaction left over."""
+    async def _run(self, task: TxTask) -> bool:
+        """Run ``task`` to its end: True when it ended as it should (decided, appeal settled, rolled back),
+        False when its transaction was left to a new job of its contract (given back, recovered, lost: each
+        of those enqueues one). When even that write fails, the error reaches the core, which retries this
+        job: its next run finds the transaction left over."""
         tx = task.tx
         try:
             await self._watched(task)
             self.chain_failures = 0
+            return True
         except LeaseLost as error:  # recovered, rolled back or reset under us: its new job has it
             log.info("consensus lease lost; dropping the transaction", tx=short_hash(tx.hash), error=str(error))
+            return False
         except ChainError as error:  # not the transaction's fault: given back, uncounted, for after a pause
             pause = self._pause(error)
             await self._quietly(self.after_chain_error(error))
             await self.store.abandon(tx, f"released after a chain error: {error}"[:500], again_after=pause)
+            return False
         except StuckTask as stuck:
             await self._recover(task, str(stuck), "stuck")
+            return False
         except asyncio.CancelledError:  # shutdown, a cancelled job, a lost job lease: given back, uncounted
             await asyncio.shield(self._quietly(self.store.abandon(tx, "released: its job was stopped")))
             raise
@@ -168,8 +179,9 @@ class Engine:
             log.error("consensus task failed", tx=short_hash(tx.hash), status=tx.status, error=repr(error))
             if tx.appeal:  # the decision stands; the appeal ends, recorded (an operator may appeal again)
                 await self.store.appeal_abandoned(tx, f"{type(error).__name__}: {error}"[:300])
-            else:
-                await self._recover(task, f"task error {type(error).__name__}", "error")
+                return True
+            await self._recover(task, f"task error {type(error).__name__}", "error")
+            return False
 
     async def _watched(self, task: TxTask) -> None:
         """The task, cancelled after RUNNER_CONSENSUS_TX_STUCK_AFTER seconds without progress (a wait on the

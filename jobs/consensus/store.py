@@ -151,8 +151,11 @@ class ConsensusStore:
         return settings.finality_window, settings.appeal_window_factor
 
     async def _enqueue(self, jobs: Sequence[NewJob], connection: asyncpg.Connection) -> None:
-        if jobs:
-            await self.app.enqueue_jobs(jobs, connection=connection)
+        """Enqueue in the caller's transaction; a contract's jobs coalesce (into one, and into its waiting
+        one), so each distinct job is sent once."""
+        distinct = list({(job.kind, job.fifo_key, job.delay_s): job for job in jobs}.values())
+        if distinct:
+            await self.app.enqueue_jobs(distinct, connection=connection)
 
     def _finality_after(self, appeal_failed: int) -> float:
         window, shrink = self.finality_window

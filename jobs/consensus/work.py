@@ -1,10 +1,12 @@
 """The consensus loops' jobs, on the core's one lease engine.
 
-* ``consensus.contract`` (fifo_key ``consensus:<contract>``): the contract's next unit of work. One runs
-  at a time per contract, in order; each run recovers what a dead run left in the machine, settles owed
-  decided events, then takes one unit: an appeal asked for, else the oldest PENDING transaction. Every
-  write that leaves work for a contract enqueues one of these with it (store.py), so there is never work
-  without a job; a job that finds nothing to do ends at once.
+* ``consensus.contract`` (fifo_key ``consensus:<contract>``): the contract's work. One runs at a time per
+  contract; each run recovers what a dead run left in the machine, settles owed decided events, then takes
+  units of work one after another (an appeal asked for, else the oldest PENDING transaction) until none is
+  left, or UNITS_PER_RUN, when it enqueues its successor (other contracts get the worker's slots meanwhile).
+  Every write that leaves work for a contract enqueues one of these with it (store.py), coalesced: it joins
+  the contract's waiting job when there is one (NewJob.coalesce), so a contract has at most one waiting
+  job however long its backlog, and never work without a job; a job that finds nothing to do ends at once.
 * ``consensus.finality``: finalizes what is due, enqueued for the end of each decided transaction's window
   (no key: a shortened window's job must not wait behind a longer one's; their takes are serialized by an
   advisory lock, and a contract's TransactionFinalized events still reach the chain in submission order).
@@ -26,6 +28,7 @@ FINALITY_KIND = "consensus.finality"
 # Their failures are handled inside the handlers (a transaction is given back or recovered, and a new job
 # enqueued with it); attempts run out only when a handler cannot reach the database for that long.
 MAX_ATTEMPTS = 1000
+UNITS_PER_RUN = 20
 
 
 def contract_key(address: str) -> str:
@@ -36,7 +39,7 @@ def contract_job(address: str, after: float = 0.0) -> NewJob:
     from runner.queue import NewJob
 
     return NewJob(CONTRACT_KIND, {"contract": address}, QUEUE, delay_s=after, max_attempts=MAX_ATTEMPTS,
-                  fifo_key=contract_key(address))
+                  fifo_key=contract_key(address), coalesce=True)
 
 
 def finality_job(after: float = 0.0) -> NewJob:

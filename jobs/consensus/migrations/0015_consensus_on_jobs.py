@@ -19,12 +19,14 @@ depends_on = "0014"  # runner_jobs.fifo_key
 TABLE = "runner_consensus_transactions"
 IN_MACHINE = "('ACTIVATED', 'PROPOSING', 'COMMITTING', 'REVEALING')"
 DECIDED = "('ACCEPTED', 'UNDETERMINED', 'LEADER_TIMEOUT', 'VALIDATORS_TIMEOUT')"
-# What runner.jobs.consensus enqueues (jobs.py): one contract job per unit of work, a finality job.
+# What runner.jobs.consensus enqueues (work.py): one contract job per contract with work, a finality job.
 CONTRACT_JOBS = f"""
 INSERT INTO runner_jobs (kind, queue, payload, max_attempts, fifo_key)
 SELECT 'consensus.contract', 'consensus', jsonb_build_object('contract', to_address), 1000,
        'consensus:' || to_address
-FROM {TABLE} WHERE status NOT IN ('FINALIZED', 'CANCELED') ORDER BY seq
+FROM (SELECT to_address, min(seq) AS first FROM {TABLE} WHERE status NOT IN ('FINALIZED', 'CANCELED')
+      GROUP BY to_address) unfinished
+ORDER BY first
 """
 FINALITY_JOB = f"""
 INSERT INTO runner_jobs (kind, queue, payload, max_attempts)
