@@ -35,7 +35,8 @@ class NewJob:
     parent_id: int | None = None  # the job this one was made by (its cancel and retry reach this one)
     fifo_key: str | None = None  # jobs sharing a key run one at a time, in enqueue (id) order
     # With fifo_key: join the key's waiting (pending) job of this kind when there is one, instead of adding
-    # another; that job then does this one's work too (its handler works through whatever its key has).
+    # another; that job then does this one's work too (its handler works through whatever its key has),
+    # no later than this one would have run.
     coalesce: bool = False
 
 
@@ -186,7 +187,7 @@ class JobQueue:
         commit, so no claim takes it before this transaction's work is visible). Raises a UsageError when
         the key's holder finished meanwhile."""
         if job.coalesce:
-            waiting = await connection.fetchval(sql.JOIN_WAITING_OF_KEY, job.fifo_key, job.kind)
+            waiting = await connection.fetchval(sql.JOIN_WAITING_OF_KEY, job.fifo_key, job.kind, job.delay_s)
             if waiting is not None:
                 return int(waiting), False
         ids = await self.job_enqueue_many([job], connection, None if payload_json is None else [payload_json])

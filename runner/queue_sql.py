@@ -58,17 +58,22 @@ ORDER BY i.id
 """
 
 # A coalesced enqueue (NewJob.coalesce): the key's first waiting job of the kind, locked until the caller
-# commits, so that a claim skips it meanwhile and, once it runs, sees what the caller wrote with it. A claim
-# that locked it first is waited for; it is then running, no longer matches, and the caller adds a job.
-# Its queue is NOTIFYed at that commit: a claim that skipped it may have come back short and gone to sleep.
+# commits, so that a claim skips it meanwhile and, once it runs, sees what the caller wrote with it; it runs
+# no later than the joining job would have ($3: its delay). A claim that locked it first is waited for; it
+# is then running, no longer matches, and the caller adds a job. Its queue is NOTIFYed at that commit: a
+# claim that skipped it may have come back short and gone to sleep.
 JOIN_WAITING_OF_KEY = """
 WITH waiting AS (
-    SELECT id, queue FROM runner_jobs
+    SELECT id FROM runner_jobs
     WHERE fifo_key = $1 AND kind = $2 AND status = 'pending'
     ORDER BY id LIMIT 1
     FOR UPDATE
+), joined AS (
+    UPDATE runner_jobs j SET run_at = LEAST(j.run_at, now() + $3 * interval '1 second')
+    FROM waiting w WHERE j.id = w.id
+    RETURNING j.id, j.queue
 )
-SELECT id FROM waiting, pg_notify('runner_jobs', waiting.queue)
+SELECT j.id FROM joined j, (SELECT count(pg_notify('runner_jobs', q.queue)) FROM joined q) n
 """
 
 FIND_UNFINISHED_BY_DEDUPE_KEY = """

@@ -625,5 +625,5 @@ async def test_migration_0015_gives_queued_consensus_work_its_jobs(pg_server) ->
     expected = [contract_address(1), contract_address(0)]  # by their first unfinished transaction
     assert [(j["kind"], j["queue"], json.loads(j["payload"])["contract"], j["fifo_key"]) for j in jobs[:2]] == [
         ("consensus.contract", "consensus", to, f"consensus:{to}") for to in expected]
-    assert [(j["kind"], j["fifo_key"]) for j in jobs[2:]] == [("consensus.finality", None)]
+    assert [(j["kind"], j["fifo_key"]) for j in jobs[2:]] == [("consensus.finality", "consensus:finality")]
     assert {"job_id", "job_epoch"} <= columns and not {"lease_owner", "lease_expires_at"} & columns

@@ -249,8 +249,9 @@ async def test_a_coalesced_enqueue_joins_its_keys_waiting_job_and_holds_it_until
         app: App, conn: asyncpg.Connection) -> None:
     """``NewJob(coalesce=True)``: while its key has a waiting job of the kind, no other is added (the id
     returned is that job's, created False), and a claim cannot take the waiting job until the enqueuing
-    transaction commits, so the job, once it runs, sees what that transaction wrote. With the key's job
-    running and none waiting, a new one is added; another kind or key is not joined."""
+    transaction commits, so the job, once it runs, sees what that transaction wrote; a joined job runs no
+    later than the joining one would have. With the key's job running and none waiting, a new one is added;
+    another kind or key is not joined."""
     def coalesced(key: str = "k", kind: str = "record") -> NewJob:
         return NewJob(kind, {"seconds": 0}, fifo_key=key, coalesce=True)
 
@@ -270,7 +271,11 @@ async def test_a_coalesced_enqueue_joins_its_keys_waiting_job_and_holds_it_until
     assert created and second != first
     assert await app.enqueue_jobs([coalesced(), coalesced("other"), coalesced(kind="sleep")]) == [
         (second, False), (second + 1, True), (second + 2, True)]
+    later = NewJob("record", {"seconds": 0}, delay_s=3600, fifo_key="late", coalesce=True)
+    [(late, _)] = await app.enqueue_jobs([later])
+    assert await app.enqueue_jobs([coalesced("late")]) == [(late, False)]  # joined: it runs now, not in an hour
+    assert await conn.fetchval("SELECT run_at <= now() FROM runner_jobs WHERE id = $1", late)
     with pytest.raises(UsageError, match="coalesce needs a fifo_key"):
         await app.enqueue_jobs([NewJob("record", {}, coalesce=True)])
     statuses = [r["status"] for r in await _rows(conn)]
-    assert statuses == ["running", "pending", "pending", "pending"]
+    assert statuses == ["running", "pending", "pending", "pending", "pending"]

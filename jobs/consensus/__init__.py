@@ -183,9 +183,8 @@ plugin = ConsensusPlugin(
     # (RUNNER_CONSENSUS_TX_STUCK_AFTER), and a wait on the chain is bounded by its RPC timeouts.
     kinds=(JobKind(work.CONTRACT_KIND, advance_contract, timeout_s=0, max_attempts=work.MAX_ATTEMPTS,
                    queue=work.QUEUE, max_running=concurrency, runs_here=runs_here),
-           # one at a time per worker: a finality take waits for the advisory lock holding a connection
            JobKind(work.FINALITY_KIND, finalize_due, timeout_s=0, max_attempts=work.MAX_ATTEMPTS,
-                   queue=work.QUEUE, max_running=1, runs_here=runs_here)),
+                   queue=work.QUEUE, runs_here=runs_here)),
     migrations=MIGRATIONS,
     commands=register_commands,
     has_pending_work=has_pending_work,

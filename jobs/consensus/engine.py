@@ -300,7 +300,10 @@ class Engine:
             await self._quietly(self.after_chain_error(error))
             await self.store.enqueue_finality(pause)
             return {"did": "postponed: the chain failed"}
-        return {"finalized": finalized, "settled": settled}
+        after = await self.store.next_finality_due()
+        if after is not None:  # the next run, for the earliest window still open
+            await self.store.enqueue_finality(after)
+        return {"finalized": finalized, "settled": settled, "next_in_s": after}
 
     async def _finalize_batches(self, holder: Holder) -> int:
         finalized = 0

@@ -252,6 +252,17 @@ LIMIT $2
 FOR UPDATE OF t
 """
 
+# Seconds until the next window among decided transactions ends (NULL: none is open): the finality job's
+# successor is due then.
+NEXT_FINALITY_DUE = f"""
+SELECT EXTRACT(EPOCH FROM min(due) - now())::float8 FROM (
+    SELECT t.timestamp_awaiting_finalization + make_interval(secs => $1 * power($2::float8, t.appeal_failed)) AS due
+    FROM {T} t
+    WHERE t.status IN {DECIDED} AND t.decided_event_tx IS NOT NULL AND t.appeal_requested IS NULL
+) d
+WHERE due > now()
+"""
+
 FINALIZED_STATES_FOR = f"SELECT address, state FROM {FINALIZED_STATES} WHERE address = ANY($1::text[])"
 
 FINALIZE = f"""

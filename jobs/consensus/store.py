@@ -283,6 +283,12 @@ class ConsensusStore:
             rows = await connection.fetch(sql.TAKE_OWED_FINALIZED, limit, holder.job_id, holder.job_epoch)
         return in_seq_order(rows)
 
+    async def next_finality_due(self) -> float | None:
+        """Seconds until the next decided transaction's window ends (None: no window is open)."""
+        window_s, shrink = self.finality_window
+        due = await self.db.fetchval(sql.NEXT_FINALITY_DUE, window_s, shrink)
+        return None if due is None else float(due)
+
     async def enqueue_finality(self, after: float) -> None:
         async with self.db.transaction() as connection:
             await self._enqueue([work.finality_job(after)], connection)

@@ -7,9 +7,10 @@
   Every write that leaves work for a contract enqueues one of these with it (store.py), coalesced: it joins
   the contract's waiting job when there is one (NewJob.coalesce), so a contract has at most one waiting
   job however long its backlog, and never work without a job; a job that finds nothing to do ends at once.
-* ``consensus.finality``: finalizes what is due, enqueued for the end of each decided transaction's window
-  (no key: a shortened window's job must not wait behind a longer one's; their takes are serialized by an
-  advisory lock, and a contract's TransactionFinalized events still reach the chain in submission order).
+* ``consensus.finality`` (fifo_key ``consensus:finality``, coalesced): finalizes what is due, one run at
+  a time across workers. Enqueued for the end of each decided transaction's window, it joins the waiting
+  one, which then runs at the earlier of the two times; each run enqueues the next for the earliest window
+  still open, so every decided transaction has a run due at (or before) the end of its window.
 
 The core claims, heartbeats, rescues and fences them like any job; both live in the ``consensus`` queue,
 which every worker with the consensus loops on claims whatever RUNNER_QUEUES says (JobKind.internal).
@@ -27,6 +28,7 @@ CONTRACT_KIND = "consensus.contract"
 FINALITY_KIND = "consensus.finality"
 # Their failures are handled inside the handlers (a transaction is given back or recovered, and a new job
 # enqueued with it); attempts run out only when a handler cannot reach the database for that long.
+FINALITY_KEY = "consensus:finality"
 MAX_ATTEMPTS = 1000
 UNITS_PER_RUN = 20
 
@@ -45,4 +47,5 @@ def contract_job(address: str, after: float = 0.0) -> NewJob:
 def finality_job(after: float = 0.0) -> NewJob:
     from runner.queue import NewJob
 
-    return NewJob(FINALITY_KIND, {}, QUEUE, delay_s=max(0.0, after), max_attempts=MAX_ATTEMPTS)
+    return NewJob(FINALITY_KIND, {}, QUEUE, delay_s=max(0.0, after), max_attempts=MAX_ATTEMPTS,
+                  fifo_key=FINALITY_KEY, coalesce=True)

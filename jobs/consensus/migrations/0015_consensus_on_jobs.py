@@ -29,8 +29,8 @@ FROM (SELECT to_address, min(seq) AS first FROM {TABLE} WHERE status NOT IN ('FI
 ORDER BY first
 """
 FINALITY_JOB = f"""
-INSERT INTO runner_jobs (kind, queue, payload, max_attempts)
-SELECT 'consensus.finality', 'consensus', '{{}}'::jsonb, 1000
+INSERT INTO runner_jobs (kind, queue, payload, max_attempts, fifo_key)
+SELECT 'consensus.finality', 'consensus', '{{}}'::jsonb, 1000, 'consensus:finality'
 WHERE EXISTS (SELECT 1 FROM {TABLE} WHERE status IN {DECIDED}
                                        OR (status = 'FINALIZED' AND finalized_event_tx IS NULL))
 """
