@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -61,7 +61,7 @@ class ClaimedJob:
     def from_record(cls, row: asyncpg.Record) -> ClaimedJob:
         """CLAIM returns the columns in field order, payload and checkpoint as JSON text."""
         (job_id, kind, queue, payload_text, attempts, max_attempts, recoveries, epoch, done, total,
-         checkpoint_text, cancel_requested, schedule_tick) = row
+         checkpoint_text, cancel_requested, schedule_tick, *_) = row  # CLAIM_CAPPED adds `seen`
         try:
             payload = json.loads(payload_text)
             checkpoint = None if checkpoint_text is None else json.loads(checkpoint_text)
@@ -215,6 +215,17 @@ class JobQueue:
     ) -> list[ClaimedJob]:
         rows = await self.db.fetch(sql.CLAIM, list(queues), limit, worker_id, lease_s, list(kinds))
         return [ClaimedJob.from_record(row) for row in rows]
+
+    async def job_claim_capped(
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float, kinds: Sequence[str],
+        rooms: Mapping[str, int],
+    ) -> tuple[list[ClaimedJob], int]:
+        """A claim that takes at most ``rooms[kind]`` jobs of each capped kind; also returns how many rows its
+        walk took (``seen``: more than claimed when caps held some back)."""
+        capped = [kind for kind in rooms if kind in kinds]
+        rows = await self.db.fetch(sql.CLAIM_CAPPED, list(queues), limit, worker_id, lease_s, list(kinds),
+                                   capped, [rooms[kind] for kind in capped])
+        return [ClaimedJob.from_record(row) for row in rows], rows[0]["seen"] if rows else 0
 
     async def job_heartbeat(
         self, leases: Sequence[tuple[int, int]], worker: WorkerIdentity, lease_s: float

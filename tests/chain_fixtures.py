@@ -55,7 +55,10 @@ class Anvil:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port), "--silent"]
+        # --max-persisted-states 0: anvil otherwise writes old states under ~/.foundry/anvil/tmp and leaves
+        # them behind when it is killed (78 GB there after these tests and the benchmarks ran for a while)
+        args = [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port), "--silent",
+                "--max-persisted-states", "0"]
         if self.state is not None:
             args += ["--state", str(self.state)]  # load at start, dump at exit: blocks, logs, nonces survive
         if self.log is not None:

@@ -346,3 +346,17 @@ async def test_a_claim_that_returns_after_stop_hands_back_only_what_it_claimed(a
     assert (await app.queue.job_get(running_id))["status"] == "succeeded"
     late = await app.queue.job_get(late_id)
     assert (late["status"], late["attempts"]) == ("pending", 0)
+
+
+async def test_a_capped_claim_takes_no_more_of_a_kind_than_its_room(app: App, conn: asyncpg.Connection) -> None:
+    """A worker running a kind with max_running claims at most its room of that kind; the rest of what the
+    claim walked over stays pending untouched (no epoch bump, no handed-back attempt), other kinds are
+    claimed beside it, and `seen` tells the worker that more is waiting."""
+    await app.enqueue_many("record", [{"seconds": 0}] * 5)
+    await app.enqueue_many("sleep", [{"seconds": 0}] * 3)
+    jobs, seen = await app.queue.job_claim_capped(["default"], 10, "w", 30.0, ["record", "sleep"], {"record": 2})
+    assert sorted(j.kind for j in jobs) == ["record", "record", "sleep", "sleep", "sleep"] and seen == 8
+    left = await conn.fetch("SELECT status, lease_epoch, attempt_log::text AS log FROM runner_jobs "
+                            "WHERE kind = 'record' AND status = 'pending'")
+    assert [(r["lease_epoch"], r["log"]) for r in left] == [(0, "[]")] * 3
+    assert await app.queue.job_claim_capped(["default"], 10, "w", 30.0, ["record"], {"record": 1}) != ([], 0)

@@ -148,7 +148,8 @@ class Engine:
             done["appeals" if tx.appeal else "transactions"] += 1
             if not await self._run(TxTask(self, tx)):
                 return done  # given back or recovered: a new job of the contract has it
-        await self.store.postpone(contract, 0.0)  # the rest of its backlog: its successor, after other contracts
+        if await self.store.contract_has_work(contract):  # its successor, behind the other contracts' jobs
+            await self.store.postpone(contract, 0.0)
         return done
 
     async def _run(self, task: TxTask) -> bool:

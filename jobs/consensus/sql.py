@@ -77,6 +77,13 @@ FROM picked WHERE t.hash = picked.hash
 RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeal_requested
 """
 
+# Whether the contract has a unit of work left (its job's successor is enqueued only then).
+CONTRACT_HAS_WORK = f"""
+SELECT EXISTS (SELECT 1 FROM {T} WHERE to_address = $1 AND status = 'PENDING')
+    OR EXISTS (SELECT 1 FROM {T} WHERE to_address = $1 AND status IN {DECIDED}
+                                   AND (appeal_requested IS NOT NULL OR decided_event_tx IS NULL))
+"""
+
 TAKE_PENDING = f"""
 WITH picked AS (
     SELECT hash FROM {T} t

@@ -253,6 +253,9 @@ class ConsensusStore:
                 await self._enqueue([work.contract_job(tx.to_address, again_after)], connection)
         return status
 
+    async def contract_has_work(self, contract: str) -> bool:
+        return bool(await self.db.fetchval(sql.CONTRACT_HAS_WORK, contract))
+
     async def postpone(self, contract: str, after: float) -> None:
         """A new job for the contract's work, ``after`` seconds from now (this one ends without it)."""
         async with self.db.transaction() as connection:

@@ -55,9 +55,14 @@ class Fetcher(Service):
         limit = min(free, self.settings.claim_batch_size)
         room = self._room() if self.caps else {}
         kinds = [kind for kind in self.kinds if room.get(kind, 1) > 0] if room else self.kinds
+        seen = 0
         try:
-            jobs = await self.queue.job_claim(
-                self.queues, limit, self.settings.worker_id, self.settings.lease_timeout, kinds)
+            if room:  # never more of a capped kind than its room (see CLAIM_CAPPED)
+                jobs, seen = await self.queue.job_claim_capped(
+                    self.queues, limit, self.settings.worker_id, self.settings.lease_timeout, kinds, room)
+            else:
+                jobs = await self.queue.job_claim(
+                    self.queues, limit, self.settings.worker_id, self.settings.lease_timeout, kinds)
         except BaseException:
             await asyncio.shield(self.hand_back_unrun())
             raise
@@ -72,7 +77,9 @@ class Fetcher(Service):
                 self.executor.stop_job(job.id, "shutdown")
             return
         self.last_claimed = len(jobs)
-        self.backlog = len(jobs) == limit
+        # more may be waiting: the claim was full, or caps held back some of what it walked over, or a
+        # capped kind took all its room (its next job is claimed when a slot of it frees)
+        self.backlog = len(jobs) == limit or seen == limit or self._filled_a_cap(jobs, room)
         if not self.backlog:
             self.on_short_claim()
         if self.backlog and self.executor.free_slots() > 0:
@@ -82,6 +89,13 @@ class Fetcher(Service):
         """Per capped kind: how many more of its jobs this worker may start now."""
         running = Counter(r.job.kind for r in self.executor.active.values() if r.job.kind in self.caps)
         return {kind: cap - running[kind] for kind, cap in self.caps.items()}
+
+    @staticmethod
+    def _filled_a_cap(jobs: list[ClaimedJob], room: dict[str, int]) -> bool:
+        if not room:
+            return False
+        taken = Counter(job.kind for job in jobs if job.kind in room)
+        return any(0 < room[kind] <= taken[kind] for kind in room)
 
     @staticmethod
     def _past_caps(jobs: list[ClaimedJob], room: dict[str, int]) -> set[int]:
