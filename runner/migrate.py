@@ -45,7 +45,25 @@ async def migrate(dsn: str, plugins: Sequence[Plugin]) -> None:
 
 
 def head_revisions(plugins: Sequence[Plugin]) -> set[str]:
-    return set(ScriptDirectory.from_config(alembic_config("postgresql://", plugins)).get_heads())
+    """What ``alembic_version`` holds once every branch is at its head: the heads, less those another head
+    depends on (alembic keeps only the dependent: 0015 of consensus ``depends_on`` 0014 of the core)."""
+    script = ScriptDirectory.from_config(alembic_config("postgresql://", plugins))
+    heads = set(script.get_heads())
+    implied: set[str] = set()
+    todo = [dependency for head in heads for dependency in _names(script.get_revision(head).dependencies)]
+    while todo:  # a dependency implies its own ancestors too
+        name = todo.pop()
+        if name not in implied:
+            implied.add(name)
+            revision = script.get_revision(name)
+            todo += [*_names(revision.down_revision), *_names(revision.dependencies)]
+    return heads - implied
+
+
+def _names(revisions: str | Sequence[str] | None) -> list[str]:
+    if revisions is None:
+        return []
+    return [revisions] if isinstance(revisions, str) else list(revisions)
 
 
 __all__ = ["MigrationContext", "alembic_config", "head_revisions", "migrate"]
