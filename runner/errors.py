@@ -62,6 +62,18 @@ class RetryLater(RunnerError):
         self.delay_s = delay_s
 
 
+class Snooze(RunnerError):
+    """Raised by a handler to put its job back in the queue, to run again after ``delay_s``, using no attempt:
+    polling something not ready yet, or taking turns with other jobs. Behind the jobs already waiting (in
+    claim order), and first of its ``fifo_key`` still. Recorded in the attempt log as ``snoozed``."""
+
+    def __init__(self, delay_s: float = 0.0, reason: str = "snoozed by the handler") -> None:
+        if not 0 <= delay_s <= 366 * 86_400:
+            raise ValueError("Snooze delay_s must be between 0 and a year of seconds")
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
 class JobFailed(RunnerError):
     """Raised by a handler to fail the job now, without using the attempts it has left (a retry cannot
     help: a parallel backfill whose chunks failed, say). ``runner retry`` runs it again."""

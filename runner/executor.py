@@ -20,7 +20,16 @@ import structlog
 
 from runner import metrics
 from runner.context import JobContext, encode_result
-from runner.errors import JobCancelled, JobFailed, LeaseLost, PayloadError, PoolExhausted, RetryLater, RunnerError
+from runner.errors import (
+    JobCancelled,
+    JobFailed,
+    LeaseLost,
+    PayloadError,
+    PoolExhausted,
+    RetryLater,
+    RunnerError,
+    Snooze,
+)
 from runner.logs import get_logger, redact
 from runner.policy import Backoff
 from runner.queue import ClaimedJob, JobOutcome, Outcome
@@ -255,6 +264,8 @@ class Executor:
             running.context.log.warning("pool exhausted in handler; job released",
                                         delay_s=self.app.settings.pool_exhausted_retry_delay)
             return AttemptResult("released", None, self.app.settings.pool_exhausted_retry_delay)
+        except Snooze as snooze:  # back to pending, no attempt used
+            return AttemptResult("snoozed", None, snooze.delay_s)
         except RetryLater as retry:
             return AttemptResult("error", describe_error(retry), retry.delay_s)
         except JobCancelled as cancelled:

@@ -16,7 +16,7 @@ from runner import queue_sql as sql
 from runner.db import Database
 from runner.errors import JobNotFound, UsageError
 
-Outcome = Literal["succeeded", "cancelled", "released", "error", "fatal"]
+Outcome = Literal["succeeded", "cancelled", "released", "snoozed", "error", "fatal"]
 FINISHED = ("succeeded", "failed", "cancelled")
 # Finished jobs are counted exactly up to this many rows (the newest, through the finished index); past it
 # their counts are estimates, so a count never reads the whole history.

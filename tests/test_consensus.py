@@ -560,9 +560,11 @@ async def test_a_contract_job_cancelled_mid_transaction_gives_it_back_to_a_new_j
     """An operator's `runner cancel` of a running `consensus.contract` job: the job ends cancelled, its
     transaction goes back to PENDING without a recovery counted, with a new job of its contract enqueued in
     the same write, and that job takes it to FINALIZED (its activation on chain once)."""
-    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_LEADER_TIMEOUT="30") as app:
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0", RUNNER_CONSENSUS_VALIDATOR_TIMEOUT="60") as app:
         to = contract_address(8)
-        tx = await submit(app, to, {"op": "set", "key": "a", "value": 1, "consensus": {"leader_delay": 1}})
+        # the activation's chain tx is stored with the move to PROPOSING: the validators' delay is when the
+        # cancel lands (a leader's delay would be over by then)
+        tx = await submit(app, to, {"op": "set", "key": "a", "value": 1, "consensus": {"validator_delay": 5}})
         job_id = await conn.fetchval("SELECT id FROM runner_jobs WHERE kind = 'consensus.contract'")
 
         async def taken() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 from collections import defaultdict
@@ -17,8 +18,11 @@ import asyncpg
 import pytest
 
 from runner.app import App
-from runner.errors import UsageError
+from runner.context import JobContext
+from runner.errors import Snooze, UsageError
+from runner.plugins import JobKind
 from runner.queue import ClaimedJob, JobOutcome, NewJob
+from runner.worker import Worker
 from tests.conftest import finished_row, run_cli, start_worker, wait_exit
 from tests.pg import wait_until
 from tests.stress import log_lines
@@ -279,3 +283,35 @@ async def test_a_coalesced_enqueue_joins_its_keys_waiting_job_and_holds_it_until
         await app.enqueue_jobs([NewJob("record", {}, coalesce=True)])
     statuses = [r["status"] for r in await _rows(conn)]
     assert statuses == ["running", "pending", "pending", "pending", "pending"]
+
+
+async def test_a_snoozed_job_runs_again_using_no_attempt_and_its_key_waits_for_it(
+    app: App, conn: asyncpg.Connection
+) -> None:
+    """runner.Snooze: back to pending for its delay, attempts untouched (max_attempts=1 still runs it three
+    times), recorded as snoozed; the next job of its key waits until it has really ended."""
+    runs: list[int] = []
+
+    async def poll(ctx: JobContext) -> dict[str, int]:
+        runs.append(ctx.job.id)
+        if ctx.payload["snoozes"] > runs.count(ctx.job.id) - 1:
+            raise Snooze(0.05, "not ready yet")
+        return {"runs": runs.count(ctx.job.id)}
+
+    app.registry.add(JobKind("poll", poll, max_attempts=1))
+    first, second = await app.queue.job_enqueue_many(
+        [NewJob("poll", {"snoozes": 2}, fifo_key="k"), NewJob("poll", {"snoozes": 0}, fifo_key="k")])
+    worker = Worker(app, install_signal_handlers=False)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) = 2 FROM runner_jobs WHERE status = 'succeeded'"), 30)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+    assert runs == [first, first, first, second]
+    row = await conn.fetchrow("SELECT attempts, result::text, attempt_log::text FROM runner_jobs WHERE id = $1", first)
+    assert row["attempts"] == 0 and json.loads(row["result"]) == {"runs": 3}
+    assert [a["outcome"] for a in json.loads(row["attempt_log"])] == ["snoozed", "snoozed", "succeeded"]
+    with pytest.raises(ValueError):
+        Snooze(-1)

@@ -2,9 +2,9 @@
 
 * :meth:`Engine.advance` (a ``consensus.contract`` job): recovers what a dead run left in the machine
   (PENDING with recovery_count + 1; UNDETERMINED at RUNNER_MAX_RECOVERIES, with the reason), settles the
-  contract's owed decided events, then runs its units one after another: an appeal asked for, else the
-  oldest PENDING transaction through the state machine (machine.py), under a watchdog that recovers it
-  after RUNNER_CONSENSUS_TX_STUCK_AFTER seconds without progress.
+  contract's owed decided events, then runs one unit: an appeal asked for, else the oldest PENDING
+  transaction through the state machine (machine.py), under a watchdog that recovers it after
+  RUNNER_CONSENSUS_TX_STUCK_AFTER seconds without progress; with more left, the job snoozes (its next turn).
 * :meth:`Engine.finalize_due` (the ``consensus.finality`` job): emits owed TransactionFinalized events,
   then finalizes decided transactions whose window passed and whose predecessors on the same contract are
   finalized, writes the finalized state, and emits TransactionFinalized.
@@ -20,9 +20,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from runner.chain import Chain, ChainError
-from runner.errors import LeaseLost, UsageError
+from runner.errors import LeaseLost, Snooze, UsageError
 from runner.jobs.consensus import contract as cm
-from runner.jobs.consensus import metrics, work
+from runner.jobs.consensus import metrics
 from runner.jobs.consensus.contract import ConsensusMain, ensure_deployed
 from runner.jobs.consensus.emitter import ContractMissing, EventEmitter
 from runner.jobs.consensus.executor import ContractExecutor, Execution, TxView
@@ -127,30 +127,31 @@ class Engine:
 
     # --- a contract job ---------------------------------------------------------------------------
     async def advance(self, contract: str, holder: Holder) -> dict[str, Any]:
-        """One run of the contract's job: leftovers first, then its units of work (see the module doc)."""
+        """One run of the contract's job: leftovers first, then one unit of work (see the module doc). With
+        more work left, the job snoozes: its next turn comes behind the other contracts' waiting jobs."""
         done: dict[str, Any] = {"contract": contract, "transactions": 0, "appeals": 0, "settled": 0}
-        for _ in range(work.UNITS_PER_RUN):
-            if self.paused():  # the chain failed just now: back off before touching it
-                # a new job for later, not a retry: a long outage must not use up this one's attempts
-                await self.store.postpone(contract, self.paused_until - time.monotonic())
-                return done | {"postponed": "the chain failed just now"}
+        if self.paused():  # the chain failed just now: back off before touching it
+            # a new job for later, not a retry: a long outage must not use up this one's attempts
+            await self.store.postpone(contract, self.paused_until - time.monotonic())
+            return done | {"postponed": "the chain failed just now"}
+        blocked, tx = await self.store.take_next_if_clear(contract, holder)
+        if blocked:  # what a dead run left first: its transactions recovered, its owed decided events emitted
             for row in await self.store.recover_leftovers(contract, self.settings.max_recoveries):
                 _log_recovered(row, "holder_lost")
             settled = await self._settle_owed_decided(contract, holder)
             if settled is None:
                 return done | {"postponed": "the chain failed"}
-            done["settled"] += settled
+            done["settled"] = settled
             tx = await self.store.take_next(contract, holder)
-            if tx is None:
-                return done
-            if not tx.appeal:
-                metrics.CONSENSUS_TRANSITIONS.labels("ACTIVATED").inc()
-            done["appeals" if tx.appeal else "transactions"] += 1
-            if not await self._run(TxTask(self, tx)):
-                return done  # given back or recovered: a new job of the contract has it
-        if await self.store.contract_has_work(contract):  # its successor, behind the other contracts' jobs
-            await self.store.postpone(contract, 0.0)
-        return done
+        if tx is None:
+            return done
+        if not tx.appeal:
+            metrics.CONSENSUS_TRANSITIONS.labels("ACTIVATED").inc()
+        done["appeals" if tx.appeal else "transactions"] = 1
+        if await self._run(TxTask(self, tx)) and tx.more:
+            # no new job and no attempt used: the contracts take turns in the worker's slots
+            raise Snooze(0.0, "the contract's next unit waits its turn")
+        return done  # nothing left, or its transaction was left to a new job of its contract
 
     async def _run(self, task: TxTask) -> bool:
         """Run ``task`` to its end: True when it ended as it should (decided, appeal settled, rolled back),

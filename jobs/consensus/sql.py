@@ -63,39 +63,50 @@ WHERE t.to_address = $1 AND t.status IN {DECIDED} AND t.decided_event_tx IS NULL
 RETURNING {CLAIMED_COLUMNS}
 """
 
-# The contract's next unit of work: an appeal asked for (its contract's newer transactions wait for it),
-# else its oldest PENDING transaction while nothing of it is in the machine.
-TAKE_APPEAL = f"""
-WITH picked AS (
+# The contract's next unit of work: an appeal asked for (its contract's newer transactions wait for it), else
+# its oldest PENDING transaction while nothing of it is in the machine (it goes ACTIVATED), taken only when
+# {clear}. `more`: whether the contract has another unit after this one (its job then takes its next turn).
+_TAKE_NEXT = f"""
+appeal AS (
     SELECT hash FROM {T} t
-    WHERE t.to_address = $1 AND t.appeal_requested IS NOT NULL AND t.status IN {DECIDED} AND {NOT_HELD}
+    WHERE {{clear}} AND t.to_address = $1 AND t.appeal_requested IS NOT NULL AND t.status IN {DECIDED}
+      AND {NOT_HELD}
     ORDER BY t.seq LIMIT 1
     FOR UPDATE
-)
-UPDATE {T} t SET {_TAKE_SET}
-FROM picked WHERE t.hash = picked.hash
-RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeal_requested
-"""
-
-# Whether the contract has a unit of work left (its job's successor is enqueued only then).
-CONTRACT_HAS_WORK = f"""
-SELECT EXISTS (SELECT 1 FROM {T} WHERE to_address = $1 AND status = 'PENDING')
-    OR EXISTS (SELECT 1 FROM {T} WHERE to_address = $1 AND status IN {DECIDED}
-                                   AND (appeal_requested IS NOT NULL OR decided_event_tx IS NULL))
-"""
-
-TAKE_PENDING = f"""
-WITH picked AS (
+), pending AS (
     SELECT hash FROM {T} t
-    WHERE t.to_address = $1 AND t.status = 'PENDING'
+    WHERE {{clear}} AND NOT EXISTS (SELECT 1 FROM appeal)
+      AND t.to_address = $1 AND t.status = 'PENDING'
       AND NOT EXISTS (SELECT 1 FROM {T} b WHERE b.to_address = $1 AND b.status IN {IN_MACHINE})
     ORDER BY t.seq LIMIT 1
     FOR UPDATE
-)
-UPDATE {T} t SET status = 'ACTIVATED', activated_at = now(), {_TAKE_SET}
-FROM picked WHERE t.hash = picked.hash AND t.status = 'PENDING'
-RETURNING {CLAIMED_COLUMNS},
-    (SELECT a.state FROM {ACCEPTED_STATES} a WHERE a.address = t.to_address) AS accepted_state
+), picked AS (
+    SELECT hash, true AS is_appeal FROM appeal UNION ALL SELECT hash, false FROM pending
+), taken AS (
+    UPDATE {T} t
+    SET status = CASE WHEN p.is_appeal THEN t.status ELSE 'ACTIVATED' END,
+        activated_at = CASE WHEN p.is_appeal THEN t.activated_at ELSE now() END,
+        {_TAKE_SET}
+    FROM picked p WHERE t.hash = p.hash AND (p.is_appeal OR t.status = 'PENDING')
+    RETURNING {CLAIMED_COLUMNS}, t.votes, t.appeal_requested,
+        (SELECT a.state FROM {ACCEPTED_STATES} a WHERE a.address = t.to_address) AS accepted_state,
+        EXISTS (SELECT 1 FROM {T} m WHERE m.to_address = $1 AND m.status = 'PENDING' AND m.hash <> t.hash)
+        OR EXISTS (SELECT 1 FROM {T} m WHERE m.to_address = $1 AND m.appeal_requested IS NOT NULL
+                                         AND m.status IN {DECIDED} AND m.hash <> t.hash) AS more
+)"""
+TAKE_NEXT = f"WITH {_TAKE_NEXT.format(clear='true')} SELECT * FROM taken"
+# A contract job's common case in one round trip: nothing left over (in the machine without a live holder)
+# and no decided event owed, then TAKE_NEXT; `blocked` says there was (the job recovers and settles those
+# first, as RECOVER_LEFTOVERS and TAKE_OWED_DECIDED, then takes its unit with TAKE_NEXT).
+TAKE_NEXT_IF_CLEAR = f"""
+WITH blocked AS (
+    SELECT EXISTS (
+        SELECT 1 FROM {T} t
+        WHERE t.to_address = $1 AND t.status NOT IN {DONE}
+          AND (t.status IN {IN_MACHINE} OR (t.status IN {DECIDED} AND t.decided_event_tx IS NULL)) AND {NOT_HELD}
+    ) AS yes
+), {_TAKE_NEXT.format(clear='NOT (SELECT yes FROM blocked)')}
+SELECT b.yes AS blocked, x.* FROM blocked b LEFT JOIN taken x ON true
 """
 
 # State transitions, group-committed: each row is ONE transition of one transaction, fenced by its own

@@ -73,6 +73,7 @@ class Claimed:
     votes: list[dict[str, Any]] = field(default_factory=list)
     appeals: list[dict[str, Any]] = field(default_factory=list)
     appeal_failed: int = 0  # failed appeals so far: each shortens its finality window
+    more: bool = False  # taken as its contract's next unit, with another unit after it
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> Claimed:
@@ -88,6 +89,7 @@ class Claimed:
             votes=_list(row["votes"] if "votes" in keys else None),
             appeals=_list(row["appeals"] if "appeals" in keys else None),
             appeal_failed=row["appeal_failed"],
+            more=bool(row["more"]) if "more" in keys else False,
         )
 
     @property
@@ -182,11 +184,16 @@ class ConsensusStore:
 
     async def take_next(self, contract: str, holder: Holder) -> Claimed | None:
         """The contract's next unit of work: an appeal asked for, else its oldest PENDING transaction."""
-        for statement in (sql.TAKE_APPEAL, sql.TAKE_PENDING):
-            row = await self.db.fetchrow(statement, contract, holder.job_id, holder.job_epoch)
-            if row is not None:
-                return Claimed.from_record(row)
-        return None
+        row = await self.db.fetchrow(sql.TAKE_NEXT, contract, holder.job_id, holder.job_epoch)
+        return None if row is None else Claimed.from_record(row)
+
+    async def take_next_if_clear(self, contract: str, holder: Holder) -> tuple[bool, Claimed | None]:
+        """(blocked, unit): the next unit as :meth:`take_next`, in the same round trip as the check that the
+        contract has nothing left over in the machine and no decided event owed (blocked: it has, and
+        nothing was taken)."""
+        row = await self.db.fetchrow(sql.TAKE_NEXT_IF_CLEAR, contract, holder.job_id, holder.job_epoch)
+        assert row is not None  # one row always: the check's
+        return bool(row["blocked"]), None if row["hash"] is None else Claimed.from_record(row)
 
     async def transition(
         self, tx: Claimed, *, to: str, leader: str | None = None, result: Any = None, votes: Any = None,
@@ -252,9 +259,6 @@ class ConsensusStore:
             if status is not None:
                 await self._enqueue([work.contract_job(tx.to_address, again_after)], connection)
         return status
-
-    async def contract_has_work(self, contract: str) -> bool:
-        return bool(await self.db.fetchval(sql.CONTRACT_HAS_WORK, contract))
 
     async def postpone(self, contract: str, after: float) -> None:
         """A new job for the contract's work, ``after`` seconds from now (this one ends without it)."""
@@ -392,15 +396,15 @@ class ConsensusStore:
         ran (each in its next round) to PENDING, and restore the contract's accepted state to what it was
         before ``tx``, in one database transaction (under the finality lock: finality neither moves those
         rows nor the state meanwhile). Their lease epochs are bumped: an in-flight owner's writes and
-        emits are refused. One contract job per transaction rolled back is enqueued with them. Returns the
-        hashes, in submission order."""
+        emits are refused. The contract's job is enqueued with them (coalesced: it runs them one by one).
+        Returns the hashes, in submission order."""
         async with self.db.transaction() as connection:
             await connection.execute(sql.FINALITY_WAIT_LOCK, FINALITY_LOCK_KEY)
             before = await connection.fetchrow(sql.STATE_BEFORE, tx.to_address, tx.seq)
             moved = await connection.fetch(sql.ROLLBACK, tx.hash, tx.epoch, rerun_round, [record], reason)
             if not moved:
                 raise LeaseLost(f"consensus transaction {short_hash(tx.hash)}: lease lost before its rollback")
-            await self._enqueue([work.contract_job(tx.to_address) for _ in moved], connection)
+            await self._enqueue([work.contract_job(tx.to_address)], connection)
             assert before is not None
             state, produced_by = _replayed(before)
             if produced_by is None:

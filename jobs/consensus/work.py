@@ -2,13 +2,14 @@
 
 * ``consensus.contract`` (fifo_key ``consensus:<contract>``): the contract's work. One runs at a time per
   contract; each run recovers what a dead run left in the machine, settles owed decided events, then takes
-  units of work (an appeal asked for, else the oldest PENDING transaction), UNITS_PER_RUN of them, then
-  enqueues its successor when work is left: behind the other contracts' waiting jobs, so contracts take
-  turns in the worker's slots (20 units per run let the first 64 of 100 contracts hold the slots to the end
-  of their backlogs: 74 finalized/s against 93/s with 1 in bench/consensus.py).
+  ONE unit of work (an appeal asked for, else the oldest PENDING transaction) and, when the contract has
+  more, snoozes (runner.Snooze: back to pending, no attempt used) behind the other contracts' waiting
+  jobs, so contracts take turns in the worker's slots (20 units per run let the first 64 of 100 contracts
+  hold the slots to the end of their backlogs: 74 finalized/s against 93/s with 1 in bench/consensus.py).
   Every write that leaves work for a contract enqueues one of these with it (store.py), coalesced: it joins
   the contract's waiting job when there is one (NewJob.coalesce), so a contract has at most one waiting
-  job however long its backlog, and never work without a job; a job that finds nothing to do ends at once.
+  job (two while one runs: its own, snoozed, and one enqueued meanwhile), and never work without a job; a
+  job that finds nothing to do ends at once.
 * ``consensus.finality`` (fifo_key ``consensus:finality``, coalesced): finalizes what is due, one run at
   a time across workers. Enqueued for the end of each decided transaction's window, it joins the waiting
   one, which then runs at the earlier of the two times; each run enqueues the next for the earliest window
@@ -32,7 +33,6 @@ FINALITY_KIND = "consensus.finality"
 # enqueued with it); attempts run out only when a handler cannot reach the database for that long.
 FINALITY_KEY = "consensus:finality"
 MAX_ATTEMPTS = 1000
-UNITS_PER_RUN = 1
 
 
 def contract_key(address: str) -> str:

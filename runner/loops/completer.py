@@ -18,10 +18,10 @@ STOP_FLUSH_ATTEMPTS = 20
 
 
 def _finish_label(row: WrittenOutcome) -> str:
-    """succeeded | failed | cancelled, or retried / released for jobs that went back to pending."""
+    """succeeded | failed | cancelled, or retried / released / snoozed for jobs that went back to pending."""
     if row.status != "pending":
         return row.status
-    return "released" if row.outcome == "released" else "retried"
+    return row.outcome if row.outcome in ("released", "snoozed") else "retried"
 
 
 class Completer(Service):
