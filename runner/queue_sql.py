@@ -91,57 +91,60 @@ SELECT id FROM runner_jobs WHERE dedupe_key = $1 AND status IN ('pending', 'runn
 # keyed jobs only): the running keys once per claim, and per keyed row the first pending id of its key
 # (min(): NOT EXISTS (... id < j.id) was planned as a sequential scan per row, 20 s behind a 10,000-job
 # key; measured by bench/fifo.py). A row without a key pays one IS NULL.
-CLAIM = """
-WITH candidates AS (
-    SELECT id FROM runner_jobs j
-    WHERE status = 'pending' AND run_at <= now() AND queue = ANY($1::text[]) AND kind = ANY($5::text[])
+_CLAIMABLE = """status = 'pending' AND run_at <= now() AND queue = ANY($1::text[]) AND kind = ANY($5::text[])
       AND (fifo_key IS NULL OR (
           NOT EXISTS (SELECT 1 FROM runner_jobs b WHERE b.fifo_key = j.fifo_key AND b.status = 'running')
-          AND j.id = (SELECT min(b.id) FROM runner_jobs b WHERE b.fifo_key = j.fifo_key AND b.status = 'pending')))
+          AND j.id = (SELECT min(b.id) FROM runner_jobs b WHERE b.fifo_key = j.fifo_key AND b.status = 'pending')))"""
+_CLAIM_SET = """status = 'running', lease_owner = $3, lease_expires_at = now() + $4 * interval '1 second',
+    lease_epoch = j.lease_epoch + 1, started_at = now()"""
+_CLAIM_RETURNING = """j.id, j.kind, j.queue, j.payload::text, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
+          j.progress_done, j.progress_total, j.checkpoint::text, j.cancel_requested, j.schedule_tick"""
+CLAIM = f"""
+WITH candidates AS (
+    SELECT id FROM runner_jobs j
+    WHERE {_CLAIMABLE}
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
 UPDATE runner_jobs j
-SET status = 'running', lease_owner = $3, lease_expires_at = now() + $4 * interval '1 second',
-    lease_epoch = j.lease_epoch + 1, started_at = now()
+SET {_CLAIM_SET}
 FROM candidates c
 WHERE j.id = c.id
-RETURNING j.id, j.kind, j.queue, j.payload::text, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
-          j.progress_done, j.progress_total, j.checkpoint::text, j.cancel_requested, j.schedule_tick
+RETURNING {_CLAIM_RETURNING}
 """
 
 # The claim of a worker running kinds with a cap (JobKind.max_running): the same walk, but it takes no more
-# of a capped kind than its room ($6 kinds, $7 rooms); the rest of the walk's rows stay pending (locked for
-# the statement only). Taking them and handing them back cost two row writes and an attempt_log entry per
-# row: 35 per consensus step with 100 contracts and a cap of 64. `seen`: how many rows the walk took, so
-# that a claim cut short by caps still tells the worker that more is waiting.
-CLAIM_CAPPED = """
-WITH candidates AS (
+# of a capped kind than its room ($6 kinds, $7 rooms), and locks only what it takes: the walk reads, then
+# the rows within the caps are locked (SKIP LOCKED: one another claim took meanwhile is skipped, and its
+# status is checked again on the locked row). Locking the whole walk cost a row lock and its WAL record per
+# waiting job per claim (one taken of 136 walked: 8,000 bytes of WAL, 416 now); taking them and handing them
+# back, two row writes and an attempt_log entry each. `seen`: how many rows the walk read, so that a claim
+# cut short by caps still tells the worker that more is waiting.
+CLAIM_CAPPED = f"""
+WITH walk AS (
     SELECT id, kind, priority, run_at FROM runner_jobs j
-    WHERE status = 'pending' AND run_at <= now() AND queue = ANY($1::text[]) AND kind = ANY($5::text[])
-      AND (fifo_key IS NULL OR (
-          NOT EXISTS (SELECT 1 FROM runner_jobs b WHERE b.fifo_key = j.fifo_key AND b.status = 'running')
-          AND j.id = (SELECT min(b.id) FROM runner_jobs b WHERE b.fifo_key = j.fifo_key AND b.status = 'pending')))
+    WHERE {_CLAIMABLE}
     ORDER BY priority DESC, run_at, id
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
 ), within_caps AS (
     SELECT r.id FROM (
         SELECT id, kind, row_number() OVER (PARTITION BY kind ORDER BY priority DESC, run_at, id) AS n
-        FROM candidates
+        FROM walk
     ) r
     LEFT JOIN unnest($6::text[], $7::int[]) AS cap(kind, room) ON cap.kind = r.kind
     WHERE cap.room IS NULL OR r.n <= cap.room
+), taken AS (
+    SELECT j.id FROM runner_jobs j
+    WHERE j.id IN (SELECT id FROM within_caps) AND j.status = 'pending'
+    FOR UPDATE SKIP LOCKED
 )
 UPDATE runner_jobs j
-SET status = 'running', lease_owner = $3, lease_expires_at = now() + $4 * interval '1 second',
-    lease_epoch = j.lease_epoch + 1, started_at = now()
-FROM within_caps c
+SET {_CLAIM_SET}
+FROM taken c
 WHERE j.id = c.id
-RETURNING j.id, j.kind, j.queue, j.payload::text, j.attempts, j.max_attempts, j.recoveries, j.lease_epoch,
-          j.progress_done, j.progress_total, j.checkpoint::text, j.cancel_requested, j.schedule_tick,
-          (SELECT count(*) FROM candidates) AS seen
+RETURNING {_CLAIM_RETURNING},
+          (SELECT count(*) FROM walk) AS seen
 """
 
 # Renews the leases of every job this worker runs and its worker row, in one round trip, never waiting on
