@@ -585,6 +585,29 @@ async def test_a_contract_job_cancelled_mid_transaction_gives_it_back_to_a_new_j
         assert [e.name for e in events if e.tx_id == tx].count("TransactionActivated") == 1
 
 
+async def test_work_whose_job_was_cancelled_or_failed_gets_a_job_again(
+    runner_env: dict[str, str], conn: asyncpg.Connection,
+) -> None:
+    """The orphan sweep: a contract whose waiting job an operator cancelled, and one whose job the core
+    failed (as past its recovery cap), get a job again when a worker starts; everything finalizes."""
+    async with consensus_app(RUNNER_CONSENSUS_FINALITY_WINDOW="0") as app:
+        a, b = contract_address(11), contract_address(12)
+        txs = [await submit(app, a, {"op": "set", "key": "k", "value": 1}),
+               await submit(app, a, {"op": "set", "key": "k", "value": 2}),
+               await submit(app, b, {"op": "set", "key": "k", "value": 3})]
+        job_a = await conn.fetchval("SELECT id FROM runner_jobs WHERE fifo_key = $1", f"consensus:{a}")
+        assert await app.cancel(job_a) == "cancelled"
+        job_b = await conn.fetchval("UPDATE runner_jobs SET status = 'failed', finished_at = now() "
+                                    "WHERE fifo_key = $1 RETURNING id", f"consensus:{b}")
+        await drain(app, timeout_s=60)
+        assert await finalized(conn, txs)
+        jobs = await conn.fetch("SELECT fifo_key, status FROM runner_jobs WHERE id <> ALL($1::bigint[]) ORDER BY id",
+                                [job_a, job_b])
+        assert sorted({j["fifo_key"] for j in jobs} - {"consensus:finality"}) == sorted(
+            [f"consensus:{a}", f"consensus:{b}"])
+        assert {j["status"] for j in jobs} == {"succeeded"}
+
+
 async def finalized(conn: asyncpg.Connection, hashes: list[str]) -> bool:
     return bool(await conn.fetchval("SELECT count(*) = cardinality($1::text[]) FROM runner_consensus_transactions "
                                     "WHERE hash = ANY($1) AND status = 'FINALIZED' AND finalized_event_tx IS NOT NULL",

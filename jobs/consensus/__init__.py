@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from runner.jobs.consensus.engine import Engine
     from runner.jobs.consensus.settings import ConsensusSettings
     from runner.jobs.consensus.store import ConsensusStore
+    from runner.service import Service
 
 # Every command imports this module to build the CLI, so it imports nothing heavy: the chain side (web3,
 # eth_account, eth_abi: ~1.5 s of imports) loads only in processes that open the consensus resources
@@ -137,6 +138,12 @@ async def finalize_due(ctx: JobContext) -> dict[str, Any]:
     return await _engine(ctx).finalize_due(_holder(ctx))
 
 
+def services(app: App) -> list[Service]:
+    from runner.jobs.consensus.sweeper import OrphanSweeper
+
+    return [OrphanSweeper(app)]
+
+
 def runs_here(app: App) -> bool:
     return "consensus" in app.resources
 
@@ -186,6 +193,7 @@ plugin = ConsensusPlugin(
            JobKind(work.FINALITY_KIND, finalize_due, timeout_s=0, max_attempts=work.MAX_ATTEMPTS,
                    queue=work.QUEUE, runs_here=runs_here)),
     migrations=MIGRATIONS,
+    services=services,
     commands=register_commands,
     has_pending_work=has_pending_work,
     open_resources=open_resources,

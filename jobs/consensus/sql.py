@@ -451,3 +451,25 @@ UPDATE {DEPLOYMENTS} SET address = $3, block_number = $4, deployed_at = now()
 WHERE chain_id = $1 AND contract = $2 AND address = $5
 RETURNING address
 """
+
+# --- the orphan sweep: work whose job is gone ------------------------------------------------------------
+# Every write that leaves work enqueues its job, but a job can end without doing it: an operator cancelled
+# it (a waiting one at once; a running one as it snoozed), or the core failed it past RUNNER_MAX_RECOVERIES.
+# The contracts with work (PENDING, left in the machine, a decided event owed or an appeal asked for) and
+# no unfinished job of their key; and whether decided transactions (or owed TransactionFinalized events)
+# wait for a finality job that is gone. Read through the partial indexes of unfinished rows: bounded by
+# live work.
+ORPHANED_WORK = f"""
+SELECT array(
+    SELECT DISTINCT t.to_address FROM {T} t
+    WHERE t.status NOT IN {DONE}
+      AND (t.status = 'PENDING' OR t.status IN {IN_MACHINE}
+           OR (t.status IN {DECIDED} AND (t.decided_event_tx IS NULL OR t.appeal_requested IS NOT NULL)))
+      AND NOT EXISTS (SELECT 1 FROM runner_jobs j WHERE j.fifo_key = $1 || t.to_address
+                                                 AND j.status IN ('pending', 'running'))
+) AS contracts,
+(EXISTS (SELECT 1 FROM {T} t WHERE t.status NOT IN {DONE} AND t.status IN {DECIDED})
+ OR EXISTS (SELECT 1 FROM {T} t WHERE t.status = 'FINALIZED' AND t.finalized_event_tx IS NULL))
+AND NOT EXISTS (SELECT 1 FROM runner_jobs j WHERE j.fifo_key = $2 AND j.status IN ('pending', 'running'))
+AS finality
+"""

@@ -281,6 +281,16 @@ class ConsensusStore:
                 await self._enqueue([work.contract_job(tx.to_address, again_after)], connection)
         return row
 
+    async def enqueue_orphaned(self) -> tuple[list[str], bool]:
+        """Enqueue the jobs of work whose job is gone (see ORPHANED_WORK): (the contracts, finality)."""
+        async with self.db.transaction() as connection:
+            row = await connection.fetchrow(sql.ORPHANED_WORK, work.CONTRACT_KEY_PREFIX, work.FINALITY_KEY)
+            assert row is not None
+            contracts, finality = list(row["contracts"]), bool(row["finality"])
+            jobs = [work.contract_job(address) for address in contracts] + ([work.finality_job()] if finality else [])
+            await self._enqueue(jobs, connection)
+        return contracts, finality
+
     # --- the finality job -----------------------------------------------------------------------
     async def take_owed_finalized(self, holder: Holder, limit: int = 100) -> list[Claimed]:
         """A prefix per contract of the owed TransactionFinalized events, in submission order (see

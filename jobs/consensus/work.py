@@ -35,8 +35,11 @@ FINALITY_KEY = "consensus:finality"
 MAX_ATTEMPTS = 1000
 
 
+CONTRACT_KEY_PREFIX = "consensus:"
+
+
 def contract_key(address: str) -> str:
-    return f"consensus:{address}"
+    return CONTRACT_KEY_PREFIX + address
 
 
 def contract_job(address: str, after: float = 0.0) -> NewJob:
