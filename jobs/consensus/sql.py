@@ -468,7 +468,8 @@ SELECT array(
       AND NOT EXISTS (SELECT 1 FROM runner_jobs j WHERE j.fifo_key = $1 || t.to_address
                                                  AND j.status IN ('pending', 'running'))
 ) AS contracts,
-(EXISTS (SELECT 1 FROM {T} t WHERE t.status NOT IN {DONE} AND t.status IN {DECIDED})
+(EXISTS (SELECT 1 FROM {T} t WHERE t.status NOT IN {DONE} AND t.status IN {DECIDED}
+                                AND t.decided_event_tx IS NOT NULL AND t.appeal_requested IS NULL)
  OR EXISTS (SELECT 1 FROM {T} t WHERE t.status = 'FINALIZED' AND t.finalized_event_tx IS NULL))
 AND NOT EXISTS (SELECT 1 FROM runner_jobs j WHERE j.fifo_key = $2 AND j.status IN ('pending', 'running'))
 AS finality

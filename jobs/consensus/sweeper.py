@@ -33,6 +33,8 @@ class OrphanSweeper(Service):
         if engine is None:  # the loops are off in this worker
             return
         contracts, finality = await engine.store.enqueue_orphaned()
-        if contracts or finality:
+        if contracts:
             log.warning("consensus work without a job: enqueued again", contracts=len(contracts),
                         finality=finality, first=contracts[:5])
+        elif finality:  # also decided transactions behind a predecessor not final yet: a run finds nothing
+            log.info("decided consensus transactions without a finality job: enqueued one")
