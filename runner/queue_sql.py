@@ -122,7 +122,7 @@ RETURNING {_CLAIM_RETURNING}
 # back, two row writes and an attempt_log entry each. `seen`: how many rows the walk read, so that a claim
 # cut short by caps still tells the worker that more is waiting.
 CLAIM_CAPPED = f"""
-WITH walk AS (
+WITH candidates AS (
     SELECT id, kind, priority, run_at FROM runner_jobs j
     WHERE {_CLAIMABLE}
     ORDER BY priority DESC, run_at, id
@@ -130,7 +130,7 @@ WITH walk AS (
 ), within_caps AS (
     SELECT r.id FROM (
         SELECT id, kind, row_number() OVER (PARTITION BY kind ORDER BY priority DESC, run_at, id) AS n
-        FROM walk
+        FROM candidates
     ) r
     LEFT JOIN unnest($6::text[], $7::int[]) AS cap(kind, room) ON cap.kind = r.kind
     WHERE cap.room IS NULL OR r.n <= cap.room
@@ -144,7 +144,7 @@ SET {_CLAIM_SET}
 FROM taken c
 WHERE j.id = c.id
 RETURNING {_CLAIM_RETURNING},
-          (SELECT count(*) FROM walk) AS seen
+          (SELECT count(*) FROM candidates) AS seen
 """
 
 # Renews the leases of every job this worker runs and its worker row, in one round trip, never waiting on

@@ -282,7 +282,9 @@ async def test_retry_later_reruns_after_the_handlers_delay(app: App) -> None:
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 30)
-    assert row["status"] == "pending" and 290 < row["wait_s"] <= 300
+    # now() is the SELECT's transaction start, which may precede the snapshot that saw the completion (a
+    # fraction of a millisecond seen under CPU hogs): run_at - now() can exceed the 300 s by that much
+    assert row["status"] == "pending" and 290 < row["wait_s"] <= 301
     assert "come back in 5 minutes" in row["last_error"]
 
 
