@@ -297,6 +297,12 @@ async def test_two_processes_sending_the_same_signed_transaction_both_get_its_ha
     try:
         await asyncio.gather(node_chain._fee_fields(), other._fee_fields())
         other._fees = node_chain._fees  # same fees, so the same bytes
+        # the same nonce: both read the node's count before either sends (read at the send, one saw the
+        # other's transaction mined and signed the next nonce: two transactions, seen under two CPU hogs)
+        for chain_ in (node_chain, other):
+            async with chain_.nonces.reserve(chain_.address):
+                pass
+        assert node_chain.nonces.peek(node_chain.address) == other.nonces.peek(other.address)
         first, second = await asyncio.gather(
             node_chain.send_transaction(to=node_chain.address, data=b"same", gas=30_000),
             other.send_transaction(to=node_chain.address, data=b"same", gas=30_000))

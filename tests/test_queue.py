@@ -115,6 +115,9 @@ async def test_live_worker_that_lost_its_lease_drops_the_job(app: App, settings:
         # A claims nothing more (its handler runs on within the grace): otherwise A itself may take the
         # rescued job back before B does (seen under two CPU hogs), which is fine but not this test
         worker_a.request_stop()
+        # the stop reaches A's fetcher on A's next turn of the loop (2.4 s later under two CPU hogs, when A
+        # claimed the rescued job back first: lease epoch 3): the rescue waits for it
+        await wait_until(lambda: holds(worker_a.fetcher.stopped.is_set()), 30)
         await app.db.execute(
             "UPDATE runner_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id)
         assert [j.job_id for j in await app.queue.job_rescue_stale(max_recoveries=3)] == [job_id]
