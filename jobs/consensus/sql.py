@@ -63,6 +63,10 @@ WHERE t.to_address = $1 AND t.status IN {DECIDED} AND t.decided_event_tx IS NULL
 RETURNING {CLAIMED_COLUMNS}
 """
 
+# What a run of a contract's job settles before its unit (when nobody holds it): a transaction left in the
+# machine, or a decided one whose decided event is owed.
+_LEFT_OVER = f"(t.status IN {IN_MACHINE} OR (t.status IN {DECIDED} AND t.decided_event_tx IS NULL))"
+
 # The contract's next unit of work: an appeal asked for (its contract's newer transactions wait for it), else
 # its oldest PENDING transaction while nothing of it is in the machine (it goes ACTIVATED), taken only when
 # {clear}. `more`: whether the contract has another unit after this one (its job then takes its next turn).
@@ -103,7 +107,7 @@ WITH blocked AS (
     SELECT EXISTS (
         SELECT 1 FROM {T} t
         WHERE t.to_address = $1 AND t.status NOT IN {DONE}
-          AND (t.status IN {IN_MACHINE} OR (t.status IN {DECIDED} AND t.decided_event_tx IS NULL)) AND {NOT_HELD}
+          AND {_LEFT_OVER} AND {NOT_HELD}
     ) AS yes
 ), {_TAKE_NEXT.format(clear='NOT (SELECT yes FROM blocked)')}
 SELECT b.yes AS blocked, x.* FROM blocked b LEFT JOIN taken x ON true
@@ -463,8 +467,7 @@ ORPHANED_WORK = f"""
 SELECT array(
     SELECT DISTINCT t.to_address FROM {T} t
     WHERE t.status NOT IN {DONE}
-      AND (t.status = 'PENDING' OR t.status IN {IN_MACHINE}
-           OR (t.status IN {DECIDED} AND (t.decided_event_tx IS NULL OR t.appeal_requested IS NOT NULL)))
+      AND (t.status = 'PENDING' OR {_LEFT_OVER} OR (t.status IN {DECIDED} AND t.appeal_requested IS NOT NULL))
       AND NOT EXISTS (SELECT 1 FROM runner_jobs j WHERE j.fifo_key = $1 || t.to_address
                                                  AND j.status IN ('pending', 'running'))
 ) AS contracts,
